@@ -1,0 +1,285 @@
+"""``nnUNetv2_kd_plan_student``: write student plans derived from a trained teacher's plans.
+
+The student keeps everything that defines the data (patch size, spacing, normalisation, axis order and the
+``data_identifier`` of the preprocessed folder), so it trains on the teacher's preprocessed data as it is;
+only the network shrinks. The distillation recipe is stored in the same plans file (nnunet_kd.recipe).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from os.path import abspath, isdir, isfile, join
+
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_kd.cost import format_count, network_cost
+from nnunet_kd.recipe import PLANS_KEY, RecipeError, available_methods, default_recipe, parse_recipe
+from nnunet_kd.teacher import TeacherModel, check_teacher_compatible
+
+PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+ARCHITECTURES = {"PlainConvUNet": PLAIN_UNET, "ResidualEncoderUNet": RESENC_UNET}
+# nnU-Net's ResEnc presets use these residual blocks per encoder stage.
+RESENC_DEFAULT_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6)
+
+
+class PlanningError(RuntimeError):
+    pass
+
+
+def scale_features(features_per_stage: list[int], width: float, min_features: int) -> list[int]:
+    """Width multiplier with a floor: a 4-channel stage is too narrow to carry a segmentation decoder."""
+    return [max(min(min_features, f), int(round(f * width))) for f in features_per_stage]
+
+
+def derive_student_architecture(teacher_architecture: dict, width: float, min_features: int = 8,
+                                n_conv_per_stage: int | None = None, n_conv_per_stage_decoder: int | None = None,
+                                architecture: str | None = None) -> dict:
+    """The student's ``architecture`` entry of a configuration, from the teacher's."""
+    arch = copy.deepcopy(teacher_architecture)
+    kwargs = arch["arch_kwargs"]
+    n_stages = kwargs["n_stages"]
+    kwargs["features_per_stage"] = scale_features(kwargs["features_per_stage"], width, min_features)
+
+    target_class = ARCHITECTURES[architecture] if architecture else arch["network_class_name"]
+    if target_class not in (PLAIN_UNET, RESENC_UNET):
+        raise PlanningError(f"The teacher uses {arch['network_class_name']}; the planner derives students for "
+                            f"{sorted(ARCHITECTURES)}. Pass --arch PlainConvUNet or --arch ResidualEncoderUNet.")
+    if target_class != arch["network_class_name"]:
+        # PlainConvUNet counts convolutions per stage, ResidualEncoderUNet residual blocks.
+        kwargs.pop("n_conv_per_stage", None)
+        kwargs.pop("n_blocks_per_stage", None)
+        if target_class == RESENC_UNET:
+            kwargs["n_blocks_per_stage"] = list(RESENC_DEFAULT_BLOCKS[:n_stages])
+        else:
+            kwargs["n_conv_per_stage"] = [2] * n_stages
+        arch["network_class_name"] = target_class
+    per_stage_key = "n_blocks_per_stage" if target_class == RESENC_UNET else "n_conv_per_stage"
+    if n_conv_per_stage is not None:
+        kwargs[per_stage_key] = [n_conv_per_stage] * n_stages
+    if n_conv_per_stage_decoder is not None:
+        kwargs["n_conv_per_stage_decoder"] = [n_conv_per_stage_decoder] * (n_stages - 1)
+    return arch
+
+
+def _resolved_configuration(plans: dict, configuration: str, where: str) -> dict:
+    if configuration not in plans.get("configurations", {}):
+        raise PlanningError(f"{where} has no configuration '{configuration}' "
+                            f"(has: {sorted(plans.get('configurations', {}))}).")
+    cfg = copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration)
+    for key in ("inherits_from", "previous_stage", "next_stage"):
+        cfg.pop(key, None)
+    if "architecture" not in cfg:
+        raise PlanningError(f"{where}: configuration '{configuration}' has no 'architecture' entry (nnU-Net < 2.4 "
+                            f"plans). Re-plan the teacher with a current nnU-Net.")
+    return cfg
+
+
+def _check_preprocessed_data(preprocessed_base: str, teacher_cfg: dict, teacher_plans: dict) -> None:
+    """The student trains on the preprocessed folder of the teacher's data_identifier: it must exist and have been
+    made with the teacher's spacing and normalisation."""
+    data_folder = join(preprocessed_base, teacher_cfg["data_identifier"])
+    fix = (f"Run nnU-Net's preprocessing for the teacher's plans first: nnUNetv2_preprocess -d <dataset> "
+           f"-plans_name {teacher_plans['plans_name']} -c <configuration>.")
+    if not isdir(data_folder):
+        raise PlanningError(f"Preprocessed data {data_folder} not found. {fix}")
+    for name in sorted(os.listdir(preprocessed_base)):
+        if not name.endswith(".json") or name in ("dataset.json", "dataset_fingerprint.json", "splits_final.json"):
+            continue
+        plans = load_json(join(preprocessed_base, name))
+        if PLANS_KEY in plans or not isinstance(plans.get("configurations"), dict):
+            continue
+        for cname, cfg in plans["configurations"].items():
+            if cfg.get("data_identifier") != teacher_cfg["data_identifier"]:
+                continue
+            cfg = PlansManager(plans).get_configuration(cname).configuration
+            same = (cfg.get("spacing") == teacher_cfg["spacing"]
+                    and cfg.get("normalization_schemes") == teacher_cfg["normalization_schemes"]
+                    and plans.get("transpose_forward") == teacher_plans.get("transpose_forward"))
+            if not same:
+                raise PlanningError(
+                    f"{data_folder} was preprocessed by {join(preprocessed_base, name)} (configuration {cname}: "
+                    f"spacing {cfg.get('spacing')}, normalisation {cfg.get('normalization_schemes')}), which differs "
+                    f"from the teacher's (spacing {teacher_cfg['spacing']}, normalisation "
+                    f"{teacher_cfg['normalization_schemes']}). The student would see other data than the teacher. {fix}")
+            return
+    raise PlanningError(f"No plans file in {preprocessed_base} declares the data identifier "
+                        f"'{teacher_cfg['data_identifier']}' of {data_folder}. {fix}")
+
+
+def _apply_override(recipe: dict, assignment: str) -> None:
+    """--set methods.adaptive.weights.kl=0.5 (value parsed as JSON, else kept as a string)."""
+    if "=" not in assignment:
+        raise PlanningError(f"--set expects KEY=VALUE, got '{assignment}'.")
+    path, value = assignment.split("=", 1)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    keys = path.split(".")
+    node = recipe
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise PlanningError(f"--set {path}: '{key}' is not a section of the recipe (sections: {sorted(node)}).")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def plan_student(dataset: str, configuration: str, teacher_folder: str, output_plans_name: str, width: float = 0.25,
+                 min_features: int = 8, n_conv_per_stage: int | None = None,
+                 n_conv_per_stage_decoder: int | None = None, architecture: str | None = None,
+                 teacher_fold: str | int = "same", teacher_checkpoint: str = "checkpoint_final.pth",
+                 allow_validation_overlap: bool = False, num_epochs: int | None = None,
+                 iterations_per_epoch: int | None = None, val_iterations_per_epoch: int | None = None,
+                 temperature: float | None = None, overrides: tuple[str, ...] = (), overwrite: bool = False,
+                 verbose: bool = True) -> str:
+    """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path."""
+    if not nnUNet_preprocessed.is_set():
+        raise PlanningError("nnUNet_preprocessed is not set. Export it as for any nnU-Net command.")
+    if not 0 < width <= 4:
+        raise PlanningError(f"--width must be in (0, 4], got {width}.")
+    dataset_name = maybe_convert_to_dataset_name(dataset)
+    preprocessed_base = join(nnUNet_preprocessed.get(), dataset_name)
+    teacher_folder = abspath(teacher_folder)
+    teacher_plans_file = join(teacher_folder, "plans.json")
+    if not isfile(teacher_plans_file):
+        raise PlanningError(f"{teacher_plans_file} not found: --teacher must be a trained nnU-Net model folder "
+                            f"($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
+    teacher_plans = load_json(teacher_plans_file)
+    teacher_dataset_json = load_json(join(teacher_folder, "dataset.json"))
+    if output_plans_name == teacher_plans["plans_name"]:
+        raise PlanningError(f"-o {output_plans_name} is the teacher's plans name: writing it would replace the "
+                            f"teacher's plans. Choose another name, e.g. {output_plans_name}_kdstudent.")
+
+    teacher_cfg = _resolved_configuration(teacher_plans, configuration, teacher_plans_file)
+    _check_preprocessed_data(preprocessed_base, teacher_cfg, teacher_plans)
+    student_dataset_json_file = join(preprocessed_base, "dataset.json")
+    student_dataset_json = load_json(student_dataset_json_file)
+
+    student_cfg = copy.deepcopy(teacher_cfg)
+    student_cfg["architecture"] = derive_student_architecture(
+        teacher_cfg["architecture"], width, min_features, n_conv_per_stage, n_conv_per_stage_decoder, architecture)
+
+    output_file = join(preprocessed_base, output_plans_name + ".json")
+    if isfile(output_file):
+        plans = load_json(output_file)
+        if PLANS_KEY not in plans:
+            raise PlanningError(f"{output_file} exists and is not a student plans file written by this tool; "
+                                f"refusing to overwrite it. Choose another -o.")
+        if configuration in plans["configurations"] and not overwrite:
+            raise PlanningError(f"{output_file} already plans configuration '{configuration}'. Pass --overwrite to "
+                                f"replace it (a student already trained with it keeps its own plans copy in its "
+                                f"results folder), or choose another -o.")
+    else:
+        plans = copy.deepcopy(teacher_plans)
+        plans["configurations"] = {}
+        plans[PLANS_KEY] = {}
+    plans["plans_name"] = output_plans_name
+    plans["dataset_name"] = dataset_name
+    plans["configurations"][configuration] = student_cfg
+
+    teacher = TeacherModel(model_folder=teacher_folder, fold=teacher_fold, checkpoint_file="",
+                           plans=teacher_plans, dataset_json=teacher_dataset_json, configuration=configuration,
+                           trainer_name="")
+    manager = PlansManager(plans)
+    check_teacher_compatible(teacher, manager, manager.get_configuration(configuration), student_dataset_json,
+                             output_file, student_dataset_json_file)
+
+    recipe = default_recipe(teacher_folder)
+    recipe["teacher"].update(fold=teacher_fold, checkpoint=teacher_checkpoint,
+                             allow_validation_overlap=allow_validation_overlap)
+    for key, value in (("num_epochs", num_epochs), ("num_iterations_per_epoch", iterations_per_epoch),
+                       ("num_val_iterations_per_epoch", val_iterations_per_epoch)):
+        if value is not None:
+            recipe["training"][key] = value
+    if temperature is not None:
+        for section in recipe["methods"].values():
+            if "temperature" in section:
+                section["temperature"] = temperature
+    for assignment in overrides:
+        _apply_override(recipe, assignment)
+
+    teacher_cost = network_cost(teacher_plans, teacher_dataset_json, configuration)
+    student_cost = network_cost(plans, student_dataset_json, configuration)
+    recipe["student"] = {
+        "width": width, "min_features": min_features, "architecture": student_cfg["architecture"]["network_class_name"],
+        "teacher_parameters": teacher_cost["parameters"], "student_parameters": student_cost["parameters"],
+        "teacher_flops_per_patch": teacher_cost["flops_per_patch"],
+        "student_flops_per_patch": student_cost["flops_per_patch"]}
+    plans[PLANS_KEY][configuration] = recipe
+
+    for method in ["none"] + available_methods():  # every method must parse before anything is written
+        parse_recipe(plans, configuration, method, output_file)
+    save_json(plans, output_file, sort_keys=False)
+
+    if verbose:
+        p_t, p_s = teacher_cost["parameters"], student_cost["parameters"]
+        f_t, f_s = teacher_cost["flops_per_patch"], student_cost["flops_per_patch"]
+        print(f"Wrote student plans {output_file} (configuration {configuration}, patch {student_cfg['patch_size']}, "
+              f"data {student_cfg['data_identifier']}).")
+        print(f"{'':10s}{'parameters':>14s}{'FLOPs/patch':>14s}")
+        print(f"{'teacher':10s}{format_count(p_t):>14s}{format_count(f_t):>14s}")
+        print(f"{'student':10s}{format_count(p_s):>14s}{format_count(f_s):>14s}")
+        print(f"{'ratio':10s}{p_t / p_s:>13.1f}x{f_t / f_s:>13.1f}x")
+        print(f"Train: nnUNetv2_train {dataset_name} {configuration} FOLD -tr nnUNetTrainerKD_Adaptive "
+              f"-p {output_plans_name}   (with nnUNet_extTrainer=\"$(nnUNetv2_kd_trainers_dir)\")")
+    return output_file
+
+
+def _fold(value: str):
+    return value if value in ("same", "all") else int(value)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_kd_plan_student",
+        description="Write student plans (a smaller network on the teacher's preprocessed data) and the "
+                    "distillation recipe, from a trained nnU-Net teacher model folder.")
+    parser.add_argument("-d", required=True, help="Dataset name or id of the student (its preprocessed data is used)")
+    parser.add_argument("-c", required=True, help="Configuration, e.g. 3d_fullres or 2d")
+    parser.add_argument("--teacher", required=True,
+                        help="Teacher model folder: $nnUNet_results/DatasetXXX/<Trainer>__<Plans>__<configuration>")
+    parser.add_argument("-o", required=True, help="Name of the student plans (file name and plans_name)")
+    parser.add_argument("--width", type=float, default=0.25, help="Multiplier on features_per_stage (default 0.25)")
+    parser.add_argument("--min-features", type=int, default=8, help="Floor on each stage's channels (default 8)")
+    parser.add_argument("--n-conv-per-stage", type=int, default=None,
+                        help="Convolutions (Plain) or residual blocks (ResEnc) per encoder stage "
+                             "(default: the teacher's)")
+    parser.add_argument("--n-conv-per-stage-decoder", type=int, default=None, help="Convolutions per decoder stage")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
+                        help="Student architecture class (default: the teacher's)")
+    parser.add_argument("--teacher-fold", type=_fold, default="same",
+                        help="'same' (teacher fold = student fold, default), 'all' or a fold number")
+    parser.add_argument("--teacher-checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("--allow-validation-overlap", action="store_true",
+                        help="Accept a teacher trained on some of the student's validation cases (logged as a warning)")
+    parser.add_argument("--epochs", type=int, default=None, help="Training epochs (default nnU-Net's 1000)")
+    parser.add_argument("--iterations-per-epoch", type=int, default=None, help="Default nnU-Net's 250")
+    parser.add_argument("--val-iterations-per-epoch", type=int, default=None, help="Default nnU-Net's 50")
+    parser.add_argument("--temperature", type=float, default=None, help="KD temperature for every method")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Recipe override, e.g. --set methods.adaptive.weights.lovasz=0 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="Replace this configuration in existing student plans")
+    args = parser.parse_args(argv)
+    try:
+        plan_student(args.d, args.c, args.teacher, args.o, width=args.width, min_features=args.min_features,
+                     n_conv_per_stage=args.n_conv_per_stage, n_conv_per_stage_decoder=args.n_conv_per_stage_decoder,
+                     architecture=args.arch, teacher_fold=args.teacher_fold, teacher_checkpoint=args.teacher_checkpoint,
+                     allow_validation_overlap=args.allow_validation_overlap, num_epochs=args.epochs,
+                     iterations_per_epoch=args.iterations_per_epoch,
+                     val_iterations_per_epoch=args.val_iterations_per_epoch, temperature=args.temperature,
+                     overrides=tuple(args.overrides), overwrite=args.overwrite)
+    except (PlanningError, RecipeError, RuntimeError) as e:
+        print(f"nnUNetv2_kd_plan_student: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The distillation recipe: what a student plans file says about how its student is trained.
+
+nnU-Net builds a trainer from (plans, configuration, fold, dataset.json) only, so everything a KD run
+needs lives in the student plans under one key, ``plans["kd"][<configuration>]``:
+
+    {
+      "teacher":  {"model_folder": ..., "checkpoint": "checkpoint_final.pth", "fold": "same",
+                   "allow_validation_overlap": false},
+      "training": {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50},
+      "methods":  {"adaptive": {...preset plans/adaptive.json...}, "logit": {...}, "mskd": {...}},
+      "student":  {... what the planner derived, for the record ...}
+    }
+
+A trainer class names one method (``kd_method``) and reads that method's section; so one student plans
+file serves every KD trainer and the plain-student baseline, and nnU-Net's results folder
+(``<trainer>__<plans>__<configuration>``) keeps their runs apart. The plans copy nnU-Net writes next to
+each run documents the model completely.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nnunet_kd.resources import recipes_dir
+
+PLANS_KEY = "kd"
+# nnU-Net's own defaults; the planner's --epochs / --iterations-per-epoch replace them.
+DEFAULT_TRAINING = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50}
+DEFAULT_TEACHER = {"model_folder": None, "checkpoint": "checkpoint_final.pth", "fold": "same",
+                   "allow_validation_overlap": False}
+
+
+class RecipeError(ValueError):
+    """A student plans file whose KD recipe is missing or malformed. The message names the file and the fix."""
+
+
+def available_methods() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.json"))
+
+
+def load_preset(method: str) -> dict:
+    path = recipes_dir() / f"{method}.json"
+    if not path.is_file():
+        raise RecipeError(f"Unknown distillation method '{method}'. Known methods: {available_methods()} "
+                          f"(presets in {recipes_dir()}).")
+    with open(path) as f:
+        preset = json.load(f)
+    preset.pop("description", None)
+    return preset
+
+
+def default_recipe(teacher_model_folder: str | None) -> dict:
+    """A complete recipe with every shipped method at its preset values."""
+    return {
+        "teacher": dict(DEFAULT_TEACHER, model_folder=teacher_model_folder),
+        "training": dict(DEFAULT_TRAINING),
+        "methods": {m: load_preset(m) for m in available_methods()},
+    }
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    model_folder: str
+    checkpoint: str
+    fold: str | int
+    allow_validation_overlap: bool
+
+    def fold_for_student(self, student_fold: int | str) -> int | str:
+        """'same' (default): the teacher fold that was trained on the student's training split."""
+        return student_fold if self.fold == "same" else self.fold
+
+
+@dataclass(frozen=True)
+class Recipe:
+    configuration: str
+    method: str
+    teacher: TeacherRecipe | None
+    num_epochs: int
+    num_iterations_per_epoch: int
+    num_val_iterations_per_epoch: int
+    settings: dict  # the method's section: weights, temperature, stages, ...
+
+    def weight(self, term: str) -> float:
+        return float(self.settings.get("weights", {}).get(term, 0.0))
+
+
+def _check_against_preset(section: Any, preset: dict, where: str, fix: str) -> None:
+    """Unknown keys are typos (a silently ignored 'lovasz_weigth' would train the wrong model)."""
+    if not isinstance(section, dict):
+        raise RecipeError(f"{where} must be a JSON object, got {type(section).__name__}. {fix}")
+    for key, value in section.items():
+        if key not in preset:
+            raise RecipeError(f"{where} has unknown key '{key}' (known: {sorted(preset)}). {fix}")
+        expected = preset[key]
+        if isinstance(expected, dict):
+            _check_against_preset(value, expected, f"{where}.{key}", fix)
+        elif isinstance(expected, bool):
+            if not isinstance(value, bool):
+                raise RecipeError(f"{where}.{key} must be true or false, got {value!r}. {fix}")
+        elif isinstance(expected, (int, float)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise RecipeError(f"{where}.{key} must be a non-negative number, got {value!r}. {fix}")
+
+
+def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) -> Recipe:
+    """Read and validate ``plans['kd'][configuration]`` for one method. Raises RecipeError naming the file."""
+    fix = (f"Write the student plans with nnUNetv2_kd_plan_student (or edit '{PLANS_KEY}' in {plans_file}).")
+    all_recipes = plans.get(PLANS_KEY)
+    if not isinstance(all_recipes, dict) or configuration not in all_recipes:
+        raise RecipeError(
+            f"{plans_file} has no distillation recipe for configuration '{configuration}' "
+            f"(expected plans['{PLANS_KEY}']['{configuration}']). These are not student plans: "
+            f"run nnUNetv2_kd_plan_student -d <dataset> -c {configuration} --teacher <teacher model folder> "
+            f"-o <student plans name> and train with -p <student plans name>.")
+    raw = all_recipes[configuration]
+    known_top = {"teacher", "training", "methods", "student"}
+    for key in raw:
+        if key not in known_top:
+            raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration} has unknown key '{key}' "
+                              f"(known: {sorted(known_top)}). {fix}")
+
+    training = dict(DEFAULT_TRAINING, **raw.get("training", {}))
+    _check_against_preset(raw.get("training", {}), DEFAULT_TRAINING, f"{plans_file}: {PLANS_KEY}.{configuration}.training", fix)
+    for key in ("num_epochs", "num_iterations_per_epoch"):
+        if not isinstance(training[key], int) or training[key] < 1:
+            raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.{key} must be an integer >= 1, "
+                              f"got {training[key]!r}. {fix}")
+
+    teacher = None
+    if method != "none":
+        methods = raw.get("methods", {})
+        if method not in methods:
+            raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.methods has no section '{method}' "
+                              f"(has: {sorted(methods)}). Re-run nnUNetv2_kd_plan_student to write it. ")
+        where = f"{plans_file}: {PLANS_KEY}.{configuration}.methods.{method}"
+        preset = load_preset(method)
+        _check_against_preset(methods[method], preset, where, fix)
+        settings = copy.deepcopy(preset)
+        for key, value in methods[method].items():
+            if isinstance(value, dict):
+                settings[key].update(value)
+            else:
+                settings[key] = value
+
+        teacher_raw = dict(DEFAULT_TEACHER, **raw.get("teacher", {}))
+        _check_against_preset(raw.get("teacher", {}), {**DEFAULT_TEACHER, "model_folder": "", "fold": ""},
+                              f"{plans_file}: {PLANS_KEY}.{configuration}.teacher", fix)
+        if not teacher_raw["model_folder"]:
+            raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.teacher.model_folder is not set. "
+                              f"Pass --teacher <nnUNet_results/DatasetXXX/Trainer__Plans__config> to "
+                              f"nnUNetv2_kd_plan_student.")
+        fold = teacher_raw["fold"]
+        if not (fold in ("same", "all") or (isinstance(fold, int) and fold >= 0)):
+            raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.teacher.fold must be \"same\", \"all\" "
+                              f"or a fold number, got {fold!r}. {fix}")
+        teacher = TeacherRecipe(model_folder=str(teacher_raw["model_folder"]), checkpoint=str(teacher_raw["checkpoint"]),
+                                fold=fold, allow_validation_overlap=bool(teacher_raw["allow_validation_overlap"]))
+    else:
+        settings = {}
+    return Recipe(configuration=configuration, method=method, teacher=teacher,
+                  num_epochs=training["num_epochs"], num_iterations_per_epoch=training["num_iterations_per_epoch"],
+                  num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], settings=settings)
+
+
+def plans_file_path(preprocessed_base: str | None, plans_name: str) -> str:
+    """The student plans file a trainer was started with (the planner names the file after plans_name)."""
+    return str(Path(preprocessed_base) / f"{plans_name}.json") if preprocessed_base else f"{plans_name}.json"

@@ -1,0 +1,237 @@
+"""Loading a frozen nnU-Net teacher, and refusing teachers that would silently train a wrong student.
+
+Every check runs before the first training step and raises TeacherError with the file at fault and the fix.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from os.path import isdir, isfile, join
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot be used for this student. The message names the file and the fix."""
+
+
+# nnU-Net checkpoints hold numpy scalars (logged losses, EMA Dice) next to the tensors. Allowing exactly
+# these lets torch.load run with weights_only=True, i.e. without executing arbitrary pickled code.
+_NUMPY_SAFE_GLOBALS = [np.dtype, np._core.multiarray.scalar, np._core.multiarray._reconstruct, np.ndarray] + [
+    type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool", "uint8")]
+
+
+def load_nnunet_checkpoint(path: str, map_location="cpu") -> dict:
+    """torch.load with weights_only=True (numpy scalars allowed); clear errors for missing or corrupt files."""
+    if not isfile(path):
+        raise TeacherError(f"Checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TeacherError(
+            f"{path} holds Python objects that torch.load(weights_only=True) refuses to unpickle ({e}). "
+            f"nnU-Net's own checkpoints do not; re-save the checkpoint from a plain nnU-Net run, "
+            f"or load it in a trusted session and keep only the standard keys.") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise TeacherError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}). The file is "
+                           f"corrupt or truncated: copy it again, or retrain that fold.") from e
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise TeacherError(f"{path} is not an nnU-Net checkpoint (no 'network_weights' entry). Point the recipe's "
+                           f"teacher at a folder written by nnUNetv2_train.")
+    return checkpoint
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Weights saved from DDP ('module.') or torch.compile ('_orig_mod.') wrappers, as nnU-Net tolerates them."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+@dataclass
+class TeacherModel:
+    """A teacher model folder resolved for one student fold."""
+    model_folder: str
+    fold: int | str
+    checkpoint_file: str
+    plans: dict
+    dataset_json: dict
+    configuration: str
+    trainer_name: str
+
+    @property
+    def plans_manager(self) -> PlansManager:
+        return PlansManager(self.plans)
+
+    @property
+    def configuration_manager(self) -> ConfigurationManager:
+        return self.plans_manager.get_configuration(self.configuration)
+
+
+def locate_teacher(model_folder: str, fold: int | str, checkpoint_name: str) -> tuple[TeacherModel, dict]:
+    """Find and read a teacher model folder. Returns the description and the loaded checkpoint."""
+    if not isdir(model_folder):
+        raise TeacherError(
+            f"Teacher model folder not found: {model_folder}. It is the folder nnUNetv2_train wrote "
+            f"($nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>); fix teacher.model_folder in the "
+            f"student plans (nnUNetv2_kd_plan_student --teacher ...).")
+    for name in ("plans.json", "dataset.json"):
+        if not isfile(join(model_folder, name)):
+            raise TeacherError(f"{join(model_folder, name)} is missing: {model_folder} is not a complete nnU-Net model "
+                               f"folder. Copy the teacher's whole results folder, including {name}.")
+    fold_folder = join(model_folder, f"fold_{fold}")
+    checkpoint_file = join(fold_folder, checkpoint_name)
+    if not isfile(checkpoint_file):
+        present = sorted(d for d in os.listdir(model_folder) if d.startswith("fold_"))
+        raise TeacherError(
+            f"Teacher checkpoint not found: {checkpoint_file}. Folds present in {model_folder}: {present or 'none'}. "
+            f"Train that teacher fold first (nnUNetv2_train ... {fold}), or set the teacher fold / checkpoint in the "
+            f"student plans (nnUNetv2_kd_plan_student --teacher-fold N --teacher-checkpoint NAME); note that a "
+            f"teacher fold other than the student's may have trained on the student's validation cases.")
+    checkpoint = load_nnunet_checkpoint(checkpoint_file)
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    init_args = checkpoint.get("init_args", {})
+    teacher = TeacherModel(model_folder=model_folder, fold=fold, checkpoint_file=checkpoint_file,
+                           plans=load_json(join(model_folder, "plans.json")),
+                           dataset_json=load_json(join(model_folder, "dataset.json")),
+                           configuration=init_args.get("configuration") or model_folder.rstrip("/").split("__")[-1],
+                           trainer_name=checkpoint.get("trainer_name", "nnUNetTrainer"))
+    if teacher.configuration not in teacher.plans.get("configurations", {}):
+        raise TeacherError(f"{checkpoint_file} was trained with configuration '{teacher.configuration}', which "
+                           f"{join(model_folder, 'plans.json')} does not define. The model folder is inconsistent: "
+                           f"copy plans.json from the teacher's training run.")
+    return teacher, checkpoint
+
+
+def check_teacher_compatible(teacher: TeacherModel, student_plans_manager: PlansManager,
+                             student_configuration: ConfigurationManager, student_dataset_json: dict,
+                             student_plans_file: str, student_dataset_json_file: str) -> None:
+    """The teacher must see the same input and predict the same labels as the student, else KD is meaningless."""
+    t_plans, t_cfg = teacher.plans_manager, teacher.configuration_manager
+    t_where = join(teacher.model_folder, "dataset.json")
+
+    if teacher.dataset_json.get("labels") != student_dataset_json.get("labels"):
+        raise TeacherError(
+            f"Label mismatch: the teacher ({t_where}) predicts {teacher.dataset_json.get('labels')} but the student "
+            f"dataset ({student_dataset_json_file}) has {student_dataset_json.get('labels')}. Output channels would "
+            f"be distilled onto the wrong classes. Use a teacher trained on the same label definition.")
+    t_channels = teacher.dataset_json.get("channel_names", teacher.dataset_json.get("modality"))
+    s_channels = student_dataset_json.get("channel_names", student_dataset_json.get("modality"))
+    t_n = determine_num_input_channels(t_plans, t_cfg, teacher.dataset_json)
+    s_n = determine_num_input_channels(student_plans_manager, student_configuration, student_dataset_json)
+    if t_n != s_n or t_channels != s_channels:
+        raise TeacherError(
+            f"Input channel mismatch: the teacher ({t_where}) takes {t_n} channel(s) {t_channels}, the student "
+            f"({student_dataset_json_file}) {s_n} channel(s) {s_channels}. Use a teacher trained on the same "
+            f"image channels in the same order.")
+
+    t_plan_file = join(teacher.model_folder, "plans.json")
+    if list(t_plans.transpose_forward) != list(student_plans_manager.transpose_forward):
+        raise TeacherError(
+            f"Axis order mismatch: teacher plans {t_plan_file} transpose_forward {t_plans.transpose_forward}, student "
+            f"plans {student_plans_file} {student_plans_manager.transpose_forward}. Plan the student from this teacher "
+            f"with nnUNetv2_kd_plan_student so both see identically preprocessed data.")
+    if not np.allclose(t_cfg.spacing, student_configuration.spacing):
+        raise TeacherError(
+            f"Spacing mismatch: the teacher's configuration '{teacher.configuration}' ({t_plan_file}) uses spacing "
+            f"{t_cfg.spacing}, the student's ({student_plans_file}) {student_configuration.spacing}. Plan the student "
+            f"from this teacher with nnUNetv2_kd_plan_student (it keeps spacing and data_identifier).")
+    if (list(t_cfg.normalization_schemes) != list(student_configuration.normalization_schemes)
+            or list(t_cfg.use_mask_for_norm) != list(student_configuration.use_mask_for_norm)):
+        raise TeacherError(
+            f"Normalisation mismatch: teacher ({t_plan_file}) {t_cfg.normalization_schemes} "
+            f"(mask {t_cfg.use_mask_for_norm}), student ({student_plans_file}) "
+            f"{student_configuration.normalization_schemes} (mask {student_configuration.use_mask_for_norm}). "
+            f"Plan the student from this teacher with nnUNetv2_kd_plan_student.")
+    # Intensity statistics only enter the CT normalisation (clip + z-score with dataset statistics).
+    t_props = teacher.plans.get("foreground_intensity_properties_per_channel", {})
+    s_props = student_plans_manager.plans.get("foreground_intensity_properties_per_channel", {})
+    for c, scheme in enumerate(student_configuration.normalization_schemes):
+        if scheme == "CTNormalization" and t_props.get(str(c)) != s_props.get(str(c)):
+            raise TeacherError(
+                f"CT normalisation statistics of channel {c} differ between the teacher ({t_plan_file}) and the "
+                f"student ({student_plans_file}): the same voxel would be normalised differently. Plan the student "
+                f"from this teacher with nnUNetv2_kd_plan_student.")
+
+    strides = np.prod(np.array(t_cfg.pool_op_kernel_sizes), axis=0)
+    if any(p % s for p, s in zip(student_configuration.patch_size, strides)):
+        raise TeacherError(
+            f"The student's patch size {student_configuration.patch_size} ({student_plans_file}) is not divisible by "
+            f"the teacher's total downsampling {strides.tolist()} ({t_plan_file}), so the teacher cannot process the "
+            f"student's patches. Keep the teacher's patch size (nnUNetv2_kd_plan_student does).")
+
+
+def teacher_training_cases(teacher: TeacherModel, preprocessed_root: str | None) -> set[str] | None:
+    """The case identifiers the teacher fold was trained on, from its dataset's splits_final.json (None: unknown)."""
+    dataset_name = teacher.plans.get("dataset_name")
+    if preprocessed_root is None or dataset_name is None:
+        return None
+    base = join(preprocessed_root, dataset_name)
+    splits_file = join(base, "splits_final.json")
+    if not isfile(splits_file):
+        return None
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    splits = load_json(splits_file)
+    if teacher.fold == "all":
+        return {k for split in splits for k in split["train"] + split["val"]}
+    if int(teacher.fold) < len(splits):
+        return set(splits[int(teacher.fold)]["train"])
+    return None
+
+
+class FrozenTeacher(nn.Module):
+    """The teacher network, permanently in eval mode with no gradients.
+
+    eval() freezes BatchNorm statistics and disables dropout; `train()` is overridden so a caller that switches
+    a whole module tree to training mode cannot unfreeze it. It is kept outside the student network, so it is
+    never part of the student's state dict or checkpoint.
+    """
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+        self.network.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.network(x)
+
+
+def build_frozen_teacher(teacher: TeacherModel, checkpoint: dict, device: torch.device) -> FrozenTeacher:
+    """Build the teacher with its own trainer class's network builder (so custom teacher architectures work)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    try:
+        trainer_class = recursive_find_trainer_class_by_name(teacher.trainer_name)
+    except RuntimeError as e:
+        raise TeacherError(f"The teacher {teacher.checkpoint_file} was trained with trainer class "
+                           f"'{teacher.trainer_name}', which nnU-Net cannot find. Add its folder to nnUNet_extTrainer "
+                           f"(separate several folders with '{os.pathsep}').") from e
+    plans_manager = teacher.plans_manager
+    num_outputs = plans_manager.get_label_manager(teacher.dataset_json).num_segmentation_heads
+    network = trainer_class.build_network_architecture(
+        plans_manager, teacher.configuration_manager,
+        determine_num_input_channels(plans_manager, teacher.configuration_manager, teacher.dataset_json),
+        num_outputs, enable_deep_supervision=True)
+    try:
+        network.load_state_dict(strip_wrapper_prefixes(checkpoint["network_weights"]))
+    except RuntimeError as e:
+        raise TeacherError(f"{teacher.checkpoint_file} does not fit the architecture in "
+                           f"{join(teacher.model_folder, 'plans.json')} ({str(e).splitlines()[0]}). The checkpoint and "
+                           f"plans come from different runs: copy the teacher's model folder as a whole.") from e
+    return FrozenTeacher(network).to(device)

@@ -1,0 +1,318 @@
+"""The one place where distillation meets nnU-Net: teacher loading, feature taps, deep supervision, logging
+and checkpointing. Trainer classes in ``trainers/`` subclass ``nnUNetTrainerKD`` and only name their method.
+
+Per training step:  L = w_seg * nnU-Net's deep-supervised loss + sum_term w_term * term,
+with the terms of the recipe's method (weights from the student plans, see nnunet_kd.recipe):
+  kl       T^2 KL(teacher || student) per deep-supervision output, weighted like nnU-Net's outputs
+           (per-region binary KL for region-based datasets)
+  lovasz   Lovasz-softmax (Lovasz-sigmoid per region) on the full-resolution output
+  feature  sum over recipe stages of MSE(1x1 adapter(student feature), teacher feature)
+The ignore label is masked out of every term. The teacher runs once per step (logits and features from the
+same pass), frozen and without gradients, under the same autocast as the student.
+"""
+from __future__ import annotations
+
+from os.path import join
+
+import numpy as np
+import torch
+from torch import autocast, nn
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_kd.cost import count_parameters
+from nnunet_kd.features import FeatureTaps
+from nnunet_kd.losses.feature import FeatureAdapter, FeatureDistillationLoss
+from nnunet_kd.losses.kl import LogitKLLoss
+from nnunet_kd.losses.lovasz import LovaszSoftmaxLoss
+from nnunet_kd.progress import KDLocalLogger, term_key
+from nnunet_kd.recipe import parse_recipe, plans_file_path
+from nnunet_kd.teacher import (TeacherError, build_frozen_teacher, check_teacher_compatible, load_nnunet_checkpoint,
+                               locate_teacher, strip_wrapper_prefixes, teacher_training_cases)
+
+# Checkpoint keys of our own, next to nnU-Net's. nnU-Net's predictor reads only 'network_weights', so the
+# student checkpoint stays loadable by plain nnU-Net; nnUNetv2_kd_export removes these keys altogether.
+ADAPTERS_KEY = "kd_adapters"
+RECIPE_KEY = "kd_recipe"
+
+
+class nnUNetTrainerKD(nnUNetTrainer):
+    """Base class of every distillation trainer. ``kd_method`` names the recipe section it trains with."""
+
+    kd_method = "none"
+    # Terms a method may use, in logging order; the recipe's weights switch them on (weight > 0).
+    kd_supported_terms = ("kl", "lovasz", "feature")
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # Read the recipe before nnU-Net creates the results folder, so a plans file without a valid recipe
+        # leaves nothing behind on disk.
+        preprocessed_base = join(nnUNet_preprocessed, plans["dataset_name"]) if nnUNet_preprocessed.is_set() else None
+        self.kd_plans_file = plans_file_path(preprocessed_base, plans["plans_name"])
+        self.kd_recipe = parse_recipe(plans, configuration, self.kd_method, self.kd_plans_file)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+        self.num_epochs = self.kd_recipe.num_epochs
+        self.num_iterations_per_epoch = self.kd_recipe.num_iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.kd_recipe.num_val_iterations_per_epoch
+        self.kd_terms = ["segmentation"] + [t for t in self.kd_supported_terms if self.kd_recipe.weight(t) > 0]
+        self.kd_weights = {t: (self.kd_recipe.weight(t) if self.kd_method != "none" else 1.0) for t in self.kd_terms}
+        self.logger.local_logger = KDLocalLogger(self.kd_terms)
+
+        self.teacher = None
+        self.kd_adapters = nn.ModuleDict()  # trained with the student, never part of self.network
+        self.student_taps = self.teacher_taps = None
+        self.kd_losses = {}
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self):
+        super().initialize()
+        if self.kd_method != "none":
+            self._setup_distillation()
+
+    def _setup_distillation(self):
+        recipe = self.kd_recipe
+        teacher_fold = recipe.teacher.fold_for_student(self.fold)
+        teacher, checkpoint = locate_teacher(recipe.teacher.model_folder, teacher_fold, recipe.teacher.checkpoint)
+        check_teacher_compatible(teacher, self.plans_manager, self.configuration_manager, self.dataset_json,
+                                 self.kd_plans_file, join(self.preprocessed_dataset_folder_base, "dataset.json"))
+        self._check_teacher_did_not_train_on_validation(teacher)
+        self.teacher = build_frozen_teacher(teacher, checkpoint, self.device)
+        del checkpoint
+
+        region_based = self.label_manager.has_regions
+        temperature = float(recipe.settings.get("temperature", 1.0))
+        self.kd_losses["kl"] = LogitKLLoss(temperature=temperature, region_based=region_based)
+        self.kd_losses["lovasz"] = LovaszSoftmaxLoss(region_based=region_based)
+
+        stages = self.kd_feature_stages()
+        if stages:
+            self.student_taps = FeatureTaps(self.network, stages)
+            self.teacher_taps = FeatureTaps(self.teacher.network, stages)
+        shapes = self._probe_shapes()
+        if "feature" in self.kd_terms:
+            dim = len(self.configuration_manager.patch_size)
+            self.kd_adapters = nn.ModuleDict({
+                name.replace(".", "_"): FeatureAdapter(shapes["student"][name][1], shapes["teacher"][name][1], dim)
+                for name in self.student_taps.stage_names}).to(self.device)
+            self.kd_losses["feature"] = FeatureDistillationLoss(self.kd_adapters)
+            self.optimizer.add_param_group({"params": list(self.kd_adapters.parameters())})
+
+        self.print_to_log_file(
+            f"Distillation method '{self.kd_method}' from teacher {teacher.checkpoint_file} "
+            f"(configuration {teacher.configuration}, trainer {teacher.trainer_name}): teacher "
+            f"{count_parameters(self.teacher):,} parameters, student {count_parameters(self.network):,}, adapters "
+            f"{count_parameters(self.kd_adapters):,} (not exported). Loss weights {self.kd_weights}, "
+            f"temperature {temperature}, feature stages {stages}.")
+
+    def kd_feature_stages(self) -> list[str]:
+        """Stages whose features the method's terms need (the same names on teacher and student)."""
+        return list(self.kd_recipe.settings.get("feature_stages", [])) if "feature" in self.kd_terms else []
+
+    def _check_teacher_did_not_train_on_validation(self, teacher):
+        """A teacher that saw the student's validation cases leaks them into the student: refuse by default."""
+        _, val_keys = self.do_split()
+        trained_on = teacher_training_cases(teacher, nnUNet_preprocessed.get() if nnUNet_preprocessed.is_set() else None)
+        allow = self.kd_recipe.teacher.allow_validation_overlap
+        flag = (f"set \"allow_validation_overlap\": true under {self.plans_manager.plans_name}'s "
+                f"kd.{self.configuration_name}.teacher in {self.kd_plans_file} (nnUNetv2_kd_plan_student "
+                f"--allow-validation-overlap) to accept this")
+        if trained_on is None:
+            message = (f"Cannot tell which cases teacher fold {teacher.fold} was trained on: no usable "
+                       f"splits_final.json for dataset {teacher.plans.get('dataset_name')} under nnUNet_preprocessed.")
+            overlap = None
+        else:
+            overlap = sorted(set(val_keys) & trained_on)
+            message = (f"Teacher fold {teacher.fold} ({teacher.checkpoint_file}) was trained on {len(overlap)} of the "
+                       f"student's {len(val_keys)} fold-{self.fold} validation cases (e.g. {overlap[:5]}): the student's "
+                       f"validation Dice would be inflated by the teacher's memory of them.")
+        if overlap == []:
+            return
+        if not allow:
+            raise TeacherError(f"{message} Use the teacher fold that matches the student's fold (the default, "
+                               f"teacher fold \"same\"), or {flag}.")
+        self.print_to_log_file(f"WARNING: {message} Accepted because allow_validation_overlap is set.")
+
+    def _probe_shapes(self) -> dict:
+        """One no-grad pass of both networks on a zero patch: checks they agree and gives adapter channel counts."""
+        was_training = self.network.training
+        self.network.eval()  # BatchNorm statistics must not see the probe
+        x = torch.zeros((1, self.num_input_channels, *self.configuration_manager.patch_size), device=self.device)
+        with torch.no_grad():
+            student_out = self.network(x)
+            teacher_out = self.teacher(x)
+        self.network.train(was_training)
+        shapes = {"student": {}, "teacher": {}}
+        if self.student_taps is not None:
+            shapes["student"] = {k: tuple(v.shape) for k, v in self.student_taps.pop().items()}
+            shapes["teacher"] = {k: tuple(v.shape) for k, v in self.teacher_taps.pop().items()}
+            for name in self.student_taps.stage_names:
+                if shapes["student"][name][2:] != shapes["teacher"][name][2:]:
+                    raise TeacherError(
+                        f"Feature stage '{name}' has spatial shape {shapes['student'][name][2:]} in the student but "
+                        f"{shapes['teacher'][name][2:]} in the teacher: the two networks downsample differently. "
+                        f"Choose stages at the same resolution in {self.kd_plans_file}.")
+        student_out = student_out if isinstance(student_out, (list, tuple)) else [student_out]
+        if self.kd_recipe.settings.get("kl_deep_supervision") and self.enable_deep_supervision:
+            if [o.shape for o in student_out] != [o.shape for o in teacher_out[:len(student_out)]] or \
+                    len(teacher_out) != len(student_out):
+                raise TeacherError(
+                    f"The teacher's deep-supervision outputs {[tuple(o.shape) for o in teacher_out]} do not match "
+                    f"the student's {[tuple(o.shape) for o in student_out]}. Set kl_deep_supervision to false in "
+                    f"{self.kd_plans_file} to distil the full-resolution output only.")
+        return shapes
+
+    # ------------------------------------------------------------------ training step
+    def _autocast(self):
+        # nnU-Net's rule: autocast on CUDA only (on CPU it is slow; on MPS unsupported).
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def _trainable_parameters(self):
+        return list(self.network.parameters()) + list(self.kd_adapters.parameters())
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            student_out = self.network(data)
+            terms = {"segmentation": self.loss(student_out, target)}
+            if self.teacher is not None:
+                student_features = self.student_taps.pop() if self.student_taps else {}
+                teacher_out = self.teacher(data)  # one pass gives logits and (through the taps) features
+                teacher_features = self.teacher_taps.pop() if self.teacher_taps else {}
+                terms.update(self.distillation_terms(student_out, teacher_out, student_features, teacher_features,
+                                                     target))
+            total = sum(self.kd_weights[name] * terms[name] for name in self.kd_terms)
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), 12)
+            self.optimizer.step()
+        # Stay on the device: one host transfer per epoch (on_train_epoch_end), not one per step.
+        return {"loss": total.detach(), "terms": torch.stack([terms[n].detach().float() for n in self.kd_terms])}
+
+    def _split_target(self, target: torch.Tensor):
+        """(target without the ignore channel, valid-voxel mask or None) for one deep-supervision level."""
+        lm = self.label_manager
+        if not lm.has_ignore_label:
+            return target, None
+        if lm.has_regions:  # nnU-Net appends the ignore mask as the last region channel
+            return target[:, :-1], ~target[:, -1:].bool()
+        return target, target != lm.ignore_label
+
+    def distillation_terms(self, student_out, teacher_out, student_features, teacher_features, target) -> dict:
+        """Unweighted distillation terms of this step, keyed by term name. Subclasses add their own."""
+        student_out = list(student_out) if isinstance(student_out, (list, tuple)) else [student_out]
+        targets = list(target) if isinstance(target, (list, tuple)) else [target]
+        split = [self._split_target(t) for t in targets]
+        masks = [m for _, m in split]
+        terms = {}
+        if "kl" in self.kd_terms:
+            terms["kl"] = self._kl_term(student_out, teacher_out, masks)
+        if "lovasz" in self.kd_terms:
+            terms["lovasz"] = self.kd_losses["lovasz"](student_out[0], split[0][0], masks[0])
+        if "feature" in self.kd_terms:
+            mask = masks[0]
+            per_stage = self.kd_losses["feature"](
+                {k.replace(".", "_"): v for k, v in student_features.items()},
+                {k.replace(".", "_"): v for k, v in teacher_features.items()}, mask)
+            terms["feature"] = sum(per_stage.values())
+        return terms
+
+    def _kl_term(self, student_out, teacher_out, masks):
+        settings = self.kd_recipe.settings
+        kl = self.kd_losses["kl"]
+        if settings.get("kl_deep_supervision") and self.enable_deep_supervision and len(student_out) > 1:
+            # The same per-output weights as nnU-Net's segmentation loss (highest resolution first).
+            value = DeepSupervisionWrapper(kl, self.loss.weight_factors)(student_out, list(teacher_out), masks)
+        else:
+            value = kl(student_out[0], teacher_out[0], masks[0])
+        if settings.get("kl_mean_over_classes"):
+            value = value / student_out[0].shape[1]
+        return value
+
+    # ------------------------------------------------------------------ logging
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        losses = torch.stack([o["loss"] for o in train_outputs]).float().mean()
+        terms = torch.stack([o["terms"] for o in train_outputs]).mean(0)
+        if self.is_ddp:
+            stacked = torch.cat([losses[None], terms])
+            dist.all_reduce(stacked)
+            stacked /= dist.get_world_size()
+            losses, terms = stacked[0], stacked[1:]
+        self.logger.log("train_losses", float(losses.cpu()), self.current_epoch)
+        for name, value in zip(self.kd_terms, terms.cpu().tolist()):
+            self.logger.log(term_key(name), value, self.current_epoch)
+
+    def on_epoch_end(self):
+        self.print_to_log_file("train loss terms (unweighted):", ", ".join(
+            f"{name} {self.logger.get_value(term_key(name), step=-1):.4f}" for name in self.kd_terms))
+        super().on_epoch_end()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _student_module(self) -> nn.Module:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def save_checkpoint(self, filename: str) -> None:
+        # nnU-Net's checkpoint layout, plus the adapters and the recipe under keys of their own. The teacher is
+        # never saved: it is reloaded from its own folder.
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        torch.save({
+            "network_weights": self._student_module().state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            ADAPTERS_KEY: self.kd_adapters.state_dict(),
+            RECIPE_KEY: self.plans_manager.plans.get("kd", {}).get(self.configuration_name),
+        }, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = load_nnunet_checkpoint(filename_or_checkpoint, map_location=self.device) \
+            if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
+        where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
+        if checkpoint.get("trainer_name") != self.__class__.__name__:
+            raise RuntimeError(f"{where} was written by trainer {checkpoint.get('trainer_name')}, not "
+                               f"{self.__class__.__name__}. Resume with -tr {checkpoint.get('trainer_name')}.")
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self._student_module().load_state_dict(strip_wrapper_prefixes(checkpoint["network_weights"]))
+        self.kd_adapters.load_state_dict(checkpoint.get(ADAPTERS_KEY, {}))
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        except ValueError as e:
+            raise RuntimeError(f"{where}: the optimizer state does not match this run's parameters ({e}). The recipe's "
+                               f"feature stages changed since the checkpoint was written; restore the plans that "
+                               f"wrote it, or start a new run.") from e
+        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
