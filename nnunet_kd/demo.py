@@ -69,8 +69,10 @@ def run_demo(workdir: str, teacher_epochs: int, student_epochs: int, iterations:
     print(f"generated prostate-MRI-like dataset {folder} (20 training cases, 24x64x64 voxels, 3.0x0.8x0.8 mm)")
 
     _step("2/6 nnU-Net planning and preprocessing", started)
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0: plan without it.
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
     run(console_script("nnUNetv2_plan_and_preprocess") + ["-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "1",
-                                                          "--verify_dataset_integrity"], env, log)
+                                                          "--verify_dataset_integrity"], plan_env, log)
 
     train = console_script("nnUNetv2_train")
     _step(f"3/6 teacher: nnU-Net's default network, {teacher_epochs} x {iterations} iterations", started)

@@ -7,6 +7,8 @@ with the terms of the recipe's method (weights from the student plans, see nnune
            (per-region binary KL for region-based datasets)
   lovasz   Lovasz-softmax (Lovasz-sigmoid per region) on the full-resolution output
   feature  sum over recipe stages of MSE(1x1 adapter(student feature), teacher feature)
+  ffd      MSKD Feature Filtering Distillation, summed over the recipe's mskd_stages
+  rgd      MSKD Region Graph Distillation (nodes, edges, voxel-to-prototype), summed over mskd_stages
 The ignore label is masked out of every term. The teacher runs once per step (logits and features from the
 same pass), frozen and without gradients, under the same autocast as the student.
 """
@@ -30,6 +32,7 @@ from nnunet_kd.features import FeatureTaps
 from nnunet_kd.losses.feature import FeatureAdapter, FeatureDistillationLoss
 from nnunet_kd.losses.kl import LogitKLLoss
 from nnunet_kd.losses.lovasz import LovaszSoftmaxLoss
+from nnunet_kd.losses.mskd import FeatureFilteringDistillation, RegionGraphDistillation
 from nnunet_kd.progress import KDLocalLogger, term_key
 from nnunet_kd.recipe import parse_recipe, plans_file_path
 from nnunet_kd.teacher import (TeacherError, build_frozen_teacher, check_teacher_compatible, load_nnunet_checkpoint,
@@ -46,7 +49,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
 
     kd_method = "none"
     # Terms a method may use, in logging order; the recipe's weights switch them on (weight > 0).
-    kd_supported_terms = ("kl", "lovasz", "feature")
+    kd_supported_terms = ("kl", "lovasz", "feature", "ffd", "rgd")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -90,6 +93,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
         self.kd_losses["kl"] = LogitKLLoss(temperature=temperature, region_based=region_based)
         self.kd_losses["lovasz"] = LovaszSoftmaxLoss(region_based=region_based)
 
+        if {"ffd", "rgd"} & set(self.kd_terms):
+            self._setup_structured_distillation()
         stages = self.kd_feature_stages()
         if stages:
             self.student_taps = FeatureTaps(self.network, stages)
@@ -99,7 +104,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
             dim = len(self.configuration_manager.patch_size)
             self.kd_adapters = nn.ModuleDict({
                 name.replace(".", "_"): FeatureAdapter(shapes["student"][name][1], shapes["teacher"][name][1], dim)
-                for name in self.student_taps.stage_names}).to(self.device)
+                for name in self._canonical(self._stages_of("feature"))}).to(self.device)
             self.kd_losses["feature"] = FeatureDistillationLoss(self.kd_adapters)
             self.optimizer.add_param_group({"params": list(self.kd_adapters.parameters())})
 
@@ -110,9 +115,30 @@ class nnUNetTrainerKD(nnUNetTrainer):
             f"{count_parameters(self.kd_adapters):,} (not exported). Loss weights {self.kd_weights}, "
             f"temperature {temperature}, feature stages {stages}.")
 
+    def _setup_structured_distillation(self):
+        if self.label_manager.has_regions:
+            raise TeacherError(f"MSKD's region prototypes need one label per voxel, but this dataset is region-based "
+                               f"(overlapping sigmoid outputs). Use nnUNetTrainerKD_Adaptive for it, or set the ffd and "
+                               f"rgd weights to 0 in {self.kd_plans_file}.")
+        settings, num_classes = self.kd_recipe.settings, self.label_manager.num_segmentation_heads
+        self.kd_losses["ffd"] = FeatureFilteringDistillation(
+            num_classes, boundary_width=int(settings["ffd_boundary_width"]),
+            include_background=settings["ffd_include_background"])
+        self.kd_losses["rgd"] = RegionGraphDistillation(
+            num_classes, include_background=settings["rgd_include_background"],
+            node_weight=settings["rgd_node_weight"], edge_weight=settings["rgd_edge_weight"],
+            voxel_weight=settings["rgd_voxel_weight"])
+
+    def _stages_of(self, term: str) -> list[str]:
+        key = "feature_stages" if term == "feature" else "mskd_stages"
+        return list(self.kd_recipe.settings.get(key, [])) if term in self.kd_terms else []
+
     def kd_feature_stages(self) -> list[str]:
         """Stages whose features the method's terms need (the same names on teacher and student)."""
-        return list(self.kd_recipe.settings.get("feature_stages", [])) if "feature" in self.kd_terms else []
+        stages = []
+        for term in ("feature", "ffd", "rgd"):
+            stages += [s for s in self._stages_of(term) if s not in stages]
+        return stages
 
     def _check_teacher_did_not_train_on_validation(self, teacher):
         """A teacher that saw the student's validation cases leaks them into the student: refuse by default."""
@@ -137,6 +163,10 @@ class nnUNetTrainerKD(nnUNetTrainer):
             raise TeacherError(f"{message} Use the teacher fold that matches the student's fold (the default, "
                                f"teacher fold \"same\"), or {flag}.")
         self.print_to_log_file(f"WARNING: {message} Accepted because allow_validation_overlap is set.")
+
+    def _canonical(self, stages: list[str]) -> list[str]:
+        from nnunet_kd.features import canonical_stage_name
+        return [canonical_stage_name(s, self.network) for s in stages]
 
     def _probe_shapes(self) -> dict:
         """One no-grad pass of both networks on a zero patch: checks they agree and gives adapter channel counts."""
@@ -227,11 +257,29 @@ class nnUNetTrainerKD(nnUNetTrainer):
         if "lovasz" in self.kd_terms:
             terms["lovasz"] = self.kd_losses["lovasz"](student_out[0], split[0][0], masks[0])
         if "feature" in self.kd_terms:
-            mask = masks[0]
+            stages = self._canonical(self._stages_of("feature"))
             per_stage = self.kd_losses["feature"](
-                {k.replace(".", "_"): v for k, v in student_features.items()},
-                {k.replace(".", "_"): v for k, v in teacher_features.items()}, mask)
+                {k.replace(".", "_"): student_features[k] for k in stages},
+                {k.replace(".", "_"): teacher_features[k] for k in stages}, masks[0])
             terms["feature"] = sum(per_stage.values())
+        if "ffd" in self.kd_terms or "rgd" in self.kd_terms:
+            labels, valid = split[0][0], masks[0]
+            confident = None
+            if "ffd" in self.kd_terms and self.kd_recipe.settings.get("ffd_teacher_confidence"):
+                # Keep only voxels the teacher segments correctly: its mistakes are not worth imitating.
+                confident = teacher_out[0].argmax(1, keepdim=True) == labels.long()
+            for term in ("ffd", "rgd"):
+                if term not in self.kd_terms:
+                    continue
+                values = []
+                for stage in self._canonical(self._stages_of(term)):
+                    if term == "ffd":
+                        values.append(self.kd_losses["ffd"](student_features[stage], teacher_features[stage], labels,
+                                                            valid, confident))
+                    else:
+                        values.append(self.kd_losses["rgd"](student_features[stage], teacher_features[stage], labels,
+                                                            valid)["total"])
+                terms[term] = sum(values)
         return terms
 
     def _kl_term(self, student_out, teacher_out, masks):
