@@ -105,10 +105,15 @@ def _check_preprocessed_data(preprocessed_base: str, teacher_cfg: dict, teacher_
                     and plans.get("transpose_forward") == teacher_plans.get("transpose_forward"))
             if not same:
                 raise PlanningError(
-                    f"{data_folder} was preprocessed by {join(preprocessed_base, name)} (configuration {cname}: "
-                    f"spacing {cfg.get('spacing')}, normalisation {cfg.get('normalization_schemes')}), which differs "
-                    f"from the teacher's (spacing {teacher_cfg['spacing']}, normalisation "
-                    f"{teacher_cfg['normalization_schemes']}). The student would see other data than the teacher. {fix}")
+                    f"Preprocessing mismatch: {data_folder} was preprocessed by {join(preprocessed_base, name)} "
+                    f"(configuration {cname}: spacing {cfg.get('spacing')}, normalisation "
+                    f"{cfg.get('normalization_schemes')}), which differs from the teacher's (spacing "
+                    f"{teacher_cfg['spacing']}, normalisation {teacher_cfg['normalization_schemes']}) although both "
+                    f"name data_identifier '{teacher_cfg['data_identifier']}'. The teacher was not trained on these "
+                    f"data, so the student would learn from a teacher that sees other inputs. Use the teacher model "
+                    f"folder trained with {join(preprocessed_base, name)}, or give the teacher's plans their own "
+                    f"data_identifier and preprocess them (nnUNetv2_preprocess -plans_name "
+                    f"{teacher_plans['plans_name']}) so the existing data stay untouched.")
             return
     raise PlanningError(f"No plans file in {preprocessed_base} declares the data identifier "
                         f"'{teacher_cfg['data_identifier']}' of {data_folder}. {fix}")

@@ -97,17 +97,22 @@ def test_corrupt_teacher_checkpoint(workspace, monkeypatch, tmp_path):
         trainer.initialize()
 
 
-@pytest.mark.parametrize("what, edit, message", [
+# (what is wrong, how to break a copy of the teacher, the trainer's error, the planner's error)
+@pytest.mark.parametrize("what, edit, message, planner_error", [
     ("labels", lambda f: edit_json(join(f, "dataset.json"), lambda d: d["labels"].update(extra=3)),
-     r"Label mismatch: the teacher \(.*dataset\.json\)"),
+     r"Label mismatch: the teacher \(.*dataset\.json\)", (TeacherError, r"Label mismatch")),
     ("channels", lambda f: edit_json(join(f, "dataset.json"), lambda d: d["channel_names"].update({"1": "ADC"})),
-     r"Input channel mismatch"),
+     r"Input channel mismatch", (TeacherError, r"Input channel mismatch")),
+    # The planner copies the teacher's preprocessing into the student, so it finds the mismatch against the
+    # preprocessed data on disk instead.
     ("normalisation", lambda f: edit_json(join(f, "plans.json"), lambda p: p["configurations"][CONFIGURATION].update(
-        normalization_schemes=["CTNormalization"])), r"Normalisation mismatch: teacher \(.*plans\.json\)"),
+        normalization_schemes=["CTNormalization"])), r"Normalisation mismatch: teacher \(.*plans\.json\)",
+     (PlanningError, r"Preprocessing mismatch: .*normalisation \['ZScoreNormalization'\].*'CTNormalization'")),
     ("spacing", lambda f: edit_json(join(f, "plans.json"), lambda p: p["configurations"][CONFIGURATION].update(
-        spacing=[1.0, 1.0, 1.0])), r"Spacing mismatch"),
+        spacing=[1.0, 1.0, 1.0])), r"Spacing mismatch", (PlanningError, r"Preprocessing mismatch: .*spacing")),
 ])
-def test_incompatible_teacher_is_refused_before_training(workspace, monkeypatch, tmp_path, what, edit, message):
+def test_incompatible_teacher_is_refused_before_training(workspace, monkeypatch, tmp_path, what, edit, message,
+                                                         planner_error):
     folder = teacher_copy(workspace, tmp_path, edit)
     trainer = make_trainer(workspace, monkeypatch, student_plans_with(workspace, f"nnUNetPlans_bad_{what}", folder))
     with pytest.raises(TeacherError, match=message):
@@ -115,7 +120,8 @@ def test_incompatible_teacher_is_refused_before_training(workspace, monkeypatch,
     assert not glob.glob(join(trainer.output_folder, "checkpoint_*.pth"))
     # The planner refuses the same teacher when the student is planned.
     workspace.set_env(monkeypatch)
-    with pytest.raises(TeacherError, match=message):
+    error_class, planner_message = planner_error
+    with pytest.raises(error_class, match=planner_message):
         plan_student(str(DATASET_ID), CONFIGURATION, folder, f"nnUNetPlans_never_{what}", verbose=False)
     assert not os.path.exists(join(workspace.preprocessed, f"nnUNetPlans_never_{what}.json"))
 

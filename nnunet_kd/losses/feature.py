@@ -1,0 +1,62 @@
+"""Feature distillation ("hints", Romero et al., FitNets, ICLR 2015): the student's intermediate features,
+mapped to the teacher's channel count by a trained 1x1 convolution (FeatureAdapter), regress onto the
+teacher's features at the same stage with a mean squared error.
+
+Shapes: features (B, C, *spatial), 2D or 3D; student and teacher share batch and spatial shape at a stage.
+mask (B, 1, *spatial_of_the_image) bool or None; it is resampled to each stage's resolution with
+'nearest-exact' (False = ignore label: those voxels do not enter the mean). The adapters live outside the
+student network: they are trained with it and thrown away at export, so the deployed student gains no
+parameters. The teacher is detached; the error is computed in float32.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from nnunet_kd.losses._common import float32_region, masked_voxel_mean, resize_mask
+
+
+def feature_mse(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over channels and valid voxels of (student - teacher)^2. Both (B, C, *sp); mask at any resolution."""
+    if student_feature.shape != teacher_feature.shape:
+        raise ValueError(f"student feature {tuple(student_feature.shape)} and teacher feature "
+                         f"{tuple(teacher_feature.shape)} must have the same shape (adapt the student first)")
+    mask = resize_mask(mask, student_feature.shape[2:])
+    with float32_region(student_feature.device):
+        squared = (student_feature.float() - teacher_feature.detach().float()).pow(2).mean(1, keepdim=True)
+        return masked_voxel_mean(squared, mask)
+
+
+class FeatureAdapter(nn.Module):
+    """1x1 convolution from the student's channel count to the teacher's at one stage (2D or 3D)."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, dim: int):
+        super().__init__()
+        if dim not in (2, 3):
+            raise ValueError(f"dim must be 2 or 3, got {dim}")
+        conv = nn.Conv3d if dim == 3 else nn.Conv2d
+        self.student_channels, self.teacher_channels = student_channels, teacher_channels
+        self.proj = conv(student_channels, teacher_channels, kernel_size=1, bias=True)
+
+    def forward(self, student_feature: torch.Tensor) -> torch.Tensor:
+        return self.proj(student_feature)
+
+
+class FeatureDistillationLoss(nn.Module):
+    """Per-stage MSE(adapter(student feature), teacher feature). ``adapters`` maps a stage key to its adapter;
+    forward takes dicts keyed the same way and returns a dict of per-stage losses (the caller sums them)."""
+
+    def __init__(self, adapters: nn.ModuleDict):
+        super().__init__()
+        self.adapters = adapters
+
+    def forward(self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor],
+                mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        missing = [k for k in self.adapters if k not in student_features or k not in teacher_features]
+        if missing:
+            raise KeyError(f"no student or teacher feature for stage(s) {missing}")
+        return {k: feature_mse(self.adapters[k](student_features[k]), teacher_features[k], mask)
+                for k in self.adapters}

@@ -1,0 +1,105 @@
+"""Lovasz-softmax loss: a convex surrogate of the Jaccard (IoU) loss, optimised directly.
+
+Berman, Rannen Triki, Blaschko, "The Lovasz-Softmax loss: a tractable surrogate for the optimization of the
+intersection-over-union measure in neural networks", CVPR 2018. For a class c, the per-voxel errors
+e_i = |[y_i = c] - p_i,c| are sorted in decreasing order and dotted with the gradient of the Lovasz extension
+of the Jaccard loss (lovasz_grad). At binary predictions the loss equals 1 - IoU exactly. As in the paper's
+reference code (per_image=False) the voxels of the whole batch form one set.
+
+Region-based datasets (one sigmoid per region) use the same extension per region on
+e_i = |y_i,r - sigmoid(x_i,r)| ("Lovasz-sigmoid").
+
+Shapes: logits (B, C, *spatial) 2D or 3D; target (B, 1, *spatial) label map (or (B, R, *spatial) binary
+regions for lovasz_sigmoid); mask (B, 1, *spatial) bool or None, False voxels are dropped from the set.
+Classes: 'present' averages over the classes that occur in the valid target voxels (the paper's default),
+'all' over every class. Computed in float32 with autocast disabled.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from nnunet_kd.losses._common import check_mask, float32_region
+
+
+def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. errors sorted in decreasing order.
+    gt_sorted: 1D {0,1} float tensor, the ground truth in the order of the sorted errors."""
+    gts = gt_sorted.sum()
+    intersection = gts - gt_sorted.cumsum(0)
+    union = gts + (1 - gt_sorted).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    if gt_sorted.numel() > 1:
+        jaccard[1:] = jaccard[1:] - jaccard[:-1]
+    return jaccard
+
+
+def _lovasz_flat(probabilities: torch.Tensor, foreground: torch.Tensor, classes) -> torch.Tensor:
+    """probabilities and foreground: (N, C) float. Mean over the selected classes of the Lovasz extension."""
+    losses = []
+    for c in range(probabilities.shape[1]):
+        fg = foreground[:, c]
+        if classes == "present" and fg.sum() == 0:
+            continue
+        if classes not in ("present", "all") and c not in classes:
+            continue
+        errors = (fg - probabilities[:, c]).abs()
+        errors_sorted, order = torch.sort(errors, descending=True)
+        losses.append(torch.dot(errors_sorted, lovasz_grad(fg[order])))
+    if not losses:
+        return probabilities.sum() * 0
+    return torch.stack(losses).mean()
+
+
+def _flatten(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, C, *sp) -> (N, C), keeping only the voxels where mask is True."""
+    flat = values.movedim(1, -1).reshape(-1, values.shape[1])
+    if mask is None:
+        return flat
+    return flat[mask.movedim(1, -1).reshape(-1)]
+
+
+def lovasz_softmax(probabilities: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                   classes: Union[str, Sequence[int]] = "present") -> torch.Tensor:
+    """Lovasz-softmax on class probabilities (B, C, *sp) against an integer label map (B, 1, *sp)."""
+    labels = labels if labels.dim() == probabilities.dim() else labels.unsqueeze(1)
+    mask = check_mask(mask, probabilities)
+    if labels.shape[1] != 1 or labels.shape[2:] != probabilities.shape[2:]:
+        raise ValueError(f"labels must be (B, 1, *spatial) matching probabilities {tuple(probabilities.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    num_classes = probabilities.shape[1]
+    labels = labels.long()
+    if mask is not None:
+        labels = torch.where(mask, labels, torch.zeros_like(labels))  # ignore-label values must not index one_hot
+    elif labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) outside the mask, got [{int(labels.min())}, "
+                         f"{int(labels.max())}]; pass a mask that excludes the ignore label")
+    foreground = torch.zeros_like(probabilities).scatter_(1, labels, 1.0)
+    return _lovasz_flat(_flatten(probabilities, mask), _flatten(foreground, mask), classes)
+
+
+def lovasz_sigmoid(probabilities: torch.Tensor, regions: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                   classes: Union[str, Sequence[int]] = "present") -> torch.Tensor:
+    """Lovasz extension per region on sigmoid probabilities (B, R, *sp) against binary regions (B, R, *sp)."""
+    mask = check_mask(mask, probabilities)
+    if regions.shape != probabilities.shape:
+        raise ValueError(f"regions {tuple(regions.shape)} must match probabilities {tuple(probabilities.shape)}")
+    return _lovasz_flat(_flatten(probabilities, mask), _flatten(regions.float(), mask), classes)
+
+
+class LovaszSoftmaxLoss(nn.Module):
+    """Lovasz-softmax on logits (softmax inside), or Lovasz-sigmoid per region when region_based."""
+
+    def __init__(self, region_based: bool = False, classes: Union[str, Sequence[int]] = "present"):
+        super().__init__()
+        self.region_based = region_based
+        self.classes = classes
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with float32_region(logits.device):
+            if self.region_based:
+                return lovasz_sigmoid(torch.sigmoid(logits.float()), target, mask, self.classes)
+            return lovasz_softmax(torch.softmax(logits.float(), 1), target, mask, self.classes)
