@@ -29,6 +29,7 @@ setup(
             "nnUNetv2_kd_plan_student=nnunet_kd.planning:main",
             "nnUNetv2_kd_export=nnunet_kd.export:main",
             "nnUNetv2_kd_demo=nnunet_kd.demo:main",
+            "nnUNetv2_kd_benchmark=nnunet_kd.benchmark:main",
         ],
     },
 )

@@ -70,7 +70,8 @@ def run(command: list[str], env: dict, log_file: str | None = None, quiet: bool 
 
 
 def write_budget_plans(preprocessed_base: str, source_plans: str, plans_name: str, configuration: str,
-                       num_epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int) -> str:
+                       num_epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int,
+                       seed: int | None = None) -> str:
     """A copy of nnU-Net's own plans whose only change is a training length, for nnUNetTrainerKD_NoKD.
 
     This is how the demo trains a teacher briefly: the network is exactly nnU-Net's default one.
@@ -80,7 +81,8 @@ def write_budget_plans(preprocessed_base: str, source_plans: str, plans_name: st
     plans["plans_name"] = plans_name
     plans[PLANS_KEY] = {configuration: {"training": {"num_epochs": num_epochs,
                                                      "num_iterations_per_epoch": iterations_per_epoch,
-                                                     "num_val_iterations_per_epoch": val_iterations_per_epoch}}}
+                                                     "num_val_iterations_per_epoch": val_iterations_per_epoch,
+                                                     "seed": seed}}}
     out = join(preprocessed_base, plans_name + ".json")
     save_json(plans, out, sort_keys=False)
     return out

@@ -144,7 +144,7 @@ def plan_student(dataset: str, configuration: str, teacher_folder: str, output_p
                  allow_validation_overlap: bool = False, num_epochs: int | None = None,
                  iterations_per_epoch: int | None = None, val_iterations_per_epoch: int | None = None,
                  temperature: float | None = None, overrides: tuple[str, ...] = (), overwrite: bool = False,
-                 verbose: bool = True) -> str:
+                 verbose: bool = True, seed: int | None = None) -> str:
     """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path."""
     if not nnUNet_preprocessed.is_set():
         raise PlanningError("nnUNet_preprocessed is not set. Export it as for any nnU-Net command.")
@@ -201,7 +201,7 @@ def plan_student(dataset: str, configuration: str, teacher_folder: str, output_p
     recipe["teacher"].update(fold=teacher_fold, checkpoint=teacher_checkpoint,
                              allow_validation_overlap=allow_validation_overlap)
     for key, value in (("num_epochs", num_epochs), ("num_iterations_per_epoch", iterations_per_epoch),
-                       ("num_val_iterations_per_epoch", val_iterations_per_epoch)):
+                       ("num_val_iterations_per_epoch", val_iterations_per_epoch), ("seed", seed)):
         if value is not None:
             recipe["training"][key] = value
     if temperature is not None:
@@ -269,6 +269,8 @@ def main(argv=None) -> None:
     parser.add_argument("--iterations-per-epoch", type=int, default=None, help="Default nnU-Net's 250")
     parser.add_argument("--val-iterations-per-epoch", type=int, default=None, help="Default nnU-Net's 50")
     parser.add_argument("--temperature", type=float, default=None, help="KD temperature for every method")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Seed python/numpy/torch before the student is built (default: unseeded, as nnU-Net)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Recipe override, e.g. --set methods.adaptive.weights.lovasz=0 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="Replace this configuration in existing student plans")
@@ -280,7 +282,7 @@ def main(argv=None) -> None:
                      allow_validation_overlap=args.allow_validation_overlap, num_epochs=args.epochs,
                      iterations_per_epoch=args.iterations_per_epoch,
                      val_iterations_per_epoch=args.val_iterations_per_epoch, temperature=args.temperature,
-                     overrides=tuple(args.overrides), overwrite=args.overwrite)
+                     overrides=tuple(args.overrides), overwrite=args.overwrite, seed=args.seed)
     except (PlanningError, RecipeError, RuntimeError) as e:
         print(f"nnUNetv2_kd_plan_student: error: {e}", file=sys.stderr)
         sys.exit(2)

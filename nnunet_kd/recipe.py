@@ -6,7 +6,8 @@ needs lives in the student plans under one key, ``plans["kd"][<configuration>]``
     {
       "teacher":  {"model_folder": ..., "checkpoint": "checkpoint_final.pth", "fold": "same",
                    "allow_validation_overlap": false},
-      "training": {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50},
+      "training": {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50,
+                   "seed": null},
       "methods":  {"adaptive": {...preset plans/adaptive.json...}, "logit": {...}, "mskd": {...}},
       "student":  {... what the planner derived, for the record ...}
     }
@@ -28,7 +29,11 @@ from nnunet_kd.resources import recipes_dir
 
 PLANS_KEY = "kd"
 # nnU-Net's own defaults; the planner's --epochs / --iterations-per-epoch replace them.
-DEFAULT_TRAINING = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50}
+# "seed": null keeps nnU-Net's behaviour (unseeded). An integer seeds python, numpy and torch before the network is
+# built, so a plain and a KD student of the same plans start from the same weights and (with nnUNet_n_proc_DA=0)
+# see the same augmented batches: the comparison then isolates the distillation terms.
+DEFAULT_TRAINING = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50,
+                    "seed": None}
 DEFAULT_TEACHER = {"model_folder": None, "checkpoint": "checkpoint_final.pth", "fold": "same",
                    "allow_validation_overlap": False}
 
@@ -81,6 +86,7 @@ class Recipe:
     num_epochs: int
     num_iterations_per_epoch: int
     num_val_iterations_per_epoch: int
+    seed: int | None
     settings: dict  # the method's section: weights, temperature, stages, ...
 
     def weight(self, term: str) -> float:
@@ -128,6 +134,10 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
         if not isinstance(training[key], int) or training[key] < 1:
             raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.{key} must be an integer >= 1, "
                               f"got {training[key]!r}. {fix}")
+    seed = training["seed"]
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.seed must be null or an integer >= 0, "
+                          f"got {seed!r}. {fix}")
 
     teacher = None
     if method != "none":
@@ -162,7 +172,7 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
         settings = {}
     return Recipe(configuration=configuration, method=method, teacher=teacher,
                   num_epochs=training["num_epochs"], num_iterations_per_epoch=training["num_iterations_per_epoch"],
-                  num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], settings=settings)
+                  num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], seed=seed, settings=settings)
 
 
 def plans_file_path(preprocessed_base: str | None, plans_name: str) -> str:

@@ -14,6 +14,7 @@ same pass), frozen and without gradients, under the same autocast as the student
 """
 from __future__ import annotations
 
+import random
 from os.path import join
 
 import numpy as np
@@ -44,6 +45,12 @@ ADAPTERS_KEY = "kd_adapters"
 RECIPE_KEY = "kd_recipe"
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 class nnUNetTrainerKD(nnUNetTrainer):
     """Base class of every distillation trainer. ``kd_method`` names the recipe section it trains with."""
 
@@ -58,6 +65,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
         preprocessed_base = join(nnUNet_preprocessed, plans["dataset_name"]) if nnUNet_preprocessed.is_set() else None
         self.kd_plans_file = plans_file_path(preprocessed_base, plans["plans_name"])
         self.kd_recipe = parse_recipe(plans, configuration, self.kd_method, self.kd_plans_file)
+        if self.kd_recipe.seed is not None:
+            seed_everything(self.kd_recipe.seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
 
         self.num_epochs = self.kd_recipe.num_epochs

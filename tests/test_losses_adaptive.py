@@ -130,6 +130,23 @@ def test_lovasz_ignore_label_voxels_are_dropped():
         lovasz_softmax(probs, labels)
 
 
+def test_lovasz_of_masked_batch_equals_the_reference_on_the_valid_voxels_alone():
+    # Berman's reference: per class, sort the errors of the kept voxels and dot with lovasz_grad.
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(2, 3, 4, 5, 3, generator=g), 1)
+    labels = torch.randint(0, 3, (2, 1, 4, 5, 3), generator=g)
+    mask = torch.rand(2, 1, 4, 5, 3, generator=g) > 0.3
+    keep = mask.movedim(1, -1).reshape(-1)
+    p = probs.movedim(1, -1).reshape(-1, 3)[keep]
+    y = labels.reshape(-1)[keep]
+    reference = []
+    for c in range(3):
+        fg = (y == c).float()
+        errors, order = torch.sort((fg - p[:, c]).abs(), descending=True)
+        reference.append(torch.dot(errors, lovasz_grad(fg[order])))
+    assert lovasz_softmax(probs, labels, mask).item() == pytest.approx(torch.stack(reference).mean().item(), abs=1e-6)
+
+
 def test_lovasz_sigmoid_per_region():
     # region 0 predicted perfectly, region 1 half wrong at binary predictions: 1 - IoU = 1 - 1/2
     regions = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.float32).view(1, 2, 4, 1)

@@ -190,3 +190,21 @@ def test_planner_output_keeps_the_data_and_shrinks_the_network(workspace):
     assert ratio > 8  # a quarter of the width: about 16x fewer parameters
     assert np.isclose(recipe["student"]["teacher_flops_per_patch"] / recipe["student"]["student_flops_per_patch"],
                       ratio, rtol=0.5)
+
+
+def test_seeded_recipe_gives_plain_and_kd_students_the_same_initial_weights(workspace, monkeypatch):
+    plans = load_json(join(workspace.preprocessed, STUDENT_PLANS + ".json"))
+    plans["plans_name"] = "nnUNetPlans_seeded"
+    plans["kd"][CONFIGURATION]["training"]["seed"] = 3
+    save_json(plans, join(workspace.preprocessed, "nnUNetPlans_seeded.json"), sort_keys=False)
+    plain = make_trainer(workspace, monkeypatch, "nnUNetPlans_seeded", trainer="nnUNetTrainerKD_NoKD")
+    plain.initialize()
+    kd = make_trainer(workspace, monkeypatch, "nnUNetPlans_seeded", trainer="nnUNetTrainerKD_Adaptive")
+    kd.initialize()
+    for name, value in plain.network.state_dict().items():
+        assert torch.equal(value, kd.network.state_dict()[name]), name
+
+    plans["kd"][CONFIGURATION]["training"]["seed"] = -1
+    save_json(plans, join(workspace.preprocessed, "nnUNetPlans_seeded.json"), sort_keys=False)
+    with pytest.raises(RecipeError, match=r"nnUNetPlans_seeded\.json: kd\.3d_fullres\.training\.seed must be null or"):
+        make_trainer(workspace, monkeypatch, "nnUNetPlans_seeded", trainer="nnUNetTrainerKD_NoKD")

@@ -42,7 +42,5 @@ def masked_voxel_mean(per_voxel: torch.Tensor, mask: Optional[torch.Tensor]) -> 
     if mask is None:
         return per_voxel.mean()
     weights = mask.to(per_voxel.dtype)
-    count = weights.sum()
-    if count == 0:
-        return (per_voxel * 0).sum()
-    return (per_voxel * weights).sum() / count
+    # clamp instead of `if count == 0`: reading the count back would synchronise the GPU on every step
+    return (per_voxel * weights).sum() / weights.sum().clamp(min=1.0)

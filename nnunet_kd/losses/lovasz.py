@@ -26,39 +26,39 @@ from nnunet_kd.losses._common import check_mask, float32_region
 
 def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
     """Gradient of the Lovasz extension of the Jaccard loss w.r.t. errors sorted in decreasing order.
-    gt_sorted: 1D {0,1} float tensor, the ground truth in the order of the sorted errors."""
-    gts = gt_sorted.sum()
+    gt_sorted: {0,1} float ground truth in the order of the sorted errors, (N,) or (N, C) (one column per class)."""
+    gts = gt_sorted.sum(0)
     intersection = gts - gt_sorted.cumsum(0)
-    union = gts + (1 - gt_sorted).cumsum(0)
+    union = gts + (1 - gt_sorted).cumsum(0)  # >= 1 everywhere: each position adds to one of the two sums
     jaccard = 1.0 - intersection / union
-    if gt_sorted.numel() > 1:
-        jaccard[1:] = jaccard[1:] - jaccard[:-1]
-    return jaccard
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], 0)
 
 
-def _lovasz_flat(probabilities: torch.Tensor, foreground: torch.Tensor, classes) -> torch.Tensor:
-    """probabilities and foreground: (N, C) float. Mean over the selected classes of the Lovasz extension."""
-    losses = []
-    for c in range(probabilities.shape[1]):
-        fg = foreground[:, c]
-        if classes == "present" and fg.sum() == 0:
-            continue
-        if classes not in ("present", "all") and c not in classes:
-            continue
-        errors = (fg - probabilities[:, c]).abs()
-        errors_sorted, order = torch.sort(errors, descending=True)
-        losses.append(torch.dot(errors_sorted, lovasz_grad(fg[order])))
-    if not losses:
-        return probabilities.sum() * 0
-    return torch.stack(losses).mean()
+def _lovasz_flat(probabilities: torch.Tensor, foreground: torch.Tensor, valid: Optional[torch.Tensor],
+                 classes) -> torch.Tensor:
+    """probabilities and foreground (N, C) float, valid (N, 1) bool or None: mean over the selected classes of
+    the Lovasz extension. All classes are sorted at once and nothing is read back to the host (no sync on GPU):
+    invalid voxels get error -1, so they sort after every valid voxel, where they change no valid voxel's
+    gradient and contribute 0 (errors are clamped at 0 for the dot product)."""
+    errors = (foreground - probabilities).abs()
+    if valid is not None:
+        foreground = foreground * valid
+        errors = torch.where(valid, errors, torch.full_like(errors, -1.0))
+    errors_sorted, order = torch.sort(errors, dim=0, descending=True)
+    per_class = (errors_sorted.clamp(min=0) * lovasz_grad(torch.gather(foreground, 0, order))).sum(0)
+    if classes == "present":
+        selected = (foreground.sum(0) > 0).to(per_class.dtype)
+    elif classes == "all":
+        selected = torch.ones_like(per_class)
+    else:
+        selected = torch.zeros_like(per_class)
+        selected[list(classes)] = 1.0
+    return (per_class * selected).sum() / selected.sum().clamp(min=1.0)
 
 
-def _flatten(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """(B, C, *sp) -> (N, C), keeping only the voxels where mask is True."""
-    flat = values.movedim(1, -1).reshape(-1, values.shape[1])
-    if mask is None:
-        return flat
-    return flat[mask.movedim(1, -1).reshape(-1)]
+def _flatten(values: torch.Tensor) -> torch.Tensor:
+    """(B, C, *sp) -> (N, C)."""
+    return values.movedim(1, -1).reshape(-1, values.shape[1])
 
 
 def lovasz_softmax(probabilities: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -73,11 +73,12 @@ def lovasz_softmax(probabilities: torch.Tensor, labels: torch.Tensor, mask: Opti
     labels = labels.long()
     if mask is not None:
         labels = torch.where(mask, labels, torch.zeros_like(labels))  # ignore-label values must not index one_hot
-    elif labels.min() < 0 or labels.max() >= num_classes:
+    elif not labels.is_cuda and (labels.min() < 0 or labels.max() >= num_classes):  # no GPU sync in the step
         raise ValueError(f"labels must lie in [0, {num_classes}) outside the mask, got [{int(labels.min())}, "
                          f"{int(labels.max())}]; pass a mask that excludes the ignore label")
     foreground = torch.zeros_like(probabilities).scatter_(1, labels, 1.0)
-    return _lovasz_flat(_flatten(probabilities, mask), _flatten(foreground, mask), classes)
+    valid = None if mask is None else _flatten(mask)
+    return _lovasz_flat(_flatten(probabilities), _flatten(foreground), valid, classes)
 
 
 def lovasz_sigmoid(probabilities: torch.Tensor, regions: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -86,7 +87,8 @@ def lovasz_sigmoid(probabilities: torch.Tensor, regions: torch.Tensor, mask: Opt
     mask = check_mask(mask, probabilities)
     if regions.shape != probabilities.shape:
         raise ValueError(f"regions {tuple(regions.shape)} must match probabilities {tuple(probabilities.shape)}")
-    return _lovasz_flat(_flatten(probabilities, mask), _flatten(regions.float(), mask), classes)
+    valid = None if mask is None else _flatten(mask)
+    return _lovasz_flat(_flatten(probabilities), _flatten(regions.float()), valid, classes)
 
 
 class LovaszSoftmaxLoss(nn.Module):

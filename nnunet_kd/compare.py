@@ -1,0 +1,252 @@
+"""Teacher vs plain student vs distilled students, trained with the real nnU-Net commands on one budget.
+
+This is the engine of both ``nnUNetv2_kd_demo`` (a generated dataset, minutes on a CPU) and the quality runner
+``benchmarks/run_quality.py`` (any dataset in nnU-Net raw format, longer budgets). Every step is the command a
+user types, run as a subprocess:
+
+1. ``nnUNetv2_plan_and_preprocess`` (skipped when the dataset is already preprocessed);
+2. a teacher: nnU-Net's default network, trained on the budget (``nnUNetTrainerKD_NoKD`` with a copy of
+   nnU-Net's plans that only changes the training length), or an existing teacher model folder;
+3. ``nnUNetv2_kd_plan_student``: one student plans file for every student;
+4. ``nnUNetv2_train`` for each student trainer and fold, same budget and same seed: the plain student and each
+   distillation method start from the same weights and see the same batches (single-process augmentation);
+5. nnU-Net's own validation of each fold (``summary.json``) gives Dice per class; parameters and FLOPs come
+   from the plans, inference time from nnU-Net's predictor.
+
+Runs that already finished (``checkpoint_final.pth`` present) are reused, so an interrupted comparison resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from os.path import isdir, isfile, join
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from nnunet_kd.cost import format_count, make_predictor, median_inference_seconds, network_cost
+from nnunet_kd.pipeline import console_script, model_folder, run, validation_summary, write_budget_plans
+
+TEACHER_TRAINER = "nnUNetTrainerKD_NoKD"
+# Row label -> trainer class. "plain student" is the baseline every KD row is measured against; "logit KD" is the
+# recipe of Fast-nnUNet's distillation trainer (logit KL only, T=3, alpha=0.3, full resolution), our peer.
+STUDENT_TRAINERS = {
+    "plain student": "nnUNetTrainerKD_NoKD",
+    "logit KD (Fast-nnUNet recipe)": "nnUNetTrainerKD_Logit",
+    "Adaptive KD": "nnUNetTrainerKD_Adaptive",
+    "MSKD": "nnUNetTrainerMSKD",
+}
+METHOD_ALIASES = {"plain": "plain student", "logit": "logit KD (Fast-nnUNet recipe)", "adaptive": "Adaptive KD",
+                  "mskd": "MSKD"}
+
+
+@dataclass
+class Budget:
+    teacher_epochs: int
+    student_epochs: int
+    iterations_per_epoch: int
+    val_iterations_per_epoch: int = 10
+    seed: int = 12345
+
+
+@dataclass
+class Comparison:
+    """What to compare. ``methods``: keys of METHOD_ALIASES (the plain student is always included)."""
+    dataset_id: int
+    dataset_name: str  # DatasetXXX_Name
+    configuration: str
+    budget: Budget
+    folds: list = field(default_factory=lambda: [0])
+    methods: list = field(default_factory=lambda: ["plain", "adaptive"])
+    width: float = 0.25
+    device: str = "cpu"
+    teacher_folder: str | None = None  # an existing teacher; else one is trained on the budget
+    teacher_plans: str = "nnUNetPlans_kdcompare_teacher"
+    student_plans: str = "nnUNetPlans_kdcompare_student"
+    inference_repeats: int = 3
+
+
+def _step(title: str, started: float) -> None:
+    print(f"\n=== [{time.time() - started:6.0f} s] {title}", flush=True)
+
+
+def device_label(device: str) -> str:
+    """'cpu-2cores' or the GPU's name, for results file names and tables."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device)).replace(" ", "-")
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def _train(env: dict, log: str, comparison: Comparison, trainer: str, plans: str, fold: int) -> str:
+    folder = model_folder(env["nnUNet_results"], comparison.dataset_name, trainer, plans, comparison.configuration)
+    if isfile(join(folder, f"fold_{fold}", "checkpoint_final.pth")) and \
+            isfile(join(folder, f"fold_{fold}", "validation", "summary.json")):
+        print(f"reusing finished run {folder}/fold_{fold}")
+        return folder
+    command = console_script("nnUNetv2_train") + [str(comparison.dataset_id), comparison.configuration, str(fold),
+                                                  "-tr", trainer, "-p", plans, "-device", comparison.device]
+    if isfile(join(folder, f"fold_{fold}", "checkpoint_latest.pth")):
+        command.append("--c")  # an interrupted run: nnU-Net resumes it
+    run(command, env, log)
+    return folder
+
+
+def inference_seconds(folder: str, fold: int, data: torch.Tensor, device: str, repeats: int) -> float:
+    """Median sliding-window prediction time of one preprocessed case with nnU-Net's predictor (no mirroring)."""
+    predictor = make_predictor(folder, fold, device=torch.device(device), use_mirroring=False)
+    return median_inference_seconds(predictor, data, repeats=repeats, warmup=1)["median_s"]
+
+
+def training_curves(folder: str, fold: int) -> dict:
+    """nnU-Net's per-epoch log (losses, pseudo Dice, EMA pseudo Dice) from the final checkpoint."""
+    from nnunet_kd.teacher import load_nnunet_checkpoint
+    logging = load_nnunet_checkpoint(join(folder, f"fold_{fold}", "checkpoint_final.pth"))["logging"]
+    keys = ("train_losses", "val_losses", "ema_fg_dice")
+    return {k: [float(v) for v in logging[k]] for k in keys if k in logging}
+
+
+def run_comparison(comparison: Comparison, env: dict, log: str, preprocess: bool = True) -> dict:
+    """Train what is missing and measure everything. ``env``: nnU-Net's folders + nnUNet_extTrainer set."""
+    started = time.time()
+    c, b = comparison, comparison.budget
+    preprocessed_base = join(env["nnUNet_preprocessed"], c.dataset_name)
+    results = env["nnUNet_results"]
+
+    _step("nnU-Net planning and preprocessing", started)
+    if preprocess and not isfile(join(preprocessed_base, "nnUNetPlans.json")):
+        # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0: plan without it.
+        plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
+        run(console_script("nnUNetv2_plan_and_preprocess") + ["-d", str(c.dataset_id), "-c", c.configuration,
+                                                              "-np", "1", "--verify_dataset_integrity"], plan_env, log)
+    else:
+        print(f"using the existing preprocessed data in {preprocessed_base}")
+
+    if c.teacher_folder is None:
+        _step(f"teacher: nnU-Net's default network, {b.teacher_epochs} x {b.iterations_per_epoch} iterations", started)
+        write_budget_plans(preprocessed_base, "nnUNetPlans", c.teacher_plans, c.configuration, b.teacher_epochs,
+                           b.iterations_per_epoch, b.val_iterations_per_epoch, seed=b.seed)
+        for fold in c.folds:
+            teacher_folder = _train(env, log, c, TEACHER_TRAINER, c.teacher_plans, fold)
+    else:
+        teacher_folder = c.teacher_folder
+
+    _step(f"student plans (width {c.width}) from {teacher_folder}", started)
+    run(console_script("nnUNetv2_kd_plan_student") + [
+        "-d", str(c.dataset_id), "-c", c.configuration, "--teacher", teacher_folder, "--width", str(c.width),
+        "-o", c.student_plans, "--epochs", str(b.student_epochs), "--iterations-per-epoch", str(b.iterations_per_epoch),
+        "--val-iterations-per-epoch", str(b.val_iterations_per_epoch), "--seed", str(b.seed), "--overwrite"], env, log)
+
+    models = {"teacher": teacher_folder}
+    labels = ["plain student"] + [METHOD_ALIASES[m] for m in c.methods if METHOD_ALIASES[m] != "plain student"]
+    for label in labels:
+        for fold in c.folds:
+            _step(f"{label}, fold {fold}: {b.student_epochs} x {b.iterations_per_epoch} iterations", started)
+            models[label] = _train(env, log, c, STUDENT_TRAINERS[label], c.student_plans, fold)
+
+    _step("evaluation, cost and inference time", started)
+    # nnU-Net's predictor runs in this process and finds trainer classes through os.environ.
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")})
+    splits = load_json(join(preprocessed_base, "splits_final.json"))
+    dataset_json = load_json(join(preprocessed_base, "dataset.json"))
+    student_plans = load_json(join(preprocessed_base, c.student_plans + ".json"))
+    data_folder = join(preprocessed_base, student_plans["configurations"][c.configuration]["data_identifier"])
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    case = splits[c.folds[0]]["val"][0]
+    volume = torch.from_numpy(np.asarray(infer_dataset_class(data_folder)(data_folder, [case]).load_case(case)[0][:]))
+    rows = []
+    for label, folder in models.items():
+        plans = load_json(join(folder, "plans.json"))
+        per_fold = [validation_summary(folder, fold) for fold in c.folds]
+        dice = {k: float(np.mean([f["dice_per_class"][k] for f in per_fold])) for k in per_fold[0]["dice_per_class"]}
+        cost = network_cost(plans, dataset_json, c.configuration)
+        rows.append({"model": label, "trainer": os.path.basename(folder).split("__")[0], "folder": folder,
+                     "dice_per_class": dice, "mean_dice": float(np.mean([f["mean_dice"] for f in per_fold])),
+                     "mean_dice_per_fold": [f["mean_dice"] for f in per_fold],
+                     "parameters": cost["parameters"], "flops_per_patch": cost["flops_per_patch"],
+                     "inference_s": inference_seconds(folder, c.folds[0], volume, c.device, c.inference_repeats),
+                     "curves": {str(fold): training_curves(folder, fold) for fold in c.folds}})
+    add_gap_closed(rows)
+    class_ids = sorted(rows[0]["dice_per_class"], key=int)
+    names = {str(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
+    return {"dataset": c.dataset_name, "configuration": c.configuration, "device": c.device,
+            "device_name": device_label(c.device), "host": platform.node(), "torch": torch.__version__,
+            "budget": asdict(b), "folds": c.folds, "width": c.width, "case_for_inference": case,
+            "inference_volume_shape": list(volume.shape), "labels": {k: names.get(k, k) for k in class_ids},
+            "models": rows, "table": format_table(rows, class_ids, names),
+            "seconds": round(time.time() - started, 1)}
+
+
+def add_gap_closed(rows: list[dict]) -> None:
+    """gap closed = (KD - plain) / (teacher - plain) on mean Dice; None where the teacher is not better."""
+    by_model = {r["model"]: r for r in rows}
+    teacher, plain = by_model["teacher"]["mean_dice"], by_model["plain student"]["mean_dice"]
+    for r in rows:
+        r["gap_closed"] = None
+        if r["model"] not in ("teacher", "plain student") and teacher - plain > 1e-9:
+            r["gap_closed"] = (r["mean_dice"] - plain) / (teacher - plain)
+
+
+def format_table(rows: list[dict], class_ids: list[str], names: dict | None = None) -> str:
+    names = names or {}
+    header = (["model", "params", "FLOPs/patch", "infer s"] + [f"Dice {names.get(k, k)}" for k in class_ids]
+              + ["mean Dice", "gap closed"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        gap = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
+        cells = ([r["model"], format_count(r["parameters"]), format_count(r["flops_per_patch"]),
+                  f"{r['inference_s']:.2f}"] + [f"{r['dice_per_class'][k]:.4f}" for k in class_ids]
+                 + [f"{r['mean_dice']:.4f}", gap])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(result: dict, out_prefix: str) -> list[str]:
+    """<prefix>_dice_vs_params.png and <prefix>_curves.png; returns the written paths."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in result["models"]:
+        ax.scatter(r["parameters"], r["mean_dice"], s=40)
+        ax.annotate(r["model"], (r["parameters"], r["mean_dice"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("mean foreground Dice (validation)")
+    ax.set_title(f"{result['dataset']} {result['configuration']} ({result['device_name']})", fontsize=9)
+    fig.tight_layout()
+    paths.append(out_prefix + "_dice_vs_params.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in result["models"]:
+        curves = r["curves"][str(result["folds"][0])]
+        if "ema_fg_dice" in curves:
+            axes[0].plot(curves["ema_fg_dice"], label=r["model"])
+        if "val_losses" in curves:
+            axes[1].plot(curves["val_losses"], label=r["model"])
+    axes[0].set_title("EMA pseudo Dice (nnU-Net's progress metric)", fontsize=9)
+    axes[1].set_title("validation loss (Dice + CE)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_prefix + "_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def save_result(result: dict, json_path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=2)
+    with open(json_path[:-len(".json")] + ".md", "w") as f:
+        f.write(result["table"] + "\n")

@@ -1,0 +1,58 @@
+"""The comparison engine behind nnUNetv2_kd_demo and benchmarks/run_quality.py, on the shared test workspace:
+it plans the student, trains plain and distilled students with the real nnUNetv2_train on one budget and seed,
+and reports nnU-Net's validation Dice, cost, inference time, gap closed and plots."""
+from __future__ import annotations
+
+import json
+import os
+from os.path import isfile, join
+
+import pytest
+
+from conftest import CONFIGURATION, DATASET_ID, DATASET_NAME
+from nnunet_kd.compare import Budget, Comparison, add_gap_closed, plot_results, run_comparison, save_result
+
+
+def test_gap_closed_is_the_share_of_the_teacher_student_gap_recovered():
+    rows = [{"model": "teacher", "mean_dice": 0.9}, {"model": "plain student", "mean_dice": 0.7},
+            {"model": "Adaptive KD", "mean_dice": 0.85}, {"model": "MSKD", "mean_dice": 0.6}]
+    add_gap_closed(rows)
+    assert [r["gap_closed"] for r in rows][:2] == [None, None]
+    assert rows[2]["gap_closed"] == pytest.approx(0.75) and rows[3]["gap_closed"] == pytest.approx(-0.5)
+    rows[0]["mean_dice"] = 0.7  # no gap to close: undefined, not a division by zero
+    add_gap_closed(rows)
+    assert rows[2]["gap_closed"] is None
+
+
+def test_comparison_trains_students_on_one_budget_and_reports_everything(workspace, tmp_path):
+    ws = workspace
+    plans = "nnUNetPlans_testcompare"
+    comparison = Comparison(dataset_id=DATASET_ID, dataset_name=DATASET_NAME, configuration=CONFIGURATION,
+                            budget=Budget(teacher_epochs=1, student_epochs=1, iterations_per_epoch=2,
+                                          val_iterations_per_epoch=1, seed=7),
+                            methods=["plain", "mskd"], teacher_folder=ws.teacher_folder, student_plans=plans,
+                            inference_repeats=1)
+    result = run_comparison(comparison, ws.env, join(ws.root, "commands.log"), preprocess=False)
+
+    assert [r["model"] for r in result["models"]] == ["teacher", "plain student", "MSKD"]
+    student_plans = json.load(open(join(ws.preprocessed, plans + ".json")))
+    assert student_plans["kd"][CONFIGURATION]["training"]["seed"] == 7
+    for row in result["models"]:
+        assert isfile(join(row["folder"], "fold_0", "validation", "summary.json"))
+        assert set(row["dice_per_class"]) == {"1", "2"} and 0 <= row["mean_dice"] <= 1
+        assert row["parameters"] > 0 and row["flops_per_patch"] > 0 and row["inference_s"] > 0
+        assert row["curves"]["0"]["val_losses"]
+    teacher, plain, mskd = result["models"]
+    assert plain["parameters"] == mskd["parameters"] < teacher["parameters"] / 4
+    assert result["table"].splitlines()[-1].startswith("| MSKD | ")
+
+    out = str(tmp_path / "r.json")
+    save_result(result, out)
+    assert json.load(open(out))["budget"]["student_epochs"] == 1 and isfile(str(tmp_path / "r.md"))
+    for png in plot_results(result, str(tmp_path / "r")):
+        assert os.path.getsize(png) > 1000
+
+    # A second call reuses the finished runs instead of training them again.
+    before = os.path.getmtime(join(plain["folder"], "fold_0", "checkpoint_final.pth"))
+    run_comparison(comparison, ws.env, join(ws.root, "commands.log"), preprocess=False)
+    assert os.path.getmtime(join(plain["folder"], "fold_0", "checkpoint_final.pth")) == before
