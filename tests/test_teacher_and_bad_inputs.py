@@ -184,7 +184,8 @@ def test_planner_output_keeps_the_data_and_shrinks_the_network(workspace):
     assert s_arch["strides"] == t_arch["strides"] and s_arch["kernel_sizes"] == t_arch["kernel_sizes"]
     recipe = plans["kd"][CONFIGURATION]
     assert recipe["teacher"]["model_folder"] == workspace.teacher_folder and recipe["teacher"]["fold"] == "same"
-    assert recipe["training"] == {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1}
+    assert recipe["training"] == {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1,
+                                  "seed": None}
     assert {"adaptive", "logit"} <= set(recipe["methods"])
     ratio = recipe["student"]["teacher_parameters"] / recipe["student"]["student_parameters"]
     assert ratio > 8  # a quarter of the width: about 16x fewer parameters
