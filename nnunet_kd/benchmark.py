@@ -15,8 +15,10 @@ For one dataset / configuration / fold it measures, on one device:
   and the ratios KD / (plain + teacher forward) (1.0: distillation costs no more than running the teacher next
   to plain training) and KD / plain.
 
-Every time is a median over ``--steps`` timed repetitions after ``--warmup`` untimed ones; on CUDA the device is
-synchronised before and after each timed region (never inside a step).
+Every time is a median over ``--steps`` timed repetitions after ``--warmup`` untimed ones. The three training
+measurements are interleaved (teacher forward, plain step, KD step, teacher forward, ...), so a drift in the
+machine's speed touches all three alike; on CUDA the device is synchronised before and after each timed call
+(never inside a step).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` (absolute peak, and its increase over what was allocated when
 the measurement started). On the CPU the process's resident set size (RSS), sampled every 5 ms from
@@ -155,23 +157,32 @@ class PeakMemory:
                 "memory_measure": self.kind}
 
 
-def time_repeated(fn, inputs: list, steps: int, warmup: int, device: torch.device) -> dict:
-    """Median wall time of ``fn(inputs[i % len(inputs)])`` over ``steps`` calls after ``warmup`` untimed ones.
+def time_interleaved(measurements: dict, steps: int, warmup: int, device: torch.device) -> dict:
+    """Median wall time of each measurement, timed in rounds: round i calls every ``fn(inputs[i % len(inputs)])``
+    of ``measurements`` (name -> (fn, inputs)) once, in turn.
 
-    The device is synchronised before and after each timed call. Memory is measured over warm-up and timed calls.
+    Interleaving is what makes the ratios trustworthy: a shared machine drifts in speed by 10% and more over a
+    minute (measured here), and timed one after the other, whole blocks would land in slow or fast periods. The
+    device is synchronised before and after each timed call; memory is the peak over each measurement's calls
+    (warm-up included), each call measured from its own start.
     """
-    with PeakMemory(device) as memory:
-        for i in range(warmup):
-            fn(inputs[i % len(inputs)])
-        _synchronize(device)
-        times = []
-        for i in range(steps):
+    times = {name: [] for name in measurements}
+    memory = {name: [] for name in measurements}
+    for i in range(warmup + steps):
+        for name, (fn, inputs) in measurements.items():
             _synchronize(device)
-            t0 = time.perf_counter()
-            fn(inputs[i % len(inputs)])
-            _synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return {"median_s": float(statistics.median(times)), "all_s": [float(t) for t in times], **memory.result()}
+            with PeakMemory(device) as peak:
+                t0 = time.perf_counter()
+                fn(inputs[i % len(inputs)])
+                _synchronize(device)
+                elapsed = time.perf_counter() - t0
+            memory[name].append(peak.result())
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: {"median_s": float(statistics.median(times[name])), "all_s": [float(t) for t in times[name]],
+                   "peak_memory_bytes": max(m["peak_memory_bytes"] for m in memory[name]),
+                   "peak_memory_increase_bytes": max(m["peak_memory_increase_bytes"] for m in memory[name]),
+                   "memory_measure": memory[name][0]["memory_measure"]} for name in measurements}
 
 
 def device_description(device: torch.device) -> dict:
@@ -538,17 +549,19 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
                 out = kd.train_step(batch)
                 kd_terms.append(int(out["terms"].numel()))
 
-            say(f"timing the teacher's no-grad forward ({warmup} warm-up + {steps} timed)")
-            training = {"teacher_forward": time_repeated(teacher_forward, device_data, steps, warmup, device)}
+            def plain_step_teacher_off(batch):
+                with teacher_disabled(kd):
+                    plain_step(batch)
+
+            say(f"timing the teacher's no-grad forward, the plain student step and the KD step, in turn "
+                f"({warmup} warm-up + {steps} timed rounds)")
+            training = time_interleaved({"teacher_forward": (teacher_forward, device_data),
+                                         "plain_student_step": (plain_step_teacher_off, batches),
+                                         "kd_step": (kd_step, batches)}, steps, warmup, device)
             del device_data
-            say(f"timing the plain student step ({warmup} warm-up + {steps} timed)")
-            with teacher_disabled(kd):
-                training["plain_student_step"] = time_repeated(plain_step, batches, steps, warmup, device)
             if set(plain_terms) != {1}:
                 raise RuntimeError(f"The plain student step computed {plain_terms} loss terms, expected only the "
                                    f"segmentation loss: the teacher was not switched off.")
-            say(f"timing the KD step ({warmup} warm-up + {steps} timed)")
-            training["kd_step"] = time_repeated(kd_step, batches, steps, warmup, device)
             if set(kd_terms) != {len(kd.kd_terms)} or len(kd.kd_terms) < 2:
                 raise RuntimeError(f"The KD step returned {kd_terms} terms, expected {kd.kd_terms}.")
             training["plain_student_step"]["loss_terms"] = ["segmentation"]

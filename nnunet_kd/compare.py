@@ -210,6 +210,7 @@ def plot_results(result: dict, out_prefix: str) -> list[str]:
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in result["models"]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nnunet_kd.losses.kl import REDUCTIONS as KL_REDUCTIONS
 from nnunet_kd.resources import recipes_dir
 
 PLANS_KEY = "kd"
@@ -36,6 +37,10 @@ DEFAULT_TRAINING = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_va
                     "seed": None}
 DEFAULT_TEACHER = {"model_folder": None, "checkpoint": "checkpoint_final.pth", "fold": "same",
                    "allow_validation_overlap": False}
+
+
+# Recipe settings that take one of a few names.
+CHOICES = {"kl_reduction": KL_REDUCTIONS}
 
 
 class RecipeError(ValueError):
@@ -109,6 +114,8 @@ def _check_against_preset(section: Any, preset: dict, where: str, fix: str) -> N
         elif isinstance(expected, (int, float)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise RecipeError(f"{where}.{key} must be a non-negative number, got {value!r}. {fix}")
+        elif key in CHOICES and value not in CHOICES[key]:
+            raise RecipeError(f"{where}.{key} must be one of {list(CHOICES[key])}, got {value!r}. {fix}")
 
 
 def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) -> Recipe:

@@ -4,7 +4,8 @@ and checkpointing. Trainer classes in ``trainers/`` subclass ``nnUNetTrainerKD``
 Per training step:  L = w_seg * nnU-Net's deep-supervised loss + sum_term w_term * term,
 with the terms of the recipe's method (weights from the student plans, see nnunet_kd.recipe):
   kl       T^2 KL(teacher || student) per deep-supervision output, weighted like nnU-Net's outputs
-           (per-region binary KL for region-based datasets)
+           (per-region binary KL for region-based datasets), averaged over voxels or, with
+           kl_reduction=class_balanced, per ground-truth class at that output's resolution
   lovasz   Lovasz-softmax (Lovasz-sigmoid per region) on the full-resolution output
   feature  sum over recipe stages of MSE(1x1 adapter(student feature), teacher feature)
   ffd      MSKD Feature Filtering Distillation, summed over the recipe's mskd_stages
@@ -99,7 +100,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
 
         region_based = self.label_manager.has_regions
         temperature = float(recipe.settings.get("temperature", 1.0))
-        self.kd_losses["kl"] = LogitKLLoss(temperature=temperature, region_based=region_based)
+        self.kd_losses["kl"] = LogitKLLoss(temperature=temperature, region_based=region_based,
+                                           reduction=recipe.settings.get("kl_reduction", "voxel"))
         self.kd_losses["lovasz"] = LovaszSoftmaxLoss(region_based=region_based)
 
         if {"ffd", "rgd"} & set(self.kd_terms):
@@ -262,7 +264,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
         masks = [m for _, m in split]
         terms = {}
         if "kl" in self.kd_terms:
-            terms["kl"] = self._kl_term(student_out, teacher_out, masks)
+            terms["kl"] = self._kl_term(student_out, teacher_out, masks, [t for t, _ in split])
         if "lovasz" in self.kd_terms:
             terms["lovasz"] = self.kd_losses["lovasz"](student_out[0], split[0][0], masks[0])
         if "feature" in self.kd_terms:
@@ -291,14 +293,14 @@ class nnUNetTrainerKD(nnUNetTrainer):
                 terms[term] = sum(values)
         return terms
 
-    def _kl_term(self, student_out, teacher_out, masks):
+    def _kl_term(self, student_out, teacher_out, masks, labels):
         settings = self.kd_recipe.settings
         kl = self.kd_losses["kl"]
         if settings.get("kl_deep_supervision") and self.enable_deep_supervision and len(student_out) > 1:
             # The same per-output weights as nnU-Net's segmentation loss (highest resolution first).
-            value = DeepSupervisionWrapper(kl, self.loss.weight_factors)(student_out, list(teacher_out), masks)
+            value = DeepSupervisionWrapper(kl, self.loss.weight_factors)(student_out, list(teacher_out), masks, labels)
         else:
-            value = kl(student_out[0], teacher_out[0], masks[0])
+            value = kl(student_out[0], teacher_out[0], masks[0], labels[0])
         if settings.get("kl_mean_over_classes"):
             value = value / student_out[0].shape[1]
         return value

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nnunet_kd.losses.feature import FeatureAdapter, FeatureDistillationLoss, feature_mse
-from nnunet_kd.losses.kl import LogitKLLoss, sigmoid_kl, softmax_kl
+from nnunet_kd.losses.kl import (LogitKLLoss, class_balanced_mean, region_balanced_mean, sigmoid_kl, softmax_kl,
+                                 softmax_kl_map)
 from nnunet_kd.losses.lovasz import LovaszSoftmaxLoss, lovasz_grad, lovasz_sigmoid, lovasz_softmax
 
 # KL(Bernoulli-like [0.75, 0.25] || [0.5, 0.5]) = 0.75 ln 1.5 + 0.25 ln 0.5
@@ -79,6 +80,59 @@ def test_kl_of_half_precision_logits_is_float32_and_finite():
 def test_kl_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         softmax_kl(random_logits(2, c=3), random_logits(2, c=4))
+
+
+def test_class_balanced_mean_weighs_each_present_class_equally():
+    # three background voxels of value 1 and one foreground voxel of value 5: the voxel mean is 2, the
+    # class-balanced mean (1 + 5) / 2 = 3; class 2 is absent from the batch and does not count
+    per_voxel = torch.tensor([1.0, 1.0, 1.0, 5.0]).view(1, 1, 4, 1)
+    labels = torch.tensor([0, 0, 0, 1]).view(1, 1, 4, 1)
+    assert class_balanced_mean(per_voxel, labels, 3).item() == pytest.approx(3.0)
+    # the ignore label: the masked voxel (label 7, value 100) is neither a class member nor counted
+    per_voxel = torch.tensor([1.0, 1.0, 100.0, 5.0]).view(1, 1, 4, 1)
+    labels = torch.tensor([0, 0, 7, 1]).view(1, 1, 4, 1)
+    assert class_balanced_mean(per_voxel, labels, 3, labels != 7).item() == pytest.approx(3.0)
+    assert class_balanced_mean(per_voxel, labels, 3, torch.zeros_like(labels, dtype=torch.bool)).item() == 0.0
+
+
+def test_region_balanced_mean_averages_inside_and_outside_of_each_region():
+    # region 0 holds voxel 0 only: inside 4, outside mean (2 + 2 + 2) / 3 = 2 -> 3; region 1 holds every voxel:
+    # inside mean 1, no outside -> 1; summed over regions: 4
+    per_region = torch.tensor([[4.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]]).view(1, 2, 4, 1)
+    regions = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]]).view(1, 2, 4, 1)
+    assert region_balanced_mean(per_region, regions).item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_class_balanced_kl_is_the_hand_value_per_class(dims):
+    # voxel 0 (background) agrees with the teacher, voxel 1 (class 1) is the hand case: voxel mean KL/2,
+    # class-balanced (0 + KL) / 2 as well; with a second, agreeing background voxel the voxel mean drops to
+    # KL/3 while the class-balanced value stays KL/2
+    student = torch.zeros(1, 2, 3, *([1] * (dims - 1)))
+    teacher = torch.zeros(1, 2, 3, *([1] * (dims - 1)))
+    teacher[:, 0, 1] = math.log(3.0)  # p_t = [0.75, 0.25] at voxel 1
+    labels = torch.tensor([0, 1, 0]).view(1, 1, 3, *([1] * (dims - 1)))
+    balanced = LogitKLLoss(1.0, reduction="class_balanced")
+    assert balanced(student, teacher, None, labels).item() == pytest.approx(KL_75_25_VS_HALF / 2, abs=1e-6)
+    assert LogitKLLoss(1.0)(student, teacher).item() == pytest.approx(KL_75_25_VS_HALF / 3, abs=1e-6)
+    assert softmax_kl_map(student, teacher).shape == (1, 1, 3, *([1] * (dims - 1)))
+
+
+@pytest.mark.parametrize("region_based", [False, True])
+def test_class_balanced_kl_is_zero_for_equal_logits_and_reaches_the_student_only(region_based):
+    g = torch.Generator().manual_seed(3)
+    student = random_logits(3, seed=1).requires_grad_()
+    teacher = random_logits(3, seed=2).requires_grad_()
+    target = (torch.rand(2, 3, 5, 5, 5, generator=g) > 0.5).float() if region_based else \
+        torch.randint(0, 3, (2, 1, 5, 5, 5), generator=g)
+    loss = LogitKLLoss(3.0, region_based, reduction="class_balanced")
+    assert loss(student.detach(), student.detach(), None, target).item() == pytest.approx(0.0, abs=1e-6)
+    loss(student, teacher, None, target).backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    with pytest.raises(ValueError, match="needs the target"):
+        loss(student, teacher)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        LogitKLLoss(3.0, reduction="per_class")
 
 
 # ---------------------------------------------------------------- Lovasz
@@ -208,6 +262,16 @@ def test_feature_distillation_trains_adapter_and_student_not_teacher(dims):
     loss.backward()
     assert student.grad.abs().sum() > 0 and adapters["encoder_4"].proj.weight.grad.abs().sum() > 0
     assert teacher.grad is None
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_feature_adapter_is_the_1x1_convolution_of_its_weights(dims):
+    adapter = FeatureAdapter(3, 5, dims)
+    features = torch.randn(2, 3, *([4] * dims))
+    conv = torch.nn.functional.conv3d if dims == 3 else torch.nn.functional.conv2d
+    expected = conv(features, adapter.proj.weight, adapter.proj.bias)
+    torch.testing.assert_close(adapter(features), expected, rtol=1e-5, atol=1e-6)
+    assert set(adapter.state_dict()) == {"proj.weight", "proj.bias"}  # checkpoints keep nn.Conv's layout
 
 
 def test_feature_distillation_names_missing_stage():
