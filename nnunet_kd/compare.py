@@ -13,7 +13,8 @@ user types, run as a subprocess:
 5. nnU-Net's own validation of each fold (``summary.json``) gives Dice per class; parameters and FLOPs come
    from the plans, inference time from nnU-Net's predictor.
 
-Runs that already finished (``checkpoint_final.pth`` present) are reused, so an interrupted comparison resumes.
+Runs that already finished (``checkpoint_final.pth`` present) are reused, so an interrupted comparison resumes; a
+finished run trained with other plans (another budget, width or seed) is refused, never silently reported.
 """
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def _train(env: dict, log: str, comparison: Comparison, trainer: str, plans: str
     folder = model_folder(env["nnUNet_results"], comparison.dataset_name, trainer, plans, comparison.configuration)
     if isfile(join(folder, f"fold_{fold}", "checkpoint_final.pth")) and \
             isfile(join(folder, f"fold_{fold}", "validation", "summary.json")):
+        _check_same_plans(folder, join(env["nnUNet_preprocessed"], comparison.dataset_name, plans + ".json"), fold)
         print(f"reusing finished run {folder}/fold_{fold}")
         return folder
     command = console_script("nnUNetv2_train") + [str(comparison.dataset_id), comparison.configuration, str(fold),
@@ -93,6 +95,22 @@ def _train(env: dict, log: str, comparison: Comparison, trainer: str, plans: str
         command.append("--c")  # an interrupted run: nnU-Net resumes it
     run(command, env, log)
     return folder
+
+
+class StaleRunError(RuntimeError):
+    """A finished run in the workdir was trained with other plans than the comparison asks for now."""
+
+
+def _check_same_plans(folder: str, plans_file: str, fold: int) -> None:
+    """A finished run is reused only when it was trained with exactly the plans of this comparison (the plans copy
+    nnU-Net keeps in the model folder): a rerun with a longer budget, another width or seed must not silently
+    report the old models. Nothing is deleted: the user chooses."""
+    used = join(folder, "plans.json")
+    if isfile(used) and isfile(plans_file) and load_json(used) != load_json(plans_file):
+        raise StaleRunError(
+            f"{folder}/fold_{fold} is a finished run, but it was trained with other plans ({used}) than this "
+            f"comparison asks for ({plans_file}: another budget, width or seed). Use a new --workdir, or delete "
+            f"{folder}/fold_{fold} to train it again.")
 
 
 def inference_seconds(folder: str, fold: int, data: torch.Tensor, device: str, repeats: int) -> float:

@@ -10,7 +10,8 @@ from os.path import isfile, join
 import pytest
 
 from conftest import CONFIGURATION, DATASET_ID, DATASET_NAME
-from nnunet_kd.compare import Budget, Comparison, add_gap_closed, plot_results, run_comparison, save_result
+from nnunet_kd.compare import (Budget, Comparison, StaleRunError, add_gap_closed, plot_results, run_comparison,
+                              save_result)
 
 
 def test_gap_closed_is_the_share_of_the_teacher_student_gap_recovered():
@@ -55,4 +56,11 @@ def test_comparison_trains_students_on_one_budget_and_reports_everything(workspa
     # A second call reuses the finished runs instead of training them again.
     before = os.path.getmtime(join(plain["folder"], "fold_0", "checkpoint_final.pth"))
     run_comparison(comparison, ws.env, join(ws.root, "commands.log"), preprocess=False)
+    assert os.path.getmtime(join(plain["folder"], "fold_0", "checkpoint_final.pth")) == before
+
+    # A rerun that asks for another budget must not report the old models: refused, the old run kept on disk.
+    comparison.budget = Budget(teacher_epochs=1, student_epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1,
+                               seed=7)
+    with pytest.raises(StaleRunError, match=r"fold_0 is a finished run, but it was trained with other plans"):
+        run_comparison(comparison, ws.env, join(ws.root, "commands.log"), preprocess=False)
     assert os.path.getmtime(join(plain["folder"], "fold_0", "checkpoint_final.pth")) == before
