@@ -209,15 +209,18 @@ def add_gap_closed(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict], class_ids: list[str], names: dict | None = None) -> str:
+    """Markdown table; with several folds a column shows each fold's mean Dice, so the spread is visible."""
     names = names or {}
+    several_folds = any(len(r.get("mean_dice_per_fold") or []) > 1 for r in rows)
     header = (["model", "params", "FLOPs/patch", "infer s"] + [f"Dice {names.get(k, k)}" for k in class_ids]
-              + ["mean Dice", "gap closed"])
+              + ["mean Dice"] + (["mean Dice per fold"] if several_folds else []) + ["gap closed"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         gap = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
+        per_fold = [" / ".join(f"{d:.4f}" for d in r["mean_dice_per_fold"])] if several_folds else []
         cells = ([r["model"], format_count(r["parameters"]), format_count(r["flops_per_patch"]),
                   f"{r['inference_s']:.2f}"] + [f"{r['dice_per_class'][k]:.4f}" for k in class_ids]
-                 + [f"{r['mean_dice']:.4f}", gap])
+                 + [f"{r['mean_dice']:.4f}"] + per_fold + [gap])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -10,8 +10,8 @@ from os.path import isfile, join
 import pytest
 
 from conftest import CONFIGURATION, DATASET_ID, DATASET_NAME
-from nnunet_kd.compare import (Budget, Comparison, StaleRunError, add_gap_closed, plot_results, run_comparison,
-                              save_result)
+from nnunet_kd.compare import (Budget, Comparison, StaleRunError, add_gap_closed, format_table, plot_results,
+                               run_comparison, save_result)
 
 
 def test_gap_closed_is_the_share_of_the_teacher_student_gap_recovered():
@@ -23,6 +23,17 @@ def test_gap_closed_is_the_share_of_the_teacher_student_gap_recovered():
     rows[0]["mean_dice"] = 0.7  # no gap to close: undefined, not a division by zero
     add_gap_closed(rows)
     assert rows[2]["gap_closed"] is None
+
+
+def test_table_shows_each_folds_mean_dice_when_there_are_several():
+    row = {"model": "plain student", "parameters": 346065, "flops_per_patch": 1.11e9, "inference_s": 0.04,
+           "dice_per_class": {"1": 0.9, "2": 0.8}, "mean_dice": 0.85, "mean_dice_per_fold": [0.86, 0.84],
+           "gap_closed": None}
+    table = format_table([row], ["1", "2"], {"1": "peripheral_zone", "2": "transition_zone"})
+    assert "| mean Dice | mean Dice per fold | gap closed |" in table
+    assert table.splitlines()[-1] == "| plain student | 346.06 k | 1.11 G | 0.04 | 0.9000 | 0.8000 | 0.8500 | 0.8600 / 0.8400 |  |"
+    row["mean_dice_per_fold"] = [0.85]
+    assert "per fold" not in format_table([row], ["1", "2"])
 
 
 def test_comparison_trains_students_on_one_budget_and_reports_everything(workspace, tmp_path):
