@@ -71,7 +71,8 @@ def run_demo(workdir: str, budget: Budget, fold: int = 0, width: float = 0.25, o
         print(f"no real dataset in ../shared/data: generated the prostate-MRI-like dataset {folder} (20 training "
               f"cases, {'x'.join(map(str, DEMO_SHAPE))} voxels, 3.0x0.8x0.8 mm)")
     comparison = Comparison(dataset_id=dataset_id, dataset_name=dataset_name, configuration=CONFIGURATION,
-                            budget=budget, folds=[fold], methods=["plain", "logit", "adaptive"], width=width, device=device,
+                            budget=budget, folds=[fold], methods=["plain", "logit", "adaptive"], width=width,
+                            device=device,
                             teacher_plans="nnUNetPlans_demoteacher", student_plans="nnUNetPlans_demostudent")
     result = run_comparison(comparison, env, join(workdir, "demo_commands.log"))
     save_result(result, join(workdir, "demo_results.json"))

@@ -31,7 +31,8 @@ def test_table_shows_each_folds_mean_dice_when_there_are_several():
            "gap_closed": None}
     table = format_table([row], ["1", "2"], {"1": "peripheral_zone", "2": "transition_zone"})
     assert "| mean Dice | mean Dice per fold | gap closed |" in table
-    assert table.splitlines()[-1] == "| plain student | 346.06 k | 1.11 G | 0.04 | 0.9000 | 0.8000 | 0.8500 | 0.8600 / 0.8400 |  |"
+    assert table.splitlines()[-1] == ("| plain student | 346.06 k | 1.11 G | 0.04 | 0.9000 | 0.8000 | 0.8500 | "
+                                      "0.8600 / 0.8400 |  |")
     row["mean_dice_per_fold"] = [0.85]
     assert "per fold" not in format_table([row], ["1", "2"])
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_kd.losses._common import check_mask, float32_region, masked_voxel_mean
+from nnunet_kd.losses._common import check_mask, float32_region, masked_voxel_mean, one_hot_labels
 
 REDUCTIONS = ("voxel", "class_balanced")
 
@@ -72,12 +72,9 @@ def class_balanced_mean(per_voxel: torch.Tensor, labels: torch.Tensor, num_class
                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean of per_voxel (B, 1, *sp) over the valid voxels of each class of ``labels`` (B, 1, *sp), then over the
     classes present in the batch. Nothing is read back to the host (no GPU synchronisation)."""
-    labels = labels.long()
-    weights = torch.ones_like(per_voxel) if mask is None else mask.to(per_voxel.dtype)
+    one_hot = one_hot_labels(labels, num_classes, mask, per_voxel.dtype)
     if mask is not None:
-        labels = torch.where(mask, labels, torch.zeros_like(labels))  # ignore-label values must not index one_hot
-    one_hot = torch.zeros((labels.shape[0], num_classes, *labels.shape[2:]), device=per_voxel.device,
-                          dtype=per_voxel.dtype).scatter_(1, labels, 1.0) * weights
+        one_hot = one_hot * mask.to(per_voxel.dtype)
     dims = [0] + list(range(2, per_voxel.dim()))
     counts = one_hot.sum(dims)
     per_class = (one_hot * per_voxel).sum(dims) / counts.clamp(min=1.0)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from nnunet_kd.losses._common import check_mask, float32_region
+from nnunet_kd.losses._common import check_mask, float32_region, one_hot_labels
 
 
 def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
@@ -90,13 +90,10 @@ def lovasz_softmax(probabilities: torch.Tensor, labels: torch.Tensor, mask: Opti
         raise ValueError(f"labels must be (B, 1, *spatial) matching probabilities {tuple(probabilities.shape)}, "
                          f"got {tuple(labels.shape)}")
     num_classes = probabilities.shape[1]
-    labels = labels.long()
-    if mask is not None:
-        labels = torch.where(mask, labels, torch.zeros_like(labels))  # ignore-label values must not index one_hot
-    elif not labels.is_cuda and (labels.min() < 0 or labels.max() >= num_classes):  # no GPU sync in the step
+    if mask is None and not labels.is_cuda and (labels.min() < 0 or labels.max() >= num_classes):  # no GPU sync
         raise ValueError(f"labels must lie in [0, {num_classes}) outside the mask, got [{int(labels.min())}, "
                          f"{int(labels.max())}]; pass a mask that excludes the ignore label")
-    foreground = torch.zeros_like(probabilities).scatter_(1, labels, 1.0)
+    foreground = one_hot_labels(labels, num_classes, mask, probabilities.dtype)
     valid = None if mask is None else _flatten(mask)
     return _lovasz_flat(_flatten(probabilities), _flatten(foreground), valid, classes)
 
