@@ -684,11 +684,23 @@ def format_summary(results: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help text does not state the default itself, X is a real value (not
+    None) and the option is not required, so no option shows two contradicting defaults."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""),
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("-d", required=True, help="Dataset name or ID")
-    parser.add_argument("-c", default=None, help="Configuration (default with --student: from its folder name)")
+    parser.add_argument("-c", default=None, help="Configuration, e.g. 3d_fullres (required with --student-plans; "
+                                                 "default with --student: the one in its folder name)")
     parser.add_argument("-f", default="0", help="Fold (a number or 'all')")
     parser.add_argument("--teacher", default=None, help="Teacher model folder (default: the one in the student "
                                                         "plans' recipe)")
@@ -699,16 +711,24 @@ def main(argv=None) -> None:
     parser.add_argument("--student-checkpoint", default="checkpoint_final.pth", help="With --student")
     parser.add_argument("-tr", default=None, help=f"KD trainer class (default: {DEFAULT_TRAINER}, or the trainer "
                                                   f"of the --student folder)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="Default: cuda if available")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="Device (default: cuda if torch sees a CUDA device, else cpu)")
     parser.add_argument("--steps", type=int, default=20, help="Timed training steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed warm-up steps per measurement")
     parser.add_argument("--inference-repeats", type=int, default=3, help="Timed sliding-window predictions")
     parser.add_argument("--inference-warmup", type=int, default=1, help="Untimed sliding-window predictions")
     parser.add_argument("--case", default=None, help="Preprocessed case for inference (default: the fold's first "
                                                      "validation case in splits_final.json)")
-    parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--seed", type=int, default=12345,
+                        help="Seed (python, numpy, torch) set before the trainer is built and the batches are drawn")
     parser.add_argument("-o", default=None, help="Output JSON (the markdown table goes beside it as .md; default: "
-                                                 "kd_benchmark_<dataset>_<configuration>_fold<f>_<device>.json)")
+                                                 "kd_benchmark_<d>_<configuration>_fold<f>_<device>.json in the "
+                                                 "current folder)")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Threads as nnUNetv2_train sets them.
@@ -719,7 +739,11 @@ def main(argv=None) -> None:
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
     command = " ".join(shlex.quote(a) for a in [PROG] + list(sys.argv[1:] if argv is None else argv))
-    output = args.o or f"kd_benchmark_{args.d}_{args.c or 'cfg'}_fold{args.f}_{device}.json"
+    configuration_name = args.c
+    if configuration_name is None and args.student is not None:  # as the help says: the --student folder's one
+        parts = basename(abspath(args.student)).split("__")
+        configuration_name = parts[2] if len(parts) == 3 else None
+    output = args.o or f"kd_benchmark_{args.d}_{configuration_name or 'cfg'}_fold{args.f}_{device}.json"
     try:
         run_benchmark(args.d, args.c, args.f, teacher=args.teacher, student_plans=args.student_plans,
                       student=args.student, trainer=args.tr, device=device, steps=args.steps, warmup=args.warmup,

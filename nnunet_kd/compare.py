@@ -31,6 +31,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_kd.cost import format_count, make_predictor, median_inference_seconds, network_cost
 from nnunet_kd.pipeline import console_script, model_folder, run, validation_summary, write_budget_plans
+from nnunet_kd.recipe import PLANS_KEY
 
 TEACHER_TRAINER = "nnUNetTrainerKD_NoKD"
 # Row label -> trainer class. "plain student" is the baseline every KD row is measured against; "logit KD" is the
@@ -185,6 +186,8 @@ def run_comparison(comparison: Comparison, env: dict, log: str, preprocess: bool
                      "dice_per_class": dice, "mean_dice": float(np.mean([f["mean_dice"] for f in per_fold])),
                      "mean_dice_per_fold": [f["mean_dice"] for f in per_fold],
                      "parameters": cost["parameters"], "flops_per_patch": cost["flops_per_patch"],
+                     "iterations_per_epoch": int(plans.get(PLANS_KEY, {}).get(c.configuration, {}).get(
+                         "training", {}).get("num_iterations_per_epoch") or NNUNET_DEFAULT_ITERATIONS_PER_EPOCH),
                      "inference_s": inference_seconds(folder, c.folds[0], volume, c.device, c.inference_repeats),
                      "curves": {str(fold): training_curves(folder, fold) for fold in c.folds}})
     add_gap_closed(rows)
@@ -225,41 +228,73 @@ def format_table(rows: list[dict], class_ids: list[str], names: dict | None = No
     return "\n".join(lines)
 
 
+NNUNET_DEFAULT_ITERATIONS_PER_EPOCH = 250  # nnUNetTrainer's, for a model whose plans carry no training budget
+
+
+def _iterations_per_epoch(result: dict, row: dict) -> int:
+    """The row's own iterations per epoch (recorded by run_comparison from its plans), else the budget's."""
+    return int(row.get("iterations_per_epoch") or result["budget"]["iterations_per_epoch"])
+
+
 def plot_results(result: dict, out_prefix: str) -> list[str]:
-    """<prefix>_dice_vs_params.png and <prefix>_curves.png; returns the written paths."""
+    """<prefix>_dice_vs_params.png and <prefix>_curves.png; returns the written paths.
+
+    Dice vs parameters: one marker shape and colour per model, named in a legend beside the axes (students share a
+    parameter count and often a Dice, so text labels at the points would overlap); markers are hollow and of
+    decreasing size, so coinciding points stay visible. Curves: every model on one x axis of training iterations
+    (epoch x iterations per epoch), so a teacher trained longer than the students is drawn to scale.
+    """
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in result["models"]:
-        ax.scatter(r["parameters"], r["mean_dice"], s=40)
-        ax.annotate(r["model"], (r["parameters"], r["mean_dice"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    models = result["models"]
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for i, r in enumerate(models):
+        ax.scatter(r["parameters"], r["mean_dice"], marker=markers[i % len(markers)],
+                   s=max(150 - 25 * i, 30), facecolors="none", edgecolors=colours[i % len(colours)], linewidths=1.8,
+                   label=f"{r['model']}: {format_count(r['parameters'])} params, Dice {r['mean_dice']:.3f}", zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("mean foreground Dice (validation)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.margins(x=0.25, y=0.15)
     ax.set_title(f"{result['dataset']} {result['configuration']} ({result['device_name']})", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, borderaxespad=0.0)
     fig.tight_layout()
     paths.append(out_prefix + "_dice_vs_params.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in result["models"]:
-        curves = r["curves"][str(result["folds"][0])]
-        if "ema_fg_dice" in curves:
-            axes[0].plot(curves["ema_fg_dice"], label=r["model"])
-        if "val_losses" in curves:
-            axes[1].plot(curves["val_losses"], label=r["model"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fold = str(result["folds"][0])
+    for i, r in enumerate(models):
+        curves = r["curves"][fold]
+        step = _iterations_per_epoch(result, r)
+        style = dict(color=colours[i % len(colours)], label=r["model"],
+                     linestyle="--" if r["model"] == "teacher" else "-")
+        for ax, key in ((axes[0], "ema_fg_dice"), (axes[1], "val_losses")):
+            if curves.get(key):
+                # nnU-Net logs each value at the end of an epoch: epoch index e (from 0) is after (e+1)*step iterations
+                iterations = (np.arange(len(curves[key])) + 1) * step
+                ax.plot(iterations, curves[key], marker=".", **style)
     axes[0].set_title("EMA pseudo Dice (nnU-Net's progress metric)", fontsize=9)
     axes[1].set_title("validation loss (Dice + CE)", fontsize=9)
+    b = result["budget"]
     for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_xlabel(f"training iterations (teacher {b['teacher_epochs']}, students {b['student_epochs']} epochs "
+                      f"x {b['iterations_per_epoch']})", fontsize=8)
+        ax.set_xlim(left=0)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, min(len(labels), 5)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     paths.append(out_prefix + "_curves.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)

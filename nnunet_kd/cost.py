@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import statistics
 import time
@@ -117,10 +118,59 @@ def make_predictor(model_folder: str, fold: Union[int, str], checkpoint_name: st
                    device: Union[str, torch.device] = torch.device("cpu"), use_mirroring: bool = False,
                    tile_step_size: float = 0.5):
     """An initialised :class:`nnunetv2.inference.predict_from_raw_data.nnUNetPredictor` for one fold of a
-    trained model folder (the folder holding ``plans.json``, ``dataset.json`` and ``fold_X/``)."""
+    trained model folder (the folder holding ``plans.json``, ``dataset.json`` and ``fold_X/``).
+
+    nnU-Net's ``initialize_from_trained_model_folder`` unpickles the checkpoint with ``weights_only=False``, i.e.
+    runs whatever code a poisoned file carries. This loads the checkpoint with ``weights_only=True``
+    (:func:`nnunet_kd.teacher.load_nnunet_checkpoint`, which raises TeacherError naming the file) and builds the
+    network as nnU-Net does, then hands it to the predictor (``manual_initialization``): nnU-Net never unpickles it.
+    """
+    from os.path import join
+
+    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_kd.teacher import TeacherError, load_nnunet_checkpoint, strip_wrapper_prefixes
 
     device = torch.device(device)
+    checkpoint_file = join(model_folder, f"fold_{fold}", checkpoint_name)
+    checkpoint = load_nnunet_checkpoint(checkpoint_file)
+    plans_file, dataset_json_file = join(model_folder, "plans.json"), join(model_folder, "dataset.json")
+    plans_manager = PlansManager(load_json(plans_file))
+    dataset_json = load_json(dataset_json_file)
+    configuration = checkpoint.get("init_args", {}).get("configuration")
+    trainer_name = checkpoint.get("trainer_name", "nnUNetTrainer")
+    if configuration not in plans_manager.available_configurations:
+        raise TeacherError(f"{checkpoint_file} was trained with configuration {configuration!r}, which {plans_file} "
+                           f"does not define. The model folder is inconsistent: copy the whole folder nnUNetv2_train "
+                           f"wrote.")
+    configuration_manager = plans_manager.get_configuration(configuration)
+    try:
+        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+    except RuntimeError as e:
+        raise TeacherError(f"{checkpoint_file} was written by trainer class '{trainer_name}', which nnU-Net cannot "
+                           f"find. Add its folder to nnUNet_extTrainer.") from e
+    num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    num_output_channels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
+        network = trainer_class.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                           num_output_channels, enable_deep_supervision=False)
+    else:  # nnU-Net's older signature, as initialize_from_trained_model_folder still accepts it
+        network = trainer_class.build_network_architecture(
+            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
+            enable_deep_supervision=False)
+    weights = strip_wrapper_prefixes(checkpoint["network_weights"])
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as e:
+        raise TeacherError(f"{checkpoint_file} does not fit the network of {plans_file} ({str(e).splitlines()[0]}). "
+                           f"The checkpoint and plans come from different runs: copy the model folder as a whole."
+                           ) from e
+
     # nnUNetPredictor prints a misleading 'Setting this to False' note for every non-cuda device; keep it quiet
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = nnUNetPredictor(
@@ -133,7 +183,8 @@ def make_predictor(model_folder: str, fold: Union[int, str], checkpoint_name: st
             verbose_preprocessing=False,
             allow_tqdm=False,
         )
-    predictor.initialize_from_trained_model_folder(model_folder, use_folds=(fold,), checkpoint_name=checkpoint_name)
+    predictor.manual_initialization(network, plans_manager, configuration_manager, [weights], dataset_json,
+                                    trainer_name, checkpoint.get("inference_allowed_mirroring_axes"))
     return predictor
 
 

@@ -21,6 +21,7 @@ import torch
 
 from nnunet_kd.compare import Budget, Comparison, plot_results, run_comparison, save_result
 from nnunet_kd.pipeline import fresh_folder, nnunet_env
+from nnunet_kd.resources import warn_ext_trainer
 from nnunet_kd.synthetic import make_synthetic_prostate_dataset
 
 DATASET_ID = 990
@@ -115,6 +116,8 @@ def main(argv=None) -> None:
                     iterations_per_epoch=args.iterations_per_epoch,
                     val_iterations_per_epoch=DEFAULT_BUDGET.val_iterations_per_epoch, seed=args.seed)
     run_demo(args.workdir, budget, args.fold, args.width, args.overwrite, args.device, data)
+    warn_ext_trainer("nnUNetv2_kd_demo", note="The demo set it for its own commands only; your shell still needs it "
+                     "to train or predict with the KD trainers yourself.")
 
 
 

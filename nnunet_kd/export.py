@@ -13,7 +13,6 @@ import shutil
 import sys
 from os.path import basename, isdir, isfile, join
 
-import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, maybe_mkdir_p, save_json
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -21,7 +20,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_kd.recipe import PLANS_KEY
-from nnunet_kd.teacher import load_nnunet_checkpoint, strip_wrapper_prefixes
+from nnunet_kd.teacher import atomic_torch_save, load_nnunet_checkpoint, nonfinite_tensors, strip_wrapper_prefixes
 from nnunet_kd.trainer import ADAPTERS_KEY, RECIPE_KEY
 
 VANILLA_TRAINER = "nnUNetTrainer"
@@ -103,6 +102,13 @@ def export_student(student_folder: str, output_folder: str | None = None, folds=
     configuration = work[0][3]["init_args"]["configuration"]
     plans_out = vanilla_plans(plans)
     for src, _, _, checkpoint in work:
+        bad = nonfinite_tensors(checkpoint["network_weights"])
+        if bad:
+            raise ExportError(
+                f"{src}: the student's weights hold NaN or infinite values in {len(bad)} tensor(s) (e.g. {bad[:3]}); "
+                f"its training diverged and it would predict nothing useful. Nothing was exported. Check the "
+                f"teacher and the recipe's weights, and retrain the student (or export an intact checkpoint with "
+                f"--checkpoints / -f).")
         check_loads_in_plain_nnunet(plans_out, dataset_json, configuration, checkpoint["network_weights"], src)
 
     output_folder = output_folder or default_output_folder(student_folder, plans, configuration)
@@ -116,7 +122,7 @@ def export_student(student_folder: str, output_folder: str | None = None, folds=
         shutil.copyfile(join(student_folder, "dataset_fingerprint.json"), join(output_folder, "dataset_fingerprint.json"))
     for src, fold_dir, name, checkpoint in work:
         maybe_mkdir_p(join(output_folder, fold_dir))
-        torch.save(checkpoint, join(output_folder, fold_dir, name))
+        atomic_torch_save(checkpoint, join(output_folder, fold_dir, name))  # never a partial checkpoint
     for fold_dir in fold_dirs:
         for name in FOLD_FILES:
             if isfile(join(student_folder, fold_dir, name)):

@@ -71,14 +71,19 @@ def run(command: list[str], env: dict, log_file: str | None = None, quiet: bool 
 
 def write_budget_plans(preprocessed_base: str, source_plans: str, plans_name: str, configuration: str,
                        num_epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int,
-                       seed: int | None = None) -> str:
+                       seed: int | None = None, max_batch_size: int | None = None) -> str:
     """A copy of nnU-Net's own plans whose only change is a training length, for nnUNetTrainerKD_NoKD.
 
     This is how the demo trains a teacher briefly: the network is exactly nnU-Net's default one.
+    ``max_batch_size`` caps the configuration's batch size (nnU-Net plans a 2d batch of several hundred tiny slices
+    on small datasets, which a CPU cannot train at any useful pace); students planned from this teacher inherit it.
     """
     plans = load_json(join(preprocessed_base, source_plans + ".json"))
     plans = copy.deepcopy(plans)
     plans["plans_name"] = plans_name
+    if max_batch_size is not None:
+        cfg = plans["configurations"][configuration]
+        cfg["batch_size"] = min(int(cfg.get("batch_size", max_batch_size)), max_batch_size)
     plans[PLANS_KEY] = {configuration: {"training": {"num_epochs": num_epochs,
                                                      "num_iterations_per_epoch": iterations_per_epoch,
                                                      "num_val_iterations_per_epoch": val_iterations_per_epoch,

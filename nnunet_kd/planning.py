@@ -119,6 +119,40 @@ def _check_preprocessed_data(preprocessed_base: str, teacher_cfg: dict, teacher_
                         f"'{teacher_cfg['data_identifier']}' of {data_folder}. {fix}")
 
 
+def _check_plans_name(name: str) -> None:
+    """-o is a plans *name*: nnU-Net writes <nnUNet_preprocessed>/<dataset>/<name>.json and names results folders
+    after it, so a path or a file name would write the plans somewhere nnU-Net never looks (or outside the dataset)."""
+    separators = {"/", "\\"} | {sep for sep in (os.sep, os.altsep) if sep}
+    if not name or any(sep in name for sep in separators) or name.lower().endswith(".json") or name in (".", ".."):
+        stem = os.path.basename(name.replace("\\", "/").rstrip("/"))
+        stem = stem[:-5] if stem.lower().endswith(".json") else stem
+        raise PlanningError(f"-o {name!r} is not a plans name: pass a bare name without folder or .json suffix "
+                            f"(e.g. -o {stem or 'nnUNetPlans_kdstudent'}); the plans are always written to "
+                            f"$nnUNet_preprocessed/<dataset>/<name>.json.")
+
+
+def _check_own_student_plans(plans: dict, output_file: str, output_plans_name: str, dataset_name: str) -> None:
+    """Only student plans this tool wrote for this dataset may be extended or (--overwrite) replaced: never nnU-Net's
+    plans, a teacher's plans (whose 'kd' key holds only a training budget) or a copy that belongs elsewhere."""
+    def refuse(reason: str):
+        raise PlanningError(f"{output_file} exists and {reason}; it is not a student plans file written by "
+                            f"nnUNetv2_kd_plan_student for {dataset_name}, so it is not overwritten (not even with "
+                            f"--overwrite). Choose another -o.")
+    if not isinstance(plans, dict) or not isinstance(plans.get(PLANS_KEY), dict) or not plans[PLANS_KEY]:
+        refuse(f"has no '{PLANS_KEY}' recipe")
+    if plans.get("plans_name") != output_plans_name:
+        refuse(f"names itself plans_name {plans.get('plans_name')!r}, not {output_plans_name!r}")
+    if plans.get("dataset_name") != dataset_name:
+        refuse(f"belongs to dataset {plans.get('dataset_name')!r}")
+    for cname, recipe in plans[PLANS_KEY].items():
+        if not (isinstance(recipe, dict) and isinstance(recipe.get("teacher"), dict) and "student" in recipe
+                and "methods" in recipe):
+            refuse(f"has a '{PLANS_KEY}.{cname}' entry without the teacher/methods/student sections the planner "
+                   f"writes (a teacher's budget plans, or plans from another tool)")
+    if not isinstance(plans.get("configurations"), dict):
+        refuse("has no 'configurations'")
+
+
 def _apply_override(recipe: dict, assignment: str) -> None:
     """--set methods.adaptive.weights.kl=0.5 (value parsed as JSON, else kept as a string)."""
     if "=" not in assignment:
@@ -150,6 +184,7 @@ def plan_student(dataset: str, configuration: str, teacher_folder: str, output_p
         raise PlanningError("nnUNet_preprocessed is not set. Export it as for any nnU-Net command.")
     if not 0 < width <= 4:
         raise PlanningError(f"--width must be in (0, 4], got {width}.")
+    _check_plans_name(output_plans_name)
     dataset_name = maybe_convert_to_dataset_name(dataset)
     preprocessed_base = join(nnUNet_preprocessed.get(), dataset_name)
     teacher_folder = abspath(teacher_folder)
@@ -175,9 +210,7 @@ def plan_student(dataset: str, configuration: str, teacher_folder: str, output_p
     output_file = join(preprocessed_base, output_plans_name + ".json")
     if isfile(output_file):
         plans = load_json(output_file)
-        if PLANS_KEY not in plans:
-            raise PlanningError(f"{output_file} exists and is not a student plans file written by this tool; "
-                                f"refusing to overwrite it. Choose another -o.")
+        _check_own_student_plans(plans, output_file, output_plans_name, dataset_name)
         if configuration in plans["configurations"] and not overwrite:
             raise PlanningError(f"{output_file} already plans configuration '{configuration}'. Pass --overwrite to "
                                 f"replace it (a student already trained with it keeps its own plans copy in its "
@@ -251,7 +284,8 @@ def main(argv=None) -> None:
     parser.add_argument("-c", required=True, help="Configuration, e.g. 3d_fullres or 2d")
     parser.add_argument("--teacher", required=True,
                         help="Teacher model folder: $nnUNet_results/DatasetXXX/<Trainer>__<Plans>__<configuration>")
-    parser.add_argument("-o", required=True, help="Name of the student plans (file name and plans_name)")
+    parser.add_argument("-o", required=True, help="Name of the student plans (file name and plans_name; a bare "
+                                                   "name, no folder or .json: written to nnUNet_preprocessed/<dataset>)")
     parser.add_argument("--width", type=float, default=0.25, help="Multiplier on features_per_stage (default 0.25)")
     parser.add_argument("--min-features", type=int, default=8, help="Floor on each stage's channels (default 8)")
     parser.add_argument("--n-conv-per-stage", type=int, default=None,
@@ -270,7 +304,10 @@ def main(argv=None) -> None:
     parser.add_argument("--val-iterations-per-epoch", type=int, default=None, help="Default nnU-Net's 50")
     parser.add_argument("--temperature", type=float, default=None, help="KD temperature for every method")
     parser.add_argument("--seed", type=int, default=None,
-                        help="Seed python/numpy/torch before the student is built (default: unseeded, as nnU-Net)")
+                        help="Seed python/numpy/torch before the student is built (default: unseeded, as nnU-Net). "
+                             "Runs are bit-identical (same machine and device) only with nnUNet_n_proc_DA=0, i.e. "
+                             "augmentation in the main process; with data-augmentation worker processes the batches, "
+                             "and so the runs, differ")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Recipe override, e.g. --set methods.adaptive.weights.lovasz=0 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="Replace this configuration in existing student plans")

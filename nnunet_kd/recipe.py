@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ DEFAULT_TEACHER = {"model_folder": None, "checkpoint": "checkpoint_final.pth", "
 
 # Recipe settings that take one of a few names.
 CHOICES = {"kl_reduction": KL_REDUCTIONS}
+# Numbers that must be > 0 (a zero temperature divides the logits by 0); every other number is >= 0 (a weight of 0
+# switches its term off). All must be finite: JSON's NaN / Infinity (which Python's json reads) are refused.
+POSITIVE_KEYS = {"temperature"}
 
 
 class RecipeError(ValueError):
@@ -111,9 +115,18 @@ def _check_against_preset(section: Any, preset: dict, where: str, fix: str) -> N
         elif isinstance(expected, bool):
             if not isinstance(value, bool):
                 raise RecipeError(f"{where}.{key} must be true or false, got {value!r}. {fix}")
+        elif isinstance(expected, list):  # stage names, e.g. ["encoder.-1", "decoder.-1"]
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise RecipeError(f"{where}.{key} must be a non-empty list of stage names such as {expected}, got "
+                                  f"{value!r} (to switch a term off set its weight to 0 instead). {fix}")
         elif isinstance(expected, (int, float)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise RecipeError(f"{where}.{key} must be a non-negative number, got {value!r}. {fix}")
+            # The preset's type decides: an integer setting (a boundary width, an epoch count) takes integers only.
+            integer = isinstance(expected, int)
+            kind = ("an integer" if integer else "a finite number") + (" > 0" if key in POSITIVE_KEYS else " >= 0")
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or (integer and not isinstance(value, int))
+                    or value < 0 or (key in POSITIVE_KEYS and value <= 0)):
+                raise RecipeError(f"{where}.{key} must be {kind}, got {value!r}. {fix}")
         elif key in CHOICES and value not in CHOICES[key]:
             raise RecipeError(f"{where}.{key} must be one of {list(CHOICES[key])}, got {value!r}. {fix}")
 

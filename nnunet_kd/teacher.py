@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from os.path import isdir, isfile, join
@@ -22,31 +23,122 @@ class TeacherError(RuntimeError):
     """The teacher cannot be used for this student. The message names the file and the fix."""
 
 
+class CorruptCheckpointError(TeacherError):
+    """A checkpoint file that is truncated, empty or not a torch.save file at all (as opposed to a malicious one)."""
+
+
+class UnsafeCheckpointError(TeacherError):
+    """A checkpoint that holds pickled Python objects torch.load(weights_only=True) refuses to build."""
+
+
 # nnU-Net checkpoints hold numpy scalars (logged losses, EMA Dice) next to the tensors. Allowing exactly
 # these lets torch.load run with weights_only=True, i.e. without executing arbitrary pickled code.
 _NUMPY_SAFE_GLOBALS = [np.dtype, np._core.multiarray.scalar, np._core.multiarray._reconstruct, np.ndarray] + [
     type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool", "uint8")]
 
 
+# What the weights-only unpickler says when a file asks for an object it does not allow. Anything else it refuses
+# (an unknown opcode, a string that is too long, ...) is what random or damaged bytes look like.
+_OBJECT_REFUSALS = ("GLOBAL", "global", "allowlisted", "Can only build", "Can only create new object")
+
+
+def _asks_for_python_objects(error: pickle.UnpicklingError) -> bool:
+    reason = error.__context__ if isinstance(error.__context__, pickle.UnpicklingError) else error
+    return any(word in str(reason) for word in _OBJECT_REFUSALS)
+
+
 def load_nnunet_checkpoint(path: str, map_location="cpu") -> dict:
-    """torch.load with weights_only=True (numpy scalars allowed); clear errors for missing or corrupt files."""
+    """torch.load with weights_only=True (numpy scalars allowed); clear errors for missing or corrupt files.
+
+    Raises UnsafeCheckpointError for a file that asks to build Python objects (a poisoned or non-nnU-Net
+    checkpoint), CorruptCheckpointError for one that is empty, truncated or random bytes."""
     if not isfile(path):
         raise TeacherError(f"Checkpoint not found: {path}")
+    corrupt = ("The file is corrupt or truncated (an interrupted copy or save, a full disk): copy it again, "
+               "or retrain that fold.")
     try:
         with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise TeacherError(
-            f"{path} holds Python objects that torch.load(weights_only=True) refuses to unpickle ({e}). "
-            f"nnU-Net's own checkpoints do not; re-save the checkpoint from a plain nnU-Net run, "
-            f"or load it in a trusted session and keep only the standard keys.") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise TeacherError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}). The file is "
-                           f"corrupt or truncated: copy it again, or retrain that fold.") from e
+        # torch wraps the unpickler's own reason in advice to retry with weights_only=False: keep only the reason
+        reason = e.__context__ if isinstance(e.__context__, pickle.UnpicklingError) else e
+        reason = " ".join(str(reason).split()) or type(e).__name__
+        if not _asks_for_python_objects(e):
+            raise CorruptCheckpointError(f"{path} is not a readable PyTorch checkpoint (UnpicklingError: "
+                                         f"{reason[:300]}). {corrupt}") from e
+        raise UnsafeCheckpointError(
+            f"{path} holds Python objects that torch.load(weights_only=True) refuses to unpickle ({reason[:300]}). "
+            f"nnU-Net's own checkpoints do not, and loading it with weights_only=False could run code hidden in it; "
+            f"re-save the checkpoint from a plain nnU-Net run, or load it in a trusted session and keep only the "
+            f"standard keys.") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError,
+            AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise CorruptCheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}). "
+                                     f"{corrupt}") from e
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise TeacherError(f"{path} is not an nnU-Net checkpoint (no 'network_weights' entry). Point the recipe's "
                            f"teacher at a folder written by nnUNetv2_train.")
     return checkpoint
+
+
+def nonfinite_tensors(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` that hold a NaN or an infinity (a tensor shared under
+    several names, as nnU-Net's U-Nets share the encoder with the decoder, is named once)."""
+    seen, names = set(), []
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()))
+        if key in seen:
+            continue
+        seen.add(key)
+        if not torch.isfinite(value).all():
+            names.append(name)
+    return names
+
+
+def _new_file_mode(path: str) -> int:
+    if isfile(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save that never leaves a partial file at ``path``: write a temporary file in the same folder, fsync
+    it, then os.replace it over ``path`` (atomic on POSIX and Windows). A kill or a full disk during the save
+    leaves the previous ``path`` as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes it owner-only; keep what torch.save would give
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        if isinstance(e, Exception):
+            raise OSError(f"Could not write {path} ({type(e).__name__}: {e}). The previous {os.path.basename(path)} "
+                          f"(if any) is unchanged. Free disk space in {folder} (or fix its permissions) and run the "
+                          f"command again (nnUNetv2_train ... --c resumes a training).") from e
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX; best effort)
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
 
 
 def strip_wrapper_prefixes(state_dict: dict) -> dict:
@@ -101,6 +193,13 @@ def locate_teacher(model_folder: str, fold: int | str, checkpoint_name: str) -> 
             f"student plans (nnUNetv2_kd_plan_student --teacher-fold N --teacher-checkpoint NAME); note that a "
             f"teacher fold other than the student's may have trained on the student's validation cases.")
     checkpoint = load_nnunet_checkpoint(checkpoint_file)
+    bad = nonfinite_tensors(checkpoint["network_weights"])
+    if bad:
+        raise TeacherError(
+            f"The teacher checkpoint {checkpoint_file} holds NaN or infinite values in {len(bad)} tensor(s) (e.g. "
+            f"{bad[:3]}): its training diverged or the file was damaged, and a student distilled from it would "
+            f"learn NaN. Use another checkpoint of that teacher (nnUNetv2_kd_plan_student --teacher-checkpoint "
+            f"checkpoint_best.pth, or teacher.checkpoint in the student plans) or retrain that teacher fold.")
     from batchgenerators.utilities.file_and_folder_operations import load_json
     init_args = checkpoint.get("init_args", {})
     teacher = TeacherModel(model_folder=model_folder, fold=fold, checkpoint_file=checkpoint_file,

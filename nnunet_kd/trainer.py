@@ -15,8 +15,9 @@ same pass), frozen and without gradients, under the same autocast as the student
 """
 from __future__ import annotations
 
+import os
 import random
-from os.path import join
+from os.path import dirname, isfile, join
 
 import numpy as np
 import torch
@@ -32,18 +33,25 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunet_kd.cost import count_parameters
 from nnunet_kd.features import FeatureTaps
 from nnunet_kd.losses.feature import FeatureAdapter, FeatureDistillationLoss
-from nnunet_kd.losses.kl import LogitKLLoss
+from nnunet_kd.losses.kl import LogitKLLoss, label_teacher_logits
 from nnunet_kd.losses.lovasz import LovaszSoftmaxLoss
 from nnunet_kd.losses.mskd import FeatureFilteringDistillation, RegionGraphDistillation
 from nnunet_kd.progress import KDLocalLogger, term_key
 from nnunet_kd.recipe import parse_recipe, plans_file_path
-from nnunet_kd.teacher import (TeacherError, build_frozen_teacher, check_teacher_compatible, load_nnunet_checkpoint,
-                               locate_teacher, strip_wrapper_prefixes, teacher_training_cases)
+from nnunet_kd.teacher import (CorruptCheckpointError, TeacherError, atomic_torch_save, build_frozen_teacher,
+                               check_teacher_compatible, load_nnunet_checkpoint, locate_teacher, strip_wrapper_prefixes,
+                               teacher_training_cases)
 
 # Checkpoint keys of our own, next to nnU-Net's. nnU-Net's predictor reads only 'network_weights', so the
 # student checkpoint stays loadable by plain nnU-Net; nnUNetv2_kd_export removes these keys altogether.
 ADAPTERS_KEY = "kd_adapters"
 RECIPE_KEY = "kd_recipe"
+# The checkpoints nnU-Net's --c chooses from (run_training: final, else latest, else best), in that order.
+RESUMABLE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite: training stops instead of training a NaN student to the end."""
 
 
 def seed_everything(seed: int) -> None:
@@ -58,6 +66,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
     kd_method = "none"
     # Terms a method may use, in logging order; the recipe's weights switch them on (weight > 0).
     kd_supported_terms = ("kl", "lovasz", "feature", "ffd", "rgd")
+    # Where the soft targets come from: "network" (the frozen teacher) or "labels" (the one-hot ground truth, the
+    # label-teacher control: the same terms with no teacher knowledge, isolating what class re-weighting alone does).
+    kd_teacher_source = "network"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -90,6 +101,12 @@ class nnUNetTrainerKD(nnUNetTrainer):
 
     def _setup_distillation(self):
         recipe = self.kd_recipe
+        if len(self.kd_terms) == 1:  # segmentation only (a re-weighted plain student): nothing to distil from
+            self.print_to_log_file(f"Method '{self.kd_method}': no distillation term, loss weights {self.kd_weights}.")
+            return
+        if self.kd_teacher_source == "labels":
+            self._setup_label_teacher()
+            return
         teacher_fold = recipe.teacher.fold_for_student(self.fold)
         teacher, checkpoint = locate_teacher(recipe.teacher.model_folder, teacher_fold, recipe.teacher.checkpoint)
         check_teacher_compatible(teacher, self.plans_manager, self.configuration_manager, self.dataset_json,
@@ -125,6 +142,28 @@ class nnUNetTrainerKD(nnUNetTrainer):
             f"{count_parameters(self.teacher):,} parameters, student {count_parameters(self.network):,}, adapters "
             f"{count_parameters(self.kd_adapters):,} (not exported). Loss weights {self.kd_weights}, "
             f"temperature {temperature}, feature stages {stages}.")
+
+    def _setup_label_teacher(self):
+        settings = self.kd_recipe.settings
+        if {"feature", "ffd", "rgd"} & set(self.kd_terms):
+            raise TeacherError(f"Method '{self.kd_method}' takes its soft targets from the labels, which have no "
+                               f"features: set the feature, ffd and rgd weights to 0 in {self.kd_plans_file}.")
+        self.kd_losses["kl"] = LogitKLLoss(temperature=float(settings["temperature"]),
+                                           region_based=self.label_manager.has_regions,
+                                           reduction=settings.get("kl_reduction", "voxel"))
+        self.kd_losses["lovasz"] = LovaszSoftmaxLoss(region_based=self.label_manager.has_regions)
+        self.print_to_log_file(f"Method '{self.kd_method}': soft targets are the one-hot ground truth (no teacher). "
+                               f"Loss weights {self.kd_weights}, temperature {settings['temperature']}.")
+
+    def _label_teacher_logits(self, target) -> list:
+        """The ground truth as logits, per deep-supervision level (nnunet_kd.losses.kl.label_teacher_logits)."""
+        temperature = float(self.kd_recipe.settings["temperature"])
+        outputs = []
+        for level in (target if isinstance(target, (list, tuple)) else [target]):
+            labels, valid = self._split_target(level)
+            outputs.append(label_teacher_logits(labels, self.label_manager.num_segmentation_heads, temperature,
+                                                valid, region_based=self.label_manager.has_regions))
+        return outputs
 
     def _setup_structured_distillation(self):
         if self.label_manager.has_regions:
@@ -226,9 +265,12 @@ class nnUNetTrainerKD(nnUNetTrainer):
         with self._autocast():
             student_out = self.network(data)
             terms = {"segmentation": self.loss(student_out, target)}
-            if self.teacher is not None:
+            if self.teacher is not None or (self.kd_teacher_source == "labels" and len(self.kd_terms) > 1):
                 student_features = self.student_taps.pop() if self.student_taps else {}
-                teacher_out = self.teacher(data)  # one pass gives logits and (through the taps) features
+                if self.teacher is not None:
+                    teacher_out = self.teacher(data)  # one pass gives logits and (through the taps) features
+                else:
+                    teacher_out = self._label_teacher_logits(target)
                 teacher_features = self.teacher_taps.pop() if self.teacher_taps else {}
                 terms.update(self.distillation_terms(student_out, teacher_out, student_features, teacher_features,
                                                      target))
@@ -317,6 +359,32 @@ class nnUNetTrainerKD(nnUNetTrainer):
         self.logger.log("train_losses", float(losses.cpu()), self.current_epoch)
         for name, value in zip(self.kd_terms, terms.cpu().tolist()):
             self.logger.log(term_key(name), value, self.current_epoch)
+        self._stop_on_nonfinite_loss(float(losses.cpu()), dict(zip(self.kd_terms, terms.cpu().tolist())))
+
+    def _stop_on_nonfinite_loss(self, total: float, term_means: dict) -> None:
+        """Once per epoch, on the logged means: a NaN/Inf in any step makes its term's mean non-finite. Raised before
+        nnU-Net's on_epoch_end, so no checkpoint of this epoch (with possibly NaN weights) is written."""
+        bad = {name: value for name, value in term_means.items() if not np.isfinite(value)}
+        if not bad and np.isfinite(total):
+            return
+        fixes = []
+        if "segmentation" in bad:
+            fixes.append("for 'segmentation' (nnU-Net's Dice+CE): check the preprocessed data for NaN/Inf voxels and "
+                         "lower the learning rate")
+        kd_bad = [name for name in bad if name != "segmentation"]
+        if kd_bad:
+            teacher = self.kd_recipe.teacher.model_folder if self.kd_recipe.teacher is not None else "-"
+            fixes.append(f"for {kd_bad}: lower their weights (0 switches a term off) under kd.{self.configuration_name}"
+                         f".methods.{self.kd_method}.weights in {self.kd_plans_file} (nnUNetv2_kd_plan_student --set "
+                         f"methods.{self.kd_method}.weights.<term>=...) and check the teacher ({teacher})")
+        message = (f"Training stopped in epoch {self.current_epoch}: the loss term(s) "
+                   f"{sorted(bad) or ['total']} became non-finite (per-term epoch means: "
+                   f"{ {k: float(v) for k, v in term_means.items()} }, total {total}). Continuing would train a NaN "
+                   f"student to the end. No checkpoint of this epoch was written; the last one in {self.output_folder} "
+                   f"is from before. Fix: {'; '.join(fixes) or 'lower the learning rate'}; then resume with --c or "
+                   f"start again.")
+        self.print_to_log_file(f"ERROR: {message}")
+        raise NonFiniteLossError(message)
 
     def on_epoch_end(self):
         self.print_to_log_file("train loss terms (unweighted):", ", ".join(
@@ -336,7 +404,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        torch.save({
+        atomic_torch_save({
             "network_weights": self._student_module().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
@@ -350,12 +418,44 @@ class nnUNetTrainerKD(nnUNetTrainer):
             RECIPE_KEY: self.plans_manager.plans.get("kd", {}).get(self.configuration_name),
         }, filename)
 
+    def _load_intact_checkpoint(self, filename: str) -> tuple[str, dict]:
+        """Load ``filename``; if it is truncated or corrupt (a kill or a full disk while an older version of this
+        code, or another tool, wrote it), fall back to the newest intact sibling nnU-Net's --c would also accept
+        (checkpoint_final/latest/best, highest epoch first), with a warning in the training log."""
+        try:
+            return filename, load_nnunet_checkpoint(filename, map_location=self.device)
+        except CorruptCheckpointError as error:
+            corrupt_error = error
+        intact = []
+        for rank, name in enumerate(RESUMABLE_CHECKPOINTS):
+            candidate = join(dirname(os.path.abspath(filename)), name)
+            if not isfile(candidate) or os.path.abspath(candidate) == os.path.abspath(filename):
+                continue
+            try:
+                checkpoint = load_nnunet_checkpoint(candidate, map_location=self.device)
+            except TeacherError:
+                continue
+            if checkpoint.get("trainer_name") == self.__class__.__name__:
+                intact.append((-int(checkpoint.get("current_epoch", 0)), rank, candidate, checkpoint))
+        if not intact:
+            raise CorruptCheckpointError(
+                f"Cannot resume: {filename} is truncated or corrupt and no intact "
+                f"{'/'.join(RESUMABLE_CHECKPOINTS)} is beside it ({corrupt_error}). Delete {filename} and start this "
+                f"fold again without --c, or restore the file from a backup.") from corrupt_error
+        _, _, chosen, checkpoint = min(intact, key=lambda item: item[:2])
+        self.print_to_log_file(
+            f"WARNING: {filename} is truncated or corrupt ({str(corrupt_error).splitlines()[0]}); resuming from the "
+            f"newest intact checkpoint {chosen} (epoch {checkpoint.get('current_epoch')}) instead. Delete {filename} "
+            f"to silence this warning.")
+        return chosen, checkpoint
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
             self.initialize()
-        checkpoint = load_nnunet_checkpoint(filename_or_checkpoint, map_location=self.device) \
-            if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
-        where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
+        if isinstance(filename_or_checkpoint, str):
+            where, checkpoint = self._load_intact_checkpoint(filename_or_checkpoint)
+        else:
+            where, checkpoint = "the checkpoint", filename_or_checkpoint
         if checkpoint.get("trainer_name") != self.__class__.__name__:
             raise RuntimeError(f"{where} was written by trainer {checkpoint.get('trainer_name')}, not "
                                f"{self.__class__.__name__}. Resume with -tr {checkpoint.get('trainer_name')}.")

@@ -104,3 +104,32 @@ def test_benchmark_cli_names_the_bad_input_and_the_fix(workspace, tmp_path):
     assert f"Student plans not found: {missing}" in proc.stderr
     assert "nnUNetv2_kd_plan_student -d" in proc.stderr and "-o nnUNetPlans_missing" in proc.stderr
     assert not os.path.exists(tmp_path / "b.json")
+
+
+class _Payload:
+    """Pickled into a poisoned checkpoint: unpickling it without weights_only runs os.makedirs(marker)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def test_benchmark_refuses_a_poisoned_student_checkpoint_without_running_it(workspace, monkeypatch, tmp_path):
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    from nnunet_kd.teacher import UnsafeCheckpointError
+    workspace.set_env(monkeypatch)
+    student = tmp_path / f"nnUNetTrainerKD_Adaptive__{STUDENT_PLANS}__{CONFIGURATION}"
+    (student / "fold_0").mkdir(parents=True)
+    save_json(load_json(join(workspace.preprocessed, STUDENT_PLANS + ".json")), str(student / "plans.json"))
+    save_json(load_json(join(workspace.preprocessed, "dataset.json")), str(student / "dataset.json"))
+    marker = str(tmp_path / "payload_ran")
+    checkpoint = str(student / "fold_0" / "checkpoint_final.pth")
+    torch.save({"network_weights": {}, "trainer_name": "nnUNetTrainerKD_Adaptive",
+                "init_args": {"configuration": CONFIGURATION}, "payload": _Payload(marker)}, checkpoint)
+    with pytest.raises(UnsafeCheckpointError, match=r"checkpoint_final\.pth holds Python objects") as error:
+        run_benchmark(str(DATASET_ID), None, "0", student=str(student), device="cpu", steps=1, warmup=0,
+                      inference_repeats=1, inference_warmup=0, output=str(tmp_path / "b.json"), verbose=False)
+    assert checkpoint in str(error.value) and "re-save the checkpoint" in str(error.value)
+    assert not os.path.exists(marker) and not os.path.exists(tmp_path / "b.json")

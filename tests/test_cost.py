@@ -172,3 +172,57 @@ def test_predictor_and_timing(tmp_path):
                                         (4.56e9, "4.56 G"), (999_999, "1.00 M"), (2.5e12, "2.50 T")])
 def test_format_count(n, expected):
     assert format_count(n) == expected
+
+
+class _Payload:
+    """Pickled into a 'poisoned' checkpoint: unpickling it without weights_only runs os.makedirs(marker)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def _model_folder_with_checkpoint(tmp_path, checkpoint: dict | bytes):
+    plans = small_plans()
+    model_folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (model_folder / "fold_0").mkdir(parents=True)
+    (model_folder / "plans.json").write_text(json.dumps(plans))
+    (model_folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    path = model_folder / "fold_0" / "checkpoint_final.pth"
+    if isinstance(checkpoint, bytes):
+        path.write_bytes(checkpoint)
+    else:
+        torch.save(checkpoint, path)
+    return str(model_folder), str(path)
+
+
+def test_predictor_never_unpickles_a_poisoned_checkpoint(tmp_path):
+    from nnunet_kd.compare import inference_seconds
+    from nnunet_kd.teacher import UnsafeCheckpointError
+
+    net = build_network_from_plans(small_plans(), DATASET_JSON, "3d_fullres")
+    marker = str(tmp_path / "payload_ran")
+    folder, path = _model_folder_with_checkpoint(tmp_path, {
+        "network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+        "init_args": {"configuration": "3d_fullres"}, "payload": _Payload(marker)})
+    # make_predictor (the benchmark's --student and the comparison's inference timing) and the comparison itself
+    for build in (lambda: make_predictor(folder, 0),
+                  lambda: inference_seconds(folder, 0, torch.zeros(1, 8, 16, 16), "cpu", repeats=1)):
+        with pytest.raises(UnsafeCheckpointError, match=r"checkpoint_final\.pth holds Python objects") as error:
+            build()
+        assert path in str(error.value) and "re-save the checkpoint" in str(error.value)
+        assert not os.path.exists(marker)
+    # The file really is poisoned: nnU-Net's own loader (weights_only=False) runs the payload.
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    nnUNetPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(folder, (0,))
+    assert os.path.exists(marker)
+
+
+def test_predictor_reports_random_bytes_as_a_corrupt_checkpoint(tmp_path):
+    from nnunet_kd.teacher import CorruptCheckpointError
+
+    folder, path = _model_folder_with_checkpoint(tmp_path, bytes(range(256)) * 20)
+    with pytest.raises(CorruptCheckpointError, match=r"is not a readable PyTorch checkpoint.*corrupt or truncated"):
+        make_predictor(folder, 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import glob
 import os
 import shutil
@@ -12,10 +13,11 @@ import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
-from conftest import CONFIGURATION, DATASET_ID, STUDENT_PLANS
+from conftest import CONFIGURATION, DATASET_ID, DATASET_NAME, STUDENT_PLANS
 from nnunet_kd.planning import PlanningError, plan_student
 from nnunet_kd.recipe import RecipeError
-from nnunet_kd.teacher import TeacherError
+from nnunet_kd.teacher import (CorruptCheckpointError, TeacherError, UnsafeCheckpointError, atomic_torch_save,
+                               load_nnunet_checkpoint)
 
 
 def make_trainer(ws, monkeypatch, plans_name=STUDENT_PLANS, fold=0, trainer="nnUNetTrainerKD_Adaptive"):
@@ -209,3 +211,219 @@ def test_seeded_recipe_gives_plain_and_kd_students_the_same_initial_weights(work
     save_json(plans, join(workspace.preprocessed, "nnUNetPlans_seeded.json"), sort_keys=False)
     with pytest.raises(RecipeError, match=r"nnUNetPlans_seeded\.json: kd\.3d_fullres\.training\.seed must be null or"):
         make_trainer(workspace, monkeypatch, "nnUNetPlans_seeded", trainer="nnUNetTrainerKD_NoKD")
+
+
+# ---------------------------------------------------------------------------------------- checkpoint files
+class _Payload:
+    """Pickled into a poisoned checkpoint: unpickling it without weights_only runs os.makedirs(marker)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def test_random_empty_and_truncated_files_are_reported_as_corrupt_not_as_python_objects(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"network_weights": {"w": torch.ones(1000)}}, good)
+    files = {"random.pth": np.random.default_rng(0).bytes(4096), "empty.pth": b"",
+             "pickle_opcode_then_noise.pth": b"\x80\x02" + np.random.default_rng(1).bytes(4096),
+             "truncated.pth": good.read_bytes()[: good.stat().st_size // 3]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CorruptCheckpointError, match=r"is not a readable PyTorch checkpoint") as error:
+            load_nnunet_checkpoint(str(tmp_path / name))
+        assert str(tmp_path / name) in str(error.value), name
+        assert "corrupt or truncated" in str(error.value) and "copy it again, or retrain" in str(error.value), name
+        assert "holds Python objects" not in str(error.value), name
+
+
+def test_poisoned_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = str(tmp_path / "payload_ran")
+    path = str(tmp_path / "checkpoint_final.pth")
+    torch.save({"network_weights": {}, "payload": _Payload(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"checkpoint_final\.pth holds Python objects .*re-save"):
+        load_nnunet_checkpoint(path)
+    assert not os.path.exists(marker)
+
+
+def _disk_full_after(n_bytes: int):
+    """A torch.save that writes ``n_bytes`` of the real file, then fails as a full disk does."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        import io
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[:n_bytes])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return save
+
+
+def test_atomic_save_keeps_the_previous_file_when_the_disk_fills(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint_latest.pth")
+    atomic_torch_save({"network_weights": {"w": torch.ones(10)}, "current_epoch": 1}, path)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "save", _disk_full_after(100))
+        with pytest.raises(OSError, match=r"Could not write .*checkpoint_latest\.pth .*No space left.*unchanged.*Free"):
+            atomic_torch_save({"network_weights": {"w": torch.zeros(10)}, "current_epoch": 2}, path)
+    assert load_nnunet_checkpoint(path)["current_epoch"] == 1  # the previous checkpoint, intact
+    assert os.listdir(tmp_path) == ["checkpoint_latest.pth"]  # no temporary file left behind
+
+
+def test_teacher_with_a_nan_weight_is_refused(workspace, monkeypatch, tmp_path):
+    def poison(folder):
+        path = join(folder, "fold_0", "checkpoint_final.pth")
+        checkpoint = torch.load(path, weights_only=False)
+        name = next(k for k, v in checkpoint["network_weights"].items() if v.is_floating_point())
+        checkpoint["network_weights"][name].view(-1)[0] = float("nan")
+        torch.save(checkpoint, path)
+    folder = teacher_copy(workspace, tmp_path, poison)
+    trainer = make_trainer(workspace, monkeypatch, student_plans_with(workspace, "nnUNetPlans_bad_nanteacher", folder))
+    with pytest.raises(TeacherError, match=r"teacher checkpoint .*fold_0/checkpoint_final\.pth holds NaN or infinite "
+                                           r"values in 1 tensor.*--teacher-checkpoint.*retrain that teacher fold"):
+        trainer.initialize()
+    assert not glob.glob(join(trainer.output_folder, "checkpoint_*.pth"))
+
+
+def test_non_finite_loss_term_stops_training_naming_the_term(workspace, monkeypatch):
+    from nnunet_kd.trainer import NonFiniteLossError
+    trainer = make_trainer(workspace, monkeypatch, student_plans_with(workspace, "nnUNetPlans_bad_nanloss"))
+    trainer.initialize()
+    with torch.no_grad():  # a teacher that turned NaN in memory: the distillation terms follow it
+        next(trainer.teacher.network.parameters()).fill_(float("nan"))
+    patch = trainer.configuration_manager.patch_size
+    labels = torch.randint(0, 3, (2, 1, *patch)).float()
+    target = [torch.nn.functional.interpolate(labels, scale_factor=tuple(s), mode="nearest")
+              for s in trainer._get_deep_supervision_scales()]
+    out = trainer.train_step({"data": torch.randn(2, 1, *patch), "target": target})
+    with pytest.raises(NonFiniteLossError, match=r"loss term\(s\) \['feature', 'kl'\] became non-finite") as error:
+        trainer.on_train_epoch_end([out])
+    message = str(error.value)
+    assert "nnUNetPlans_bad_nanloss.json" in message and "methods.adaptive.weights" in message
+    assert "'segmentation'" not in message.split("Fix:")[1]  # the segmentation term was finite
+    assert "became non-finite" in open(trainer.log_file).read()
+
+    finite = {"loss": torch.tensor(1.0), "terms": torch.ones(len(trainer.kd_terms))}
+    trainer.on_train_epoch_end([finite])  # finite epochs pass
+
+
+def test_checkpoints_are_atomic_and_resume_falls_back_to_the_newest_intact_one(workspace, monkeypatch):
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+    name = student_plans_with(workspace, "nnUNetPlans_resume_intact")
+    trainer = make_trainer(workspace, monkeypatch, name, trainer="nnUNetTrainerKD_NoKD")
+    trainer.initialize()
+    folder = trainer.output_folder
+    os.makedirs(folder, exist_ok=True)
+    final, latest, best = (join(folder, f"checkpoint_{n}.pth") for n in ("final", "latest", "best"))
+
+    def save(path, epoch):
+        trainer.current_epoch = epoch - 1  # nnU-Net stores the next epoch to run
+        trainer.save_checkpoint(path)
+    save(latest, 6)
+    save(best, 4)
+    # A full disk (or a kill) while saving leaves the previous checkpoint as it was, and no partial file.
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "save", _disk_full_after(1000))
+        with pytest.raises(OSError, match=r"Could not write .*checkpoint_latest\.pth.*Free disk space"):
+            save(latest, 7)
+    assert load_nnunet_checkpoint(latest)["current_epoch"] == 6
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".pth") or ".tmp" in f) == \
+        ["checkpoint_best.pth", "checkpoint_latest.pth"]
+
+    def resume():  # what nnUNetv2_train ... --c does: final, else latest, else best, then load_checkpoint
+        resumed = make_trainer(workspace, monkeypatch, name, trainer="nnUNetTrainerKD_NoKD")
+        maybe_load_checkpoint(resumed, continue_training=True, validation_only=False)
+        return resumed, open(resumed.log_file).read()
+
+    # A truncated latest (as a non-atomic writer leaves it): --c resumes from best, with a warning.
+    open(latest, "r+b").truncate(os.path.getsize(latest) // 3)
+    resumed, log = resume()
+    assert resumed.current_epoch == 4
+    assert f"WARNING: {latest} is truncated or corrupt" in log and f"newest intact checkpoint {best} (epoch 4)" in log
+
+    # An empty final: the newest intact sibling is latest (epoch 6), not best (epoch 4).
+    save(latest, 6)
+    open(final, "wb").close()
+    resumed, log = resume()
+    assert resumed.current_epoch == 6 and f"newest intact checkpoint {latest} (epoch 6)" in log
+
+    # Nothing intact: stop, naming the corrupt file and the fix.
+    for path in (latest, best):
+        open(path, "r+b").truncate(100)
+    with pytest.raises(CorruptCheckpointError, match=r"Cannot resume: .*checkpoint_final\.pth is truncated or corrupt "
+                                                     r"and no intact .*without --c"):
+        resume()
+
+
+def test_export_refuses_a_student_with_non_finite_weights(workspace, monkeypatch, tmp_path, capsys):
+    from nnunet_kd.export import ExportError, export_student, main as export_main
+    trainer = make_trainer(workspace, monkeypatch, student_plans_with(workspace, "nnUNetPlans_bad_nanstudent"),
+                           trainer="nnUNetTrainerKD_NoKD")
+    trainer.initialize()
+    with torch.no_grad():
+        next(trainer.network.parameters()).view(-1)[0] = float("inf")
+    os.makedirs(trainer.output_folder, exist_ok=True)
+    trainer.save_checkpoint(join(trainer.output_folder, "checkpoint_final.pth"))
+    save_json(trainer.plans_manager.plans, join(trainer.output_folder_base, "plans.json"), sort_keys=False)
+    save_json(trainer.dataset_json, join(trainer.output_folder_base, "dataset.json"), sort_keys=False)
+
+    out = str(tmp_path / "exported")
+    with pytest.raises(ExportError, match=r"fold_0/checkpoint_final\.pth: the student's weights hold NaN or infinite "
+                                          r"values in 1 tensor.*Nothing was exported.*retrain the student"):
+        export_student(trainer.output_folder_base, out)
+    with pytest.raises(SystemExit) as exit_code:
+        export_main(["-i", trainer.output_folder_base, "-o", out])
+    assert exit_code.value.code == 2 and "NaN or infinite" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+# ---------------------------------------------------------------------------------------- planner
+@pytest.mark.parametrize("name", ["sub/nnUNetPlans_x", "nnUNetPlans_x.json", "..\\nnUNetPlans_x", "ABSOLUTE"])
+def test_planner_refuses_a_path_as_plans_name(workspace, monkeypatch, tmp_path, name):
+    workspace.set_env(monkeypatch)
+    name = str(tmp_path / "nnUNetPlans_x") if name == "ABSOLUTE" else name
+    before = sorted(os.listdir(workspace.preprocessed))
+    with pytest.raises(PlanningError, match=r"-o .* is not a plans name: pass a bare name .*\(e\.g\. -o nnUNetPlans_x\)"):
+        plan_student(str(DATASET_ID), CONFIGURATION, workspace.teacher_folder, name, verbose=False)
+    assert sorted(os.listdir(workspace.preprocessed)) == before and not os.listdir(tmp_path)
+
+
+def test_planner_never_overwrites_plans_it_did_not_write_for_this_dataset(workspace, monkeypatch):
+    from nnunet_kd.pipeline import write_budget_plans
+    workspace.set_env(monkeypatch)
+    # Another teacher's plans: their 'kd' key holds only a training budget.
+    write_budget_plans(workspace.preprocessed, "nnUNetPlans", "nnUNetPlans_otherteacher", CONFIGURATION,
+                       num_epochs=1, iterations_per_epoch=3, val_iterations_per_epoch=1)
+    student = load_json(join(workspace.preprocessed, STUDENT_PLANS + ".json"))
+    copied = dict(student)  # a copy under another file name, still naming itself STUDENT_PLANS
+    save_json(copied, join(workspace.preprocessed, "nnUNetPlans_copied.json"), sort_keys=False)
+    foreign = dict(student, plans_name="nnUNetPlans_foreign", dataset_name="Dataset992_Other")
+    save_json(foreign, join(workspace.preprocessed, "nnUNetPlans_foreign.json"), sort_keys=False)
+    for plans_name, reason in (("nnUNetPlans_otherteacher", r"has a 'kd\.3d_fullres' entry without the teacher/"
+                                                             r"methods/student sections"),
+                               ("nnUNetPlans_copied", rf"names itself plans_name '{STUDENT_PLANS}'"),
+                               ("nnUNetPlans_foreign", r"belongs to dataset 'Dataset992_Other'")):
+        path = join(workspace.preprocessed, plans_name + ".json")
+        before = open(path).read()
+        with pytest.raises(PlanningError, match=rf"{plans_name}\.json exists and {reason}.*not a student plans file "
+                                                rf"written by nnUNetv2_kd_plan_student for {DATASET_NAME}.*another -o"):
+            plan_student(str(DATASET_ID), CONFIGURATION, workspace.teacher_folder, plans_name, overwrite=True,
+                         verbose=False)
+        assert open(path).read() == before, plans_name
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"overrides": ("methods.adaptive.temperature=NaN",)}, r"methods\.adaptive\.temperature must be a finite number > 0"),
+    ({"overrides": ("methods.logit.weights.kl=Infinity",)}, r"methods\.logit\.weights\.kl must be a finite number"),
+    ({"temperature": 0.0}, r"temperature must be a finite number > 0, got 0\.0"),
+])
+def test_planner_refuses_non_finite_or_zero_settings_and_writes_nothing(workspace, monkeypatch, kwargs, message):
+    workspace.set_env(monkeypatch)
+    output = join(workspace.preprocessed, "nnUNetPlans_never_nonfinite.json")
+    with pytest.raises(RecipeError, match=message) as error:
+        plan_student(str(DATASET_ID), CONFIGURATION, workspace.teacher_folder, "nnUNetPlans_never_nonfinite",
+                     verbose=False, **kwargs)
+    assert output in str(error.value)
+    assert not os.path.exists(output)

@@ -136,3 +136,25 @@ class LogitKLLoss(nn.Module):
             return region_balanced_mean(per_region, target, mask)
         per_voxel = softmax_kl_map(student_logits, teacher_logits, self.temperature)
         return class_balanced_mean(per_voxel, target, student_logits.shape[1], mask)
+
+
+def label_teacher_logits(labels: torch.Tensor, num_classes: int, temperature: float,
+                         mask: Optional[torch.Tensor] = None, region_based: bool = False,
+                         floor: float = 1e-6) -> torch.Tensor:
+    """Logits of a "teacher" that is the ground truth: their tempered softmax (or per-region sigmoid) is the one-hot
+    label up to ``floor``. Fed to the KL in place of a network's logits they turn the KD terms into a tempered,
+    identically reduced cross-entropy on the labels: the label-teacher control, which isolates what the terms'
+    re-weighting does without any teacher knowledge.
+
+    labels: (B, 1, *sp) label map, or (B, R, *sp) binary regions when region_based; mask: (B, 1, *sp) bool or None
+    (masked voxels get class 0, the KL masks them anyway). The floor keeps every log finite."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if region_based:
+        return temperature * torch.logit(labels.float().clamp(floor, 1 - floor))
+    labels = labels.long()
+    if mask is not None:
+        labels = torch.where(mask, labels, torch.zeros_like(labels))
+    one_hot = torch.zeros((labels.shape[0], num_classes, *labels.shape[2:]), device=labels.device)
+    one_hot.scatter_(1, labels, 1.0)
+    return temperature * torch.log(one_hot.clamp_min(floor))

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Held-out evidence runner: teacher, plain students and distilled students on a fixed test split, several seeds.
+
+    python benchmarks/run_evidence.py --raw-dataset ../shared/data/Dataset004_Hippocampus -c 2d --n-test 50 \
+        --teacher-epochs 50 --student-epochs 40 --iterations-per-epoch 50 --max-batch-size 32 \
+        --runs plain@0.25 adaptive@0.25 --seeds 0 1 2
+
+Trains what is missing (resumable: finished models are reused, an interrupted one resumes with --c) in --workdir
+(outside the repository), predicts the held-out test cases with nnUNetv2_predict, evaluates them with nnU-Net's
+evaluation, and rewrites benchmarks/results/<dataset>-<configuration>-<device>-heldout.{json,md,_width_sweep.png,
+_curves.png} after every model, from every finished model of the workspace trained on the same budget. The
+protocol itself (split, statistics, plateau check) is nnunet_kd.evidence.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from os.path import abspath, basename, dirname, expanduser, join
+
+HERE = dirname(abspath(__file__))
+RESULTS = join(HERE, "results")
+SPLITS = join(HERE, "splits")
+
+
+def main(argv=None) -> None:
+    import torch
+
+    from nnunet_kd.compare import device_label
+    from nnunet_kd.evidence import Protocol, Workspace, build_report, parse_runs, run_protocol, write_report
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--raw-dataset", required=True, help="A DatasetXXX_Name folder in nnU-Net raw format (read only)")
+    parser.add_argument("-c", "--configuration", default="2d")
+    parser.add_argument("--n-test", type=int, default=50, help="Held-out test cases (used only when the split file "
+                                                               "does not exist yet)")
+    parser.add_argument("--split-file", default=None, help="Default: benchmarks/splits/<dataset>.json")
+    parser.add_argument("--workdir", default=None, help="Default: ~/kd_evidence/<dataset>-<configuration>")
+    parser.add_argument("--runs", nargs="+", default=["plain@0.25", "adaptive@0.25"], metavar="METHOD@WIDTH",
+                        help="Students to train, in this order, each for every seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--teacher-epochs", type=int, required=True)
+    parser.add_argument("--student-epochs", type=int, required=True)
+    parser.add_argument("--iterations-per-epoch", type=int, required=True)
+    parser.add_argument("--val-iterations-per-epoch", type=int, default=10)
+    parser.add_argument("--max-batch-size", type=int, default=None, help="Cap on nnU-Net's planned batch size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--report-only", action="store_true", help="Train nothing; rewrite the results files")
+    parser.add_argument("--commit", action="store_true",
+                        help="git commit the results files every time they are rewritten (long runs across sessions)")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+
+    dataset = basename(os.path.normpath(args.raw_dataset))
+    protocol = Protocol(
+        raw_dataset=abspath(args.raw_dataset),
+        split_file=abspath(args.split_file or join(SPLITS, f"{dataset}.json")), n_test=args.n_test,
+        workdir=abspath(expanduser(args.workdir or f"~/kd_evidence/{dataset}-{args.configuration}")),
+        configuration=args.configuration, runs=parse_runs(args.runs), seeds=args.seeds,
+        teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
+        iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
+        max_batch_size=args.max_batch_size, device=args.device)
+    command = "python benchmarks/run_evidence.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout.json")
+    latency_cache = join(protocol.workdir, "latency.json")
+
+    def report(ws: Workspace) -> None:
+        result = build_report(ws, command, latency_cache)
+        written = write_report(result, json_path)
+        print(f"\n{result['table']}\n\nwritten: {', '.join(written)}", flush=True)
+        if args.commit:
+            repo = dirname(HERE)
+            subprocess.run(["git", "-C", repo, "add", "--"] + written + [protocol.split_file], check=False)
+            subprocess.run(["git", "-C", repo, "commit", "-q", "-m", f"Held-out results {basename(json_path)}: "
+                            f"{len(result['models'])} model rows", "--"] + written + [protocol.split_file],
+                           check=False)
+
+    if args.report_only:
+        report(Workspace(protocol))
+    else:
+        run_protocol(protocol, report)
+
+
+if __name__ == "__main__":
+    main()

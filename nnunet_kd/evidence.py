@@ -1,0 +1,731 @@
+"""Held-out evidence: does a distilled student beat the same student trained without KD, on real scans?
+
+The protocol (``benchmarks/run_evidence.py`` drives it; every step is a real nnU-Net command):
+
+1. **A fixed held-out test split** (``benchmarks/splits/<dataset>.json``, written once with a seed and then only
+   read): ``test`` cases never enter the workspace's raw training folder, so no model, plan or fingerprint sees
+   them. The ``train`` cases get nnU-Net's own 5-fold cross-validation split (``crossval``, written as the
+   workspace's ``splits_final.json``); fold 0's validation cases are where recipe choices are made.
+2. **Models**: one teacher (nnU-Net's default network, plain nnU-Net loss) and, for every (method, width, seed),
+   a student trained on the same fold's training cases. Seed s of every method starts from the same weights and
+   sees the same batches (``nnUNet_n_proc_DA=0``), so per-case differences are paired.
+3. **Test evaluation**: ``nnUNetv2_predict`` of every model on the test images, then nnU-Net's own
+   ``compute_metrics_on_folder``: Dice, false-positive and false-negative voxels per case and class.
+4. **Statistics**: for every KD method, the paired per-case difference to the plain student of the same width
+   (and to the teacher), with a 95% bootstrap interval that resamples cases and seeds (``paired_bootstrap``).
+5. **Plateau**: the plain student's validation curve (nnU-Net's per-epoch pseudo Dice) over the last fifth of
+   training; a budget where it still rises is reported as a learning-speed result, not as final quality.
+
+Everything that trains is resumable: a finished model (``checkpoint_final.pth`` + validation summary) is reused,
+an interrupted one resumes with ``--c``, and the results file is rewritten after every model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from os.path import basename, isdir, isfile, join
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+SPLIT_SEED = 20261125
+CROSSVAL_SEED = 12345  # nnU-Net's own seed for its 5-fold split
+
+
+# ---------------------------------------------------------------------------------------------------- split
+def raw_case_ids(raw_dataset: str) -> list[str]:
+    """Case identifiers of a raw nnU-Net dataset (the label files of labelsTr)."""
+    dataset_json = load_json(join(raw_dataset, "dataset.json"))
+    ending = dataset_json["file_ending"]
+    labels = join(raw_dataset, "labelsTr")
+    return sorted(f[:-len(ending)] for f in os.listdir(labels) if f.endswith(ending))
+
+
+def make_split(raw_dataset: str, n_test: int, seed: int = SPLIT_SEED, n_folds: int = 5) -> dict:
+    """A seeded held-out split: ``test`` (n_test cases), ``train`` (the rest) and nnU-Net's cross-validation
+    folds of the training cases (``crossval``, nnU-Net's generate_crossval_split with its own seed)."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    cases = raw_case_ids(raw_dataset)
+    if not 0 < n_test < len(cases) - n_folds:
+        raise ValueError(f"{raw_dataset} has {len(cases)} labelled cases: cannot hold out {n_test} for testing and "
+                         f"still run a {n_folds}-fold cross-validation on the rest.")
+    rng = random.Random(seed)
+    test = sorted(rng.sample(cases, n_test))
+    train = [c for c in cases if c not in set(test)]
+    return {"dataset": basename(os.path.normpath(raw_dataset)), "split_seed": seed, "n_cases": len(cases),
+            "test": test, "train": train, "crossval_seed": CROSSVAL_SEED,
+            "crossval": generate_crossval_split(train, seed=CROSSVAL_SEED, n_splits=n_folds)}
+
+
+def load_or_make_split(split_file: str, raw_dataset: str, n_test: int) -> dict:
+    """The fixed split: read it when it exists (checking it still fits the data), else write it once."""
+    if isfile(split_file):
+        split = load_json(split_file)
+        missing = sorted(set(split["train"] + split["test"]) - set(raw_case_ids(raw_dataset)))
+        if missing:
+            raise ValueError(f"{split_file} names cases that {raw_dataset} does not have ({missing[:5]}...). The split "
+                             f"belongs to other data: point --raw-dataset at the data it was written for.")
+        if set(split["train"]) & set(split["test"]):
+            raise ValueError(f"{split_file}: cases are both in train and test. Restore the file from git.")
+        return split
+    split = make_split(raw_dataset, n_test)
+    os.makedirs(os.path.dirname(os.path.abspath(split_file)), exist_ok=True)
+    save_json(split, split_file, sort_keys=False)
+    return split
+
+
+def prepare_workspace(raw_dataset: str, split: dict, raw_root: str, test_root: str) -> tuple[str, str, str]:
+    """Link the split into a workspace: ``raw_root/<dataset>`` holds the training cases only (so nnU-Net's planning
+    never sees a test case), ``test_root/imagesTs`` and ``labelsTs`` the test cases. Returns (raw folder,
+    test images folder, test labels folder). The source stays untouched (read-only data)."""
+    dataset_json = load_json(join(raw_dataset, "dataset.json"))
+    ending = dataset_json["file_ending"]
+    channels = sorted(int(k) for k in dataset_json["channel_names"])
+    raw_folder = join(raw_root, split["dataset"])
+    images_ts, labels_ts = join(test_root, "imagesTs"), join(test_root, "labelsTs")
+    for folder in (join(raw_folder, "imagesTr"), join(raw_folder, "labelsTr"), images_ts, labels_ts):
+        os.makedirs(folder, exist_ok=True)
+
+    def link(source: str, target: str) -> None:
+        if not os.path.lexists(target):
+            os.symlink(os.path.abspath(source), target)
+
+    for cases, images, labels in ((split["train"], join(raw_folder, "imagesTr"), join(raw_folder, "labelsTr")),
+                                  (split["test"], images_ts, labels_ts)):
+        for case in cases:
+            for ch in channels:
+                name = f"{case}_{ch:04d}{ending}"
+                link(join(raw_dataset, "imagesTr", name), join(images, name))
+            link(join(raw_dataset, "labelsTr", case + ending), join(labels, case + ending))
+    workspace_json = dict(dataset_json, numTraining=len(split["train"]),
+                          description=f"{dataset_json.get('description', '')} [training cases of the held-out split "
+                                      f"{split['dataset']} (seed {split['split_seed']}); {len(split['test'])} test "
+                                      f"cases kept outside]")
+    save_json(workspace_json, join(raw_folder, "dataset.json"), sort_keys=False)
+    return raw_folder, images_ts, labels_ts
+
+
+def write_crossval_split(preprocessed_base: str, split: dict) -> None:
+    """The split's folds as nnU-Net's splits_final.json (so nnU-Net does not draw its own)."""
+    target = join(preprocessed_base, "splits_final.json")
+    if isfile(target) and load_json(target) != split["crossval"]:
+        raise ValueError(f"{target} differs from the fixed split's cross-validation folds: this workspace was made "
+                         f"with another split. Use a new --workdir.")
+    save_json(split["crossval"], target, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+# Protocol method name -> nnU-Net trainer. "plain" is the baseline of every comparison at the same width.
+TRAINERS = {
+    "plain": "nnUNetTrainerKD_NoKD",
+    "adaptive": "nnUNetTrainerKD_Adaptive",
+    "logit": "nnUNetTrainerKD_Logit",
+    "mskd": "nnUNetTrainerMSKD",
+    "plain_seg_weight": "nnUNetTrainerKD_PlainSegWeight",
+    "label_teacher": "nnUNetTrainerKD_LabelTeacher",
+}
+LABELS = {
+    "teacher": "teacher",
+    "plain": "plain student",
+    "adaptive": "Adaptive KD",
+    "logit": "logit KD (Fast-nnUNet recipe)",
+    "mskd": "MSKD",
+    "plain_seg_weight": "control: plain, segmentation x0.7",
+    "label_teacher": "control: label teacher",
+}
+# Controls are compared with the plain student like the methods, but are not candidates for "best KD".
+CONTROLS = ("plain_seg_weight", "label_teacher")
+
+
+def _row_order(key: tuple) -> tuple:
+    """Widest first; within a width the plain student, then the methods, then the controls."""
+    method, width = key
+    return -width, (0 if method == "plain" else 2 if method in CONTROLS else 1), method
+
+
+@dataclass(frozen=True)
+class StudentRun:
+    method: str
+    width: float
+    seed: int
+
+    @property
+    def plans_name(self) -> str:
+        return student_plans_name(self.width, self.seed)
+
+    @property
+    def trainer(self) -> str:
+        return TRAINERS[self.method]
+
+
+def student_plans_name(width: float, seed: int) -> str:
+    """One student plans file per (width, seed): every method of that width and seed trains from it."""
+    return f"nnUNetPlans_evidence_w{str(width).replace('.', 'p')}_s{seed}"
+
+
+def parse_runs(specs: list[str]) -> list[tuple[str, float]]:
+    """'adaptive@0.25' -> ('adaptive', 0.25); refuses unknown methods and widths outside (0, 4]."""
+    runs = []
+    for spec in specs:
+        method, sep, width = spec.partition("@")
+        if method not in TRAINERS or not sep:
+            raise ValueError(f"run '{spec}': expected METHOD@WIDTH with METHOD one of {sorted(TRAINERS)}, e.g. "
+                             f"adaptive@0.25.")
+        try:
+            value = float(width)
+        except ValueError:
+            raise ValueError(f"run '{spec}': width '{width}' is not a number.") from None
+        if not 0 < value <= 4:
+            raise ValueError(f"run '{spec}': width must be in (0, 4].")
+        runs.append((method, value))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------- test set
+def per_case_metrics(summary_file: str) -> dict:
+    """nnU-Net's evaluation summary -> {case: {label: {"Dice", "FP", "FN", "TP", "n_ref"}}} (labels as strings)."""
+    from nnunetv2.evaluation.evaluate_predictions import load_summary_json
+
+    summary = load_summary_json(summary_file)
+    out = {}
+    for entry in summary["metric_per_case"]:
+        case = basename(entry["reference_file"])
+        case = case[:case.index(".")] if "." in case else case
+        out[case] = {str(k): {m: float(v[m]) for m in ("Dice", "FP", "FN", "TP", "n_ref", "n_pred")}
+                     for k, v in entry["metrics"].items()}
+    return out
+
+
+def mean_foreground_dice(case_metrics: dict) -> float:
+    """Mean Dice over the foreground labels of one case (nnU-Net gives NaN Dice when a label is absent from both
+    reference and prediction: such a label is skipped, as nnU-Net's foreground mean does)."""
+    values = [m["Dice"] for m in case_metrics.values() if not np.isnan(m["Dice"])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def paired_bootstrap(diffs: np.ndarray, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Mean and 95% percentile bootstrap interval of paired differences ``diffs`` (seeds x cases).
+
+    Each resample draws cases with replacement (the test set is a sample of patients) and, independently,
+    seeds with replacement (training is a random process): the interval covers both sources of variation. With a
+    single seed it reduces to the ordinary case bootstrap."""
+    diffs = np.atleast_2d(np.asarray(diffs, dtype=float))
+    n_seeds, n_cases = diffs.shape
+    rng = np.random.default_rng(seed)
+    seeds_idx = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    cases_idx = rng.integers(0, n_cases, size=(n_boot, n_cases))
+    # mean over the resampled seeds of the mean over the resampled cases
+    per_seed_case_means = diffs[:, cases_idx]            # (n_seeds, n_boot, n_cases)
+    per_seed_means = per_seed_case_means.mean(axis=2).T  # (n_boot, n_seeds)
+    boot = np.take_along_axis(per_seed_means, seeds_idx, axis=1).mean(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"mean_diff": float(diffs.mean()), "ci95": [float(low), float(high)], "n_cases": int(n_cases),
+            "n_seeds": int(n_seeds)}
+
+
+def plateau(curve: list[float], fraction: float = 0.2, tolerance: float = 0.01) -> dict:
+    """Has a validation curve stopped improving? The gain of a least-squares line over its last ``fraction`` of
+    epochs (slope x span). ``flat`` when that gain is below ``tolerance`` (0.01 Dice by default)."""
+    curve = [float(v) for v in curve]
+    n = max(3, int(round(len(curve) * fraction)))
+    if len(curve) < n:
+        return {"flat": False, "gain_over_last_fifth": None, "epochs": len(curve)}
+    tail = np.asarray(curve[-n:])
+    slope = np.polyfit(np.arange(n), tail, 1)[0]
+    gain = float(slope * (n - 1))
+    return {"flat": bool(gain < tolerance), "gain_over_last_fifth": gain, "epochs_in_window": n,
+            "tolerance": tolerance, "epochs": len(curve)}
+
+
+# ---------------------------------------------------------------------------------------------------- running
+@dataclass
+class Protocol:
+    raw_dataset: str               # the source DatasetXXX_Name folder (read only)
+    split_file: str                # benchmarks/splits/<dataset>.json
+    n_test: int
+    workdir: str
+    configuration: str
+    runs: list                     # [(method, width)], in the order they are trained
+    seeds: list
+    teacher_epochs: int
+    student_epochs: int
+    iterations_per_epoch: int
+    val_iterations_per_epoch: int = 10
+    max_batch_size: int | None = None
+    teacher_seed: int = 0
+    fold: int = 0
+    device: str = "cpu"
+    latency_repeats: int = 5
+
+    @property
+    def dataset_name(self) -> str:
+        return basename(os.path.normpath(self.raw_dataset))
+
+    @property
+    def dataset_id(self) -> int:
+        return int(self.dataset_name[len("Dataset"):len("Dataset") + 3])
+
+
+TEACHER_PLANS = "nnUNetPlans_evidence_teacher"
+TEACHER_TRAINER = "nnUNetTrainerKD_NoKD"
+
+
+class Workspace:
+    """The nnU-Net folders of one protocol, outside the repository; every method here is idempotent."""
+
+    def __init__(self, protocol: Protocol):
+        from nnunet_kd.pipeline import nnunet_env
+
+        self.p = protocol
+        self.env = nnunet_env(protocol.workdir, cpu_friendly=protocol.device == "cpu")
+        self.log = join(protocol.workdir, "commands.log")
+        self.preprocessed = join(self.env["nnUNet_preprocessed"], protocol.dataset_name)
+        self.results = join(self.env["nnUNet_results"], protocol.dataset_name)
+        self.split = load_or_make_split(protocol.split_file, protocol.raw_dataset, protocol.n_test)
+        _, self.test_images, self.test_labels = prepare_workspace(
+            protocol.raw_dataset, self.split, self.env["nnUNet_raw"], join(protocol.workdir, "test"))
+
+    def command(self, name: str, args: list[str], env: dict | None = None) -> None:
+        from nnunet_kd.pipeline import console_script, run
+
+        run(console_script(name) + [str(a) for a in args], env or self.env, self.log, quiet=True)
+
+    def preprocess(self) -> None:
+        if not isfile(join(self.preprocessed, "nnUNetPlans.json")):
+            # nnU-Net 2.8.1's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0.
+            plan_env = {k: v for k, v in self.env.items() if k != "nnUNet_n_proc_DA"}
+            self.command("nnUNetv2_plan_and_preprocess", ["-d", self.p.dataset_id, "-c", self.p.configuration,
+                                                          "-np", 2, "--verify_dataset_integrity"], plan_env)
+        write_crossval_split(self.preprocessed, self.split)
+
+    def folder(self, trainer: str, plans: str) -> str:
+        return join(self.results, f"{trainer}__{plans}__{self.p.configuration}")
+
+    def train(self, trainer: str, plans: str) -> str:
+        from nnunet_kd.compare import _check_same_plans
+
+        folder = self.folder(trainer, plans)
+        fold_dir = join(folder, f"fold_{self.p.fold}")
+        if isfile(join(fold_dir, "checkpoint_final.pth")) and isfile(join(fold_dir, "validation", "summary.json")):
+            _check_same_plans(folder, join(self.preprocessed, plans + ".json"), self.p.fold)
+            return folder
+        args = [self.p.dataset_id, self.p.configuration, self.p.fold, "-tr", trainer, "-p", plans,
+                "-device", self.p.device]
+        if isfile(join(fold_dir, "checkpoint_latest.pth")):
+            args.append("--c")
+        print(f"  training {trainer} {plans}", flush=True)
+        self.command("nnUNetv2_train", args)
+        return folder
+
+    def teacher(self) -> str:
+        from nnunet_kd.pipeline import write_budget_plans
+
+        write_budget_plans(self.preprocessed, "nnUNetPlans", TEACHER_PLANS, self.p.configuration,
+                           self.p.teacher_epochs, self.p.iterations_per_epoch, self.p.val_iterations_per_epoch,
+                           seed=self.p.teacher_seed, max_batch_size=self.p.max_batch_size)
+        return self.train(TEACHER_TRAINER, TEACHER_PLANS)
+
+    def plan_student(self, teacher_folder: str, width: float, seed: int) -> str:
+        name = student_plans_name(width, seed)
+        self.command("nnUNetv2_kd_plan_student", [
+            "-d", self.p.dataset_id, "-c", self.p.configuration, "--teacher", teacher_folder, "--width", width,
+            "-o", name, "--epochs", self.p.student_epochs, "--iterations-per-epoch", self.p.iterations_per_epoch,
+            "--val-iterations-per-epoch", self.p.val_iterations_per_epoch, "--seed", seed, "--overwrite"])
+        return name
+
+    def evaluate_on_test(self, folder: str) -> str:
+        """nnUNetv2_predict on the held-out images, then nnU-Net's evaluation; returns the summary file."""
+        out = join(folder, f"fold_{self.p.fold}", "test_predictions")
+        summary = join(out, "summary.json")
+        checkpoint = join(folder, f"fold_{self.p.fold}", "checkpoint_final.pth")
+        if isfile(summary) and os.path.getmtime(summary) > os.path.getmtime(checkpoint):
+            return summary
+        trainer, plans, configuration = basename(folder).split("__")
+        if isdir(out):  # a prediction interrupted earlier (or of another test set): never evaluate stale files
+            shutil.rmtree(out)
+        self.command("nnUNetv2_predict", ["-i", self.test_images, "-o", out, "-d", self.p.dataset_id, "-c",
+                                          configuration, "-tr", trainer, "-p", plans, "-f", self.p.fold,
+                                          "-device", self.p.device, "-npp", 1, "-nps", 1, "--disable_tta"])
+        # nnU-Net's own evaluation command (labels, regions and ignore label from the model's dataset.json/plans)
+        self.command("nnUNetv2_evaluate_folder", [self.test_labels, out, "-djfile", join(folder, "dataset.json"),
+                                                  "-pfile", join(folder, "plans.json"), "-o", summary, "-np", 1])
+        return summary
+
+
+def run_protocol(protocol: Protocol, report=None) -> None:
+    """Train and evaluate everything the protocol names that is not finished; ``report()`` after every model."""
+    ws = Workspace(protocol)
+    ws.preprocess()
+    teacher = ws.teacher()
+    ws.evaluate_on_test(teacher)
+    if report:
+        report(ws)
+    for method, width in protocol.runs:
+        for seed in protocol.seeds:
+            plans = ws.plan_student(teacher, width, seed)
+            folder = ws.train(TRAINERS[method], plans)
+            ws.evaluate_on_test(folder)
+            if report:
+                report(ws)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _voxel_volume_ml(label_file: str) -> float:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(label_file)
+    reader.ReadImageInformation()
+    return float(np.prod(reader.GetSpacing())) / 1000.0
+
+
+def _curves(folder: str, fold: int) -> dict:
+    from nnunet_kd.teacher import load_nnunet_checkpoint
+
+    logging = load_nnunet_checkpoint(join(folder, f"fold_{fold}", "checkpoint_final.pth"))["logging"]
+    pseudo = [float(np.nanmean(v)) for v in logging.get("dice_per_class_or_region", [])]
+    return {"ema_fg_dice": [float(v) for v in logging.get("ema_fg_dice", [])], "pseudo_dice": pseudo}
+
+
+def _model_record(ws: "Workspace", folder: str) -> dict | None:
+    """Everything measured for one finished model, or None when it is not finished and evaluated."""
+    fold = ws.p.fold
+    summary = join(folder, f"fold_{fold}", "test_predictions", "summary.json")
+    validation = join(folder, f"fold_{fold}", "validation", "summary.json")
+    if not (isfile(summary) and isfile(validation)):
+        return None
+    return {"folder": folder, "test": per_case_metrics(summary),
+            "validation_mean_dice": float(load_json(validation)["foreground_mean"]["Dice"]),
+            "curves": _curves(folder, fold)}
+
+
+def _dice_matrix(records: list[dict], cases: list[str]) -> np.ndarray:
+    return np.array([[mean_foreground_dice(r["test"][c]) for c in cases] for r in records])
+
+
+def latency(ws: "Workspace", folder: str) -> dict:
+    """Sliding-window prediction of one real test volume with nnU-Net's predictor (no mirroring): median, min and max
+    of ``latency_repeats`` runs after one warm-up, with 1 thread and with all of this machine's cores."""
+    import torch
+    from nnunet_kd.cost import make_predictor, median_inference_seconds
+
+    # nnU-Net's predictor runs in this process and finds trainer classes through os.environ.
+    os.environ.update({k: ws.env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                              "nnUNet_extTrainer")})
+    predictor = make_predictor(folder, ws.p.fold, device=torch.device(ws.p.device), use_mirroring=False)
+    case = ws.split["test"][0]
+    image_files = sorted(join(ws.test_images, f) for f in os.listdir(ws.test_images) if f.startswith(case + "_"))
+    data, _, _ = _preprocess(predictor, image_files)
+    threads_before = torch.get_num_threads()
+    result = {"case": case, "preprocessed_shape": list(data.shape), "device": ws.p.device}
+    try:
+        for threads in sorted({1, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            timing = median_inference_seconds(predictor, data, repeats=ws.p.latency_repeats, warmup=1)
+            result[f"threads_{threads}"] = {"median_s": timing["median_s"], "min_s": min(timing["all_s"]),
+                                            "max_s": max(timing["all_s"]), "runs": len(timing["all_s"])}
+    finally:
+        torch.set_num_threads(threads_before)
+    return result
+
+
+def _preprocess(predictor, image_files: list[str]):
+    """nnU-Net's own preprocessing of one raw case, as its predictor does it."""
+    import torch
+
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    data, _, properties = preprocessor.run_case(image_files, None, predictor.plans_manager,
+                                                predictor.configuration_manager, predictor.dataset_json)
+    return torch.from_numpy(data), None, properties
+
+
+def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, int] | None:
+    """'<trainer>__nnUNetPlans_evidence_w0p25_s1__<cfg>' -> (method, 0.25, 1); None for anything else."""
+    parts = name.split("__")
+    if len(parts) != 3 or parts[2] != configuration or not parts[1].startswith("nnUNetPlans_evidence_w"):
+        return None
+    methods = {v: k for k, v in TRAINERS.items()}
+    if parts[0] not in methods:
+        return None
+    width, _, seed = parts[1][len("nnUNetPlans_evidence_w"):].partition("_s")
+    return methods[parts[0]], float(width.replace("p", ".")), int(seed)
+
+
+def collect(ws: "Workspace") -> dict:
+    """Every finished, evaluated model of the workspace trained on this protocol's student budget."""
+    p = ws.p
+    teacher = _model_record(ws, ws.folder(TEACHER_TRAINER, TEACHER_PLANS))
+    students, skipped = {}, []
+    for name in sorted(os.listdir(ws.results)) if isdir(ws.results) else []:
+        parsed = _parse_student_folder(name, p.configuration)
+        if parsed is None:
+            continue
+        folder = join(ws.results, name)
+        training = load_json(join(folder, "plans.json"))["kd"][p.configuration]["training"] \
+            if isfile(join(folder, "plans.json")) else {}
+        if (training.get("num_epochs"), training.get("num_iterations_per_epoch")) != \
+                (p.student_epochs, p.iterations_per_epoch):
+            skipped.append(f"{name}: trained for {training.get('num_epochs')} x "
+                           f"{training.get('num_iterations_per_epoch')} iterations, not this protocol's budget")
+            continue
+        record = _model_record(ws, folder)
+        if record is not None:
+            method, width, seed = parsed
+            students.setdefault((method, width), {})[seed] = record
+    return {"teacher": teacher, "students": students, "skipped": skipped}
+
+
+def _summarise(records: list[dict], cases: list[str], voxel_ml: dict, labels: list[str]) -> dict:
+    dice = _dice_matrix(records, cases)
+    ci = paired_bootstrap(dice)
+    per_class = {k: float(np.nanmean([[r["test"][c][k]["Dice"] for c in cases] for r in records])) for k in labels}
+    fp = {k: float(np.mean([[r["test"][c][k]["FP"] * voxel_ml[c] for c in cases] for r in records])) for k in labels}
+    fn = {k: float(np.mean([[r["test"][c][k]["FN"] * voxel_ml[c] for c in cases] for r in records])) for k in labels}
+    return {"test_mean_dice": ci["mean_diff"], "test_mean_dice_ci95": ci["ci95"], "test_dice_per_class": per_class,
+            "fp_ml_per_case": fp, "fn_ml_per_case": fn,
+            "validation_mean_dice": float(np.mean([r["validation_mean_dice"] for r in records])),
+            "test_mean_dice_per_seed": [float(v) for v in np.nanmean(dice, axis=1)]}
+
+
+def build_report(ws: "Workspace", command: str, latency_cache_file: str | None = None) -> dict:
+    """The results document: protocol, one row per model (mean over seeds and test cases), paired comparisons,
+    plateau of the plain students, latency per width, best KD per width (chosen on validation)."""
+    import platform
+
+    import torch
+    from nnunet_kd.compare import device_label
+    from nnunet_kd.cost import network_cost
+
+    p, found = ws.p, collect(ws)
+    teacher = found["teacher"]
+    if teacher is None:
+        raise RuntimeError("The teacher is not trained and evaluated yet: nothing to report.")
+    cases = list(ws.split["test"])
+    ending = load_json(join(p.raw_dataset, "dataset.json"))["file_ending"]
+    voxel_ml = {c: _voxel_volume_ml(join(ws.test_labels, c + ending)) for c in cases}
+    labels = sorted(next(iter(teacher["test"].values())), key=lambda k: (len(k), k))
+    dataset_json = load_json(join(ws.preprocessed, "dataset.json"))
+    names = {str(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
+
+    cache = load_json(latency_cache_file) if latency_cache_file and isfile(latency_cache_file) else {}
+
+    def timed(key: str, folder: str) -> dict:
+        if key not in cache:
+            cache[key] = latency(ws, folder)
+            if latency_cache_file:
+                save_json(cache, latency_cache_file, sort_keys=False)
+        return cache[key]
+
+    rows = []
+    teacher_plans = load_json(join(teacher["folder"], "plans.json"))
+    teacher_cost = network_cost(teacher_plans, dataset_json, p.configuration)
+    rows.append({"model": "teacher", "method": "teacher", "width": 1.0, "seeds": [p.teacher_seed],
+                 "parameters": teacher_cost["parameters"], "flops_per_patch": teacher_cost["flops_per_patch"],
+                 "latency": timed("teacher", teacher["folder"]),
+                 **_summarise([teacher], cases, voxel_ml, labels)})
+    for (method, width), by_seed in sorted(found["students"].items(), key=lambda kv: _row_order(kv[0])):
+        seeds = sorted(by_seed)
+        records = [by_seed[s] for s in seeds]
+        plans = load_json(join(records[0]["folder"], "plans.json"))
+        cost = network_cost(plans, dataset_json, p.configuration)
+        rows.append({"model": LABELS[method], "method": method, "width": width, "seeds": seeds,
+                     "parameters": cost["parameters"], "flops_per_patch": cost["flops_per_patch"],
+                     "latency": timed(f"width {width}", records[0]["folder"]),
+                     **_summarise(records, cases, voxel_ml, labels)})
+
+    teacher_dice = _dice_matrix([teacher], cases)
+    comparisons = []
+    for (method, width), by_seed in sorted(found["students"].items(), key=lambda kv: _row_order(kv[0])):
+        plain = found["students"].get(("plain", width), {})
+        if method != "plain" and plain:
+            seeds = sorted(set(by_seed) & set(plain))
+            if seeds:
+                diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - _dice_matrix([plain[s] for s in seeds], cases)
+                comparisons.append({"method": method, "baseline": "plain", "width": width, "seeds": seeds,
+                                    **paired_bootstrap(diffs)})
+        seeds = sorted(by_seed)
+        diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - teacher_dice
+        comparisons.append({"method": method, "baseline": "teacher", "width": width, "seeds": seeds,
+                            **paired_bootstrap(diffs)})
+
+    plateaus = {}
+    for (method, width), by_seed in found["students"].items():
+        if method == "plain":
+            # The decision uses nnU-Net's per-epoch pseudo Dice on validation patches (mean over seeds): its EMA,
+            # nnU-Net's progress metric, lags by about ten epochs and would call a curve that has levelled off
+            # "still rising"; the EMA's gain is reported beside it.
+            raw = [r["curves"]["pseudo_dice"] for r in by_seed.values()]
+            ema = [r["curves"]["ema_fg_dice"] for r in by_seed.values()]
+            n = min(len(c) for c in raw)
+            ema_check = plateau(list(np.mean([c[:n] for c in ema], axis=0)))
+            plateaus[str(width)] = {"seeds": sorted(by_seed), "curve": "validation pseudo Dice per epoch",
+                                    **plateau(list(np.mean([c[:n] for c in raw], axis=0))),
+                                    "ema_gain_over_last_fifth": ema_check["gain_over_last_fifth"]}
+    best = {}
+    for (method, width) in found["students"]:
+        if method in ("plain",) + CONTROLS:
+            continue
+        row = next(r for r in rows if r["method"] == method and r["width"] == width)
+        if str(width) not in best or row["validation_mean_dice"] > best[str(width)]["validation_mean_dice"]:
+            best[str(width)] = {"method": method, "validation_mean_dice": row["validation_mean_dice"]}
+
+    teacher_cfg = teacher_plans["configurations"][p.configuration]
+    protocol = {
+        "dataset": p.dataset_name, "configuration": p.configuration, "fold": p.fold,
+        "split_file": os.path.relpath(p.split_file, os.getcwd()) if os.path.isabs(p.split_file) else p.split_file,
+        "n_train": len(ws.split["train"]), "n_test": len(cases),
+        "n_fold_train": len(ws.split["crossval"][p.fold]["train"]), "n_validation": len(ws.split["crossval"][p.fold]["val"]),
+        "seeds": sorted({s for v in found["students"].values() for s in v}), "teacher_seed": p.teacher_seed,
+        "budgets": {"teacher_iterations": p.teacher_epochs * p.iterations_per_epoch,
+                    "teacher_epochs": p.teacher_epochs, "student_iterations": p.student_epochs * p.iterations_per_epoch,
+                    "student_epochs": p.student_epochs, "iterations_per_epoch": p.iterations_per_epoch,
+                    "val_iterations_per_epoch": p.val_iterations_per_epoch,
+                    "batch_size": teacher_cfg["batch_size"], "patch_size": teacher_cfg["patch_size"]},
+        "device": p.device, "device_name": device_label(p.device), "torch": torch.__version__,
+        "host": platform.node(), "command": command,
+        "test_evaluation": "nnUNetv2_predict --disable_tta (nnU-Net's sliding window, step 0.5, Gaussian weighting, no "
+                           "mirroring: the same for every model, and how a speed-minded deployment runs a student) on "
+                           "the held-out test images, nnU-Net's compute_metrics_on_folder; per-case mean foreground Dice",
+        "ci": "95% percentile bootstrap, 10000 resamples of test cases and (independently) seeds; paired by case "
+              "and seed (seed s of every method shares initial weights and batches)",
+    }
+    result = {"protocol": protocol, "labels": {k: names.get(k, k) for k in labels}, "models": rows,
+              "comparisons": comparisons, "plateau_of_plain_student": plateaus, "best_kd_by_validation": best,
+              "skipped": found["skipped"],
+              "curves": {f"{m}@{w}": {str(s): r["curves"] for s, r in v.items()}
+                         for (m, w), v in found["students"].items()} | {"teacher": {str(p.teacher_seed): teacher["curves"]}}}
+    result["table"] = format_tables(result)
+    return result
+
+
+def _fmt_ci(mean: float, ci: list) -> str:
+    return f"{mean:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def format_tables(result: dict) -> str:
+    """Markdown: the models table, then the paired comparisons, then the plateau check."""
+    from nnunet_kd.cost import format_count
+
+    labels, names = list(result["labels"]), result["labels"]
+    header = (["model", "width", "seeds", "params", "latency s (1 thread)", "test mean Dice [95% CI]"]
+              + [f"Dice {names[k]}" for k in labels] + [f"FP mL {names[k]}" for k in labels]
+              + [f"FN mL {names[k]}" for k in labels] + ["val mean Dice"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in result["models"]:
+        lat = r["latency"].get("threads_1", {})
+        lat_text = f"{lat['median_s']:.3f} ({lat['min_s']:.3f}-{lat['max_s']:.3f})" if lat else ""
+        cells = ([r["model"], f"{r['width']:g}", str(len(r["seeds"])), format_count(r["parameters"]), lat_text,
+                  _fmt_ci(r["test_mean_dice"], r["test_mean_dice_ci95"])]
+                 + [f"{r['test_dice_per_class'][k]:.4f}" for k in labels]
+                 + [f"{r['fp_ml_per_case'][k]:.4f}" for k in labels] + [f"{r['fn_ml_per_case'][k]:.4f}" for k in labels]
+                 + [f"{r['validation_mean_dice']:.4f}"])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| method | baseline | width | seeds | cases | mean paired diff (Dice) | 95% CI | CI above 0 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in result["comparisons"]:
+        lines.append(f"| {LABELS[c['method']]} | {c['baseline']} | {c['width']:g} | {len(c['seeds'])} | {c['n_cases']} "
+                     f"| {c['mean_diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | "
+                     f"{'yes' if c['ci95'][0] > 0 else 'no'} |")
+    lines += ["", "| plain student width | seeds | validation pseudo-Dice gain over the last fifth (fit) | EMA gain "
+                  "(lags) | plateau (gain < 0.01) |", "|---|---|---|---|---|"]
+    for width, pl in sorted(result["plateau_of_plain_student"].items(), key=lambda kv: -float(kv[0])):
+        gain = "" if pl["gain_over_last_fifth"] is None else f"{pl['gain_over_last_fifth']:+.4f}"
+        ema = "" if pl.get("ema_gain_over_last_fifth") is None else f"{pl['ema_gain_over_last_fifth']:+.4f}"
+        lines.append(f"| {width} | {len(pl['seeds'])} | {gain} | {ema} | "
+                     f"{'yes' if pl['flat'] else 'NO: learning-speed result'} |")
+    return "\n".join(lines)
+
+
+def plot_report(result: dict, out_prefix: str) -> list[str]:
+    """<prefix>_width_sweep.png (test Dice against parameters and against 1-thread latency, plain vs the best KD
+    method per width, 95% CI bars) and <prefix>_curves.png (validation EMA pseudo Dice against iterations)."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    rows = result["models"]
+    best = result["best_kd_by_validation"]
+    series = {"plain student": [r for r in rows if r["method"] == "plain"],
+              "best KD (chosen on validation)": [r for r in rows if best.get(str(r["width"]), {}).get("method") == r["method"]]}
+    teacher = next(r for r in rows if r["method"] == "teacher")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, x_of, xlabel in ((axes[0], lambda r: r["parameters"], "parameters (log)"),
+                             (axes[1], lambda r: r["latency"]["threads_1"]["median_s"],
+                              "latency of one test volume, 1 CPU thread, median s (log)")):
+        for (name, srs), marker, color in zip(series.items(), ("o", "s"), ("tab:blue", "tab:red")):
+            srs = sorted(srs, key=x_of)
+            if not srs:
+                continue
+            # the KD series sits 8% to the right so its bars never hide the plain student's at the same width
+            x = [x_of(r) * (1.08 if marker == "s" else 1.0) for r in srs]
+            y = [r["test_mean_dice"] for r in srs]
+            err = [[r["test_mean_dice"] - r["test_mean_dice_ci95"][0] for r in srs],
+                   [r["test_mean_dice_ci95"][1] - r["test_mean_dice"] for r in srs]]
+            ax.errorbar(x, y, yerr=err, marker=marker, color=color, capsize=3, label=name)
+            for r, xi, yi in zip(srs, x, y):
+                text = f"w={r['width']:g}" if marker == "o" else r["method"]
+                ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(-8, -14) if marker == "o" else (6, 6),
+                            fontsize=7, color=color, ha="right" if marker == "o" else "left")
+        ax.errorbar([x_of(teacher)], [teacher["test_mean_dice"]],
+                    yerr=[[teacher["test_mean_dice"] - teacher["test_mean_dice_ci95"][0]],
+                          [teacher["test_mean_dice_ci95"][1] - teacher["test_mean_dice"]]],
+                    marker="*", markersize=12, color="black", capsize=3, linestyle="none", label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel("test mean foreground Dice", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    pr = result["protocol"]
+    fig.suptitle(f"{pr['dataset']} {pr['configuration']}: {pr['n_test']} held-out test cases, seeds "
+                 f"{pr['seeds']}, {pr['budgets']['student_iterations']} student iterations ({pr['device_name']})",
+                 fontsize=9)
+    fig.tight_layout()
+    paths = [out_prefix + "_width_sweep.png"]
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    widths = sorted({r["width"] for r in rows if r["method"] != "teacher"}, reverse=True)
+    fig, axes = plt.subplots(1, max(1, len(widths)), figsize=(5 * max(1, len(widths)), 4), squeeze=False)
+    its = pr["budgets"]["iterations_per_epoch"]
+    t_curve = np.mean([c["ema_fg_dice"] for c in result["curves"]["teacher"].values()], axis=0)
+    for ax, width in zip(axes[0], widths):
+        ax.plot(np.arange(1, len(t_curve) + 1) * its, t_curve, color="black", linestyle="--", label="teacher")
+        for key, by_seed in sorted(result["curves"].items()):
+            if key == "teacher" or float(key.split("@")[1]) != width:
+                continue
+            curves = [c["ema_fg_dice"] for c in by_seed.values()]
+            n = min(len(c) for c in curves)
+            mean = np.mean([c[:n] for c in curves], axis=0)
+            ax.plot(np.arange(1, n + 1) * its, mean, marker="o" if n < 5 else None, markersize=3,
+                    label=f"{LABELS[key.split('@')[0]]} ({len(curves)} seeds)")
+        ax.set_title(f"width {width:g}", fontsize=9)
+        ax.set_xlabel("training iterations", fontsize=9)
+        ax.set_ylabel("validation EMA pseudo Dice", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    paths.append(out_prefix + "_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(result: dict, json_path: str) -> list[str]:
+    """JSON (atomically: a killed session never leaves half a results file), markdown table and PNGs."""
+    stem = json_path[:-len(".json")]
+    plots = plot_report(result, stem)
+    result["plots"] = [basename(x) for x in plots]
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, json_path)
+    with open(stem + ".md", "w") as f:
+        f.write(result["table"] + "\n")
+    return [json_path, stem + ".md"] + plots
