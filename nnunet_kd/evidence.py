@@ -137,6 +137,9 @@ LABELS = {
     "plain_seg_weight": "control: plain, segmentation x0.7",
     "label_teacher": "control: label teacher",
 }
+# One colour per method in every plot (the plain student is blue everywhere).
+COLORS = {"plain": "tab:blue", "adaptive": "tab:red", "logit": "tab:green", "mskd": "tab:purple",
+          "plain_seg_weight": "tab:gray", "label_teacher": "tab:orange"}
 # Controls are compared with the plain student like the methods, but are not candidates for "best KD".
 CONTROLS = ("plain_seg_weight", "label_teacher")
 
@@ -544,12 +547,15 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
     teacher_dice = _dice_matrix([teacher], cases)
     comparisons = []
     for (method, width), by_seed in sorted(found["students"].items(), key=lambda kv: _row_order(kv[0])):
-        plain = found["students"].get(("plain", width), {})
-        if method != "plain" and plain:
-            seeds = sorted(set(by_seed) & set(plain))
+        # KD methods against the plain student and against each control (what the teacher adds beyond the control's
+        # re-weighting); controls against the plain student.
+        baselines = [] if method == "plain" else ["plain"] if method in CONTROLS else ["plain", *CONTROLS]
+        for baseline in baselines:
+            other = found["students"].get((baseline, width), {})
+            seeds = sorted(set(by_seed) & set(other))
             if seeds:
-                diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - _dice_matrix([plain[s] for s in seeds], cases)
-                comparisons.append({"method": method, "baseline": "plain", "width": width, "seeds": seeds,
+                diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - _dice_matrix([other[s] for s in seeds], cases)
+                comparisons.append({"method": method, "baseline": baseline, "width": width, "seeds": seeds,
                                     **paired_bootstrap(diffs)})
         seeds = sorted(by_seed)
         diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - teacher_dice
@@ -631,7 +637,7 @@ def format_tables(result: dict) -> str:
     lines += ["", "| method | baseline | width | seeds | cases | mean paired diff (Dice) | 95% CI | CI above 0 |",
               "|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
-        lines.append(f"| {LABELS[c['method']]} | {c['baseline']} | {c['width']:g} | {len(c['seeds'])} | {c['n_cases']} "
+        lines.append(f"| {LABELS[c['method']]} | {LABELS.get(c['baseline'], c['baseline'])} | {c['width']:g} | {len(c['seeds'])} | {c['n_cases']} "
                      f"| {c['mean_diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | "
                      f"{'yes' if c['ci95'][0] > 0 else 'no'} |")
     lines += ["", "| plain student width | seeds | validation pseudo-Dice gain over the last fifth (fit) | EMA gain "
@@ -708,6 +714,7 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
             n = min(len(c) for c in curves)
             mean = np.mean([c[:n] for c in curves], axis=0)
             ax.plot(np.arange(1, n + 1) * its, mean, marker="o" if n < 5 else None, markersize=3,
+                    color=COLORS.get(key.split("@")[0]),
                     label=f"{LABELS[key.split('@')[0]]} ({len(curves)} seeds)")
         ax.set_title(f"width {width:g}", fontsize=9)
         ax.set_xlabel("training iterations", fontsize=9)
