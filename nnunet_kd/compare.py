@@ -83,19 +83,29 @@ def device_label(device: str) -> str:
     return f"cpu-{os.cpu_count()}cores"
 
 
-def _train(env: dict, log: str, comparison: Comparison, trainer: str, plans: str, fold: int) -> str:
-    folder = model_folder(env["nnUNet_results"], comparison.dataset_name, trainer, plans, comparison.configuration)
+def train_or_reuse(env: dict, log: str, dataset_id: int, dataset_name: str, configuration: str, fold: int,
+                   trainer: str, plans: str, device: str, quiet: bool = False) -> tuple[str, bool]:
+    """``nnUNetv2_train`` unless the run is finished (then it is reused, after checking it was trained with these
+    plans); an interrupted run resumes with ``--c``. Returns (model folder, whether nnU-Net ran)."""
+    folder = model_folder(env["nnUNet_results"], dataset_name, trainer, plans, configuration)
     if isfile(join(folder, f"fold_{fold}", "checkpoint_final.pth")) and \
             isfile(join(folder, f"fold_{fold}", "validation", "summary.json")):
-        _check_same_plans(folder, join(env["nnUNet_preprocessed"], comparison.dataset_name, plans + ".json"), fold)
+        _check_same_plans(folder, join(env["nnUNet_preprocessed"], dataset_name, plans + ".json"), fold)
         print(f"reusing finished run {folder}/fold_{fold}")
-        return folder
-    command = console_script("nnUNetv2_train") + [str(comparison.dataset_id), comparison.configuration, str(fold),
-                                                  "-tr", trainer, "-p", plans, "-device", comparison.device]
+        return folder, False
+    command = console_script("nnUNetv2_train") + [str(dataset_id), configuration, str(fold), "-tr", trainer,
+                                                  "-p", plans, "-device", device]
     if isfile(join(folder, f"fold_{fold}", "checkpoint_latest.pth")):
         command.append("--c")  # an interrupted run: nnU-Net resumes it
-    run(command, env, log)
-    return folder
+    if quiet:  # nnU-Net's output goes to the log only
+        print(f"  training {trainer} {plans}", flush=True)
+    run(command, env, log, quiet=quiet)
+    return folder, True
+
+
+def _train(env: dict, log: str, comparison: Comparison, trainer: str, plans: str, fold: int) -> str:
+    c = comparison
+    return train_or_reuse(env, log, c.dataset_id, c.dataset_name, c.configuration, fold, trainer, plans, c.device)[0]
 
 
 class StaleRunError(RuntimeError):

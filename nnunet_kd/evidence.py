@@ -10,7 +10,7 @@ The protocol (``benchmarks/run_evidence.py`` drives it; every step is a real nnU
    a student trained on the same fold's training cases. Seed s of every method starts from the same weights and
    sees the same batches (``nnUNet_n_proc_DA=0``), so per-case differences are paired.
 3. **Test evaluation**: ``nnUNetv2_predict`` of every model on the test images, then nnU-Net's own
-   ``compute_metrics_on_folder``: Dice, false-positive and false-negative voxels per case and class.
+   ``nnUNetv2_evaluate_folder``: Dice, false-positive and false-negative voxels per case and class.
 4. **Statistics**: for every KD method, the paired per-case difference to the plain student of the same width
    (and to the teacher), with a 95% bootstrap interval that resamples cases and seeds (``paired_bootstrap``).
 5. **Plateau**: the plain student's validation curve (nnU-Net's per-epoch pseudo Dice) over the last fifth of
@@ -150,21 +150,6 @@ def _row_order(key: tuple) -> tuple:
     return -width, (0 if method == "plain" else 2 if method in CONTROLS else 1), method
 
 
-@dataclass(frozen=True)
-class StudentRun:
-    method: str
-    width: float
-    seed: int
-
-    @property
-    def plans_name(self) -> str:
-        return student_plans_name(self.width, self.seed)
-
-    @property
-    def trainer(self) -> str:
-        return TRAINERS[self.method]
-
-
 def student_plans_name(width: float, seed: int) -> str:
     """One student plans file per (width, seed): every method of that width and seed trains from it."""
     return f"nnUNetPlans_evidence_w{str(width).replace('.', 'p')}_s{seed}"
@@ -190,7 +175,8 @@ def parse_runs(specs: list[str]) -> list[tuple[str, float]]:
 
 # ---------------------------------------------------------------------------------------------------- test set
 def per_case_metrics(summary_file: str) -> dict:
-    """nnU-Net's evaluation summary -> {case: {label: {"Dice", "FP", "FN", "TP", "n_ref"}}} (labels as strings)."""
+    """nnU-Net's evaluation summary -> {case: {label: {"Dice", "FP", "FN", "TP", "n_ref", "n_pred"}}} (labels as
+    strings)."""
     from nnunetv2.evaluation.evaluate_predictions import load_summary_json
 
     summary = load_summary_json(summary_file)
@@ -312,19 +298,11 @@ class Workspace:
         return join(self.results, f"{trainer}__{plans}__{self.p.configuration}")
 
     def train(self, trainer: str, plans: str) -> str:
-        from nnunet_kd.compare import _check_same_plans
+        from nnunet_kd.compare import train_or_reuse
 
-        folder = self.folder(trainer, plans)
-        fold_dir = join(folder, f"fold_{self.p.fold}")
-        if isfile(join(fold_dir, "checkpoint_final.pth")) and isfile(join(fold_dir, "validation", "summary.json")):
-            _check_same_plans(folder, join(self.preprocessed, plans + ".json"), self.p.fold)
-            return folder
-        args = [self.p.dataset_id, self.p.configuration, self.p.fold, "-tr", trainer, "-p", plans,
-                "-device", self.p.device]
-        if isfile(join(fold_dir, "checkpoint_latest.pth")):
-            args.append("--c")
-        print(f"  training {trainer} {plans}", flush=True)
-        self.command("nnUNetv2_train", args)
+        folder, ran = train_or_reuse(self.env, self.log, self.p.dataset_id, self.p.dataset_name, self.p.configuration,
+                                     self.p.fold, trainer, plans, self.p.device, quiet=True)
+        self.commands_run += ran
         return folder
 
     def teacher(self) -> str:
@@ -599,7 +577,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
         "host": platform.node(), "command": command,
         "test_evaluation": "nnUNetv2_predict --disable_tta (nnU-Net's sliding window, step 0.5, Gaussian weighting, no "
                            "mirroring: the same for every model, and how a speed-minded deployment runs a student) on "
-                           "the held-out test images, nnU-Net's compute_metrics_on_folder; per-case mean foreground Dice",
+                           "the held-out test images, nnU-Net's nnUNetv2_evaluate_folder; per-case mean foreground Dice",
         "ci": "95% percentile bootstrap, 10000 resamples of test cases and (independently) seeds; paired by case "
               "and seed (seed s of every method shares initial weights and batches)",
     }

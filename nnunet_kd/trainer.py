@@ -115,11 +115,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
         self.teacher = build_frozen_teacher(teacher, checkpoint, self.device)
         del checkpoint
 
-        region_based = self.label_manager.has_regions
-        temperature = float(recipe.settings.get("temperature", 1.0))
-        self.kd_losses["kl"] = LogitKLLoss(temperature=temperature, region_based=region_based,
-                                           reduction=recipe.settings.get("kl_reduction", "voxel"))
-        self.kd_losses["lovasz"] = LovaszSoftmaxLoss(region_based=region_based)
+        temperature = self._setup_logit_losses()
 
         if {"ffd", "rgd"} & set(self.kd_terms):
             self._setup_structured_distillation()
@@ -144,16 +140,21 @@ class nnUNetTrainerKD(nnUNetTrainer):
             f"temperature {temperature}, feature stages {stages}.")
 
     def _setup_label_teacher(self):
-        settings = self.kd_recipe.settings
         if {"feature", "ffd", "rgd"} & set(self.kd_terms):
             raise TeacherError(f"Method '{self.kd_method}' takes its soft targets from the labels, which have no "
                                f"features: set the feature, ffd and rgd weights to 0 in {self.kd_plans_file}.")
-        self.kd_losses["kl"] = LogitKLLoss(temperature=float(settings["temperature"]),
-                                           region_based=self.label_manager.has_regions,
-                                           reduction=settings.get("kl_reduction", "voxel"))
-        self.kd_losses["lovasz"] = LovaszSoftmaxLoss(region_based=self.label_manager.has_regions)
+        temperature = self._setup_logit_losses()
         self.print_to_log_file(f"Method '{self.kd_method}': soft targets are the one-hot ground truth (no teacher). "
-                               f"Loss weights {self.kd_weights}, temperature {settings['temperature']}.")
+                               f"Loss weights {self.kd_weights}, temperature {temperature}.")
+
+    def _setup_logit_losses(self) -> float:
+        """The logit KL and the Lovasz term of the recipe (whatever gives the soft targets); returns T."""
+        settings, region_based = self.kd_recipe.settings, self.label_manager.has_regions
+        temperature = float(settings.get("temperature", 1.0))
+        self.kd_losses["kl"] = LogitKLLoss(temperature=temperature, region_based=region_based,
+                                           reduction=settings.get("kl_reduction", "voxel"))
+        self.kd_losses["lovasz"] = LovaszSoftmaxLoss(region_based=region_based)
+        return temperature
 
     def _label_teacher_logits(self, target) -> list:
         """The ground truth as logits, per deep-supervision level (nnunet_kd.losses.kl.label_teacher_logits)."""
