@@ -63,8 +63,9 @@ def main(argv=None) -> None:
         teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
         max_batch_size=args.max_batch_size, device=args.device)
+    # The command that reproduces the results: --report-only and --commit change nothing that is measured.
     command = "python benchmarks/run_evidence.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
     json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout.json")
     latency_cache = join(protocol.workdir, "latency.json")
 
