@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import io
 import statistics
 import time
@@ -129,11 +128,9 @@ def make_predictor(model_folder: str, fold: Union[int, str], checkpoint_name: st
 
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_kd.teacher import TeacherError, load_nnunet_checkpoint, strip_wrapper_prefixes
+    from nnunet_kd.teacher import TeacherError, build_trained_network, load_nnunet_checkpoint, strip_wrapper_prefixes
 
     device = torch.device(device)
     checkpoint_file = join(model_folder, f"fold_{fold}", checkpoint_name)
@@ -148,28 +145,9 @@ def make_predictor(model_folder: str, fold: Union[int, str], checkpoint_name: st
                            f"does not define. The model folder is inconsistent: copy the whole folder nnUNetv2_train "
                            f"wrote.")
     configuration_manager = plans_manager.get_configuration(configuration)
-    try:
-        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
-    except RuntimeError as e:
-        raise TeacherError(f"{checkpoint_file} was written by trainer class '{trainer_name}', which nnU-Net cannot "
-                           f"find. Add its folder to nnUNet_extTrainer.") from e
-    num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    num_output_channels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
-        network = trainer_class.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                           num_output_channels, enable_deep_supervision=False)
-    else:  # nnU-Net's older signature, as initialize_from_trained_model_folder still accepts it
-        network = trainer_class.build_network_architecture(
-            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
-            enable_deep_supervision=False)
     weights = strip_wrapper_prefixes(checkpoint["network_weights"])
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as e:
-        raise TeacherError(f"{checkpoint_file} does not fit the network of {plans_file} ({str(e).splitlines()[0]}). "
-                           f"The checkpoint and plans come from different runs: copy the model folder as a whole."
-                           ) from e
+    network = build_trained_network(trainer_name, plans_manager, configuration_manager, dataset_json, weights,
+                                    checkpoint_file, plans_file, deep_supervision=False)
 
     # nnUNetPredictor prints a misleading 'Setting this to False' note for every non-cuda device; keep it quiet
     with contextlib.redirect_stdout(io.StringIO()):

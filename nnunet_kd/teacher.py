@@ -312,25 +312,42 @@ class FrozenTeacher(nn.Module):
             return self.network(x)
 
 
-def build_frozen_teacher(teacher: TeacherModel, checkpoint: dict, device: torch.device) -> FrozenTeacher:
-    """Build the teacher with its own trainer class's network builder (so custom teacher architectures work)."""
+def build_trained_network(trainer_name: str, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                          dataset_json: dict, network_weights: dict, checkpoint_file: str, plans_file: str,
+                          deep_supervision: bool) -> nn.Module:
+    """The network the trainer class ``trainer_name`` builds (so custom architectures work), with the checkpoint's
+    weights loaded. Errors name the checkpoint and plans files and the fix."""
+    import inspect
+
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     try:
-        trainer_class = recursive_find_trainer_class_by_name(teacher.trainer_name)
+        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
     except RuntimeError as e:
-        raise TeacherError(f"The teacher {teacher.checkpoint_file} was trained with trainer class "
-                           f"'{teacher.trainer_name}', which nnU-Net cannot find. Add its folder to nnUNet_extTrainer "
-                           f"(separate several folders with '{os.pathsep}').") from e
-    plans_manager = teacher.plans_manager
-    num_outputs = plans_manager.get_label_manager(teacher.dataset_json).num_segmentation_heads
-    network = trainer_class.build_network_architecture(
-        plans_manager, teacher.configuration_manager,
-        determine_num_input_channels(plans_manager, teacher.configuration_manager, teacher.dataset_json),
-        num_outputs, enable_deep_supervision=True)
+        raise TeacherError(f"{checkpoint_file} was written by trainer class '{trainer_name}', which nnU-Net cannot "
+                           f"find. Add its folder to nnUNet_extTrainer (separate several folders with "
+                           f"'{os.pathsep}').") from e
+    num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
+        network = trainer_class.build_network_architecture(plans_manager, configuration_manager, num_inputs,
+                                                           num_outputs, enable_deep_supervision=deep_supervision)
+    else:  # nnU-Net's older signature, as its initialize_from_trained_model_folder still accepts it
+        network = trainer_class.build_network_architecture(
+            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import, num_inputs, num_outputs,
+            enable_deep_supervision=deep_supervision)
     try:
-        network.load_state_dict(strip_wrapper_prefixes(checkpoint["network_weights"]))
+        network.load_state_dict(strip_wrapper_prefixes(network_weights))
     except RuntimeError as e:
-        raise TeacherError(f"{teacher.checkpoint_file} does not fit the architecture in "
-                           f"{join(teacher.model_folder, 'plans.json')} ({str(e).splitlines()[0]}). The checkpoint and "
-                           f"plans come from different runs: copy the teacher's model folder as a whole.") from e
+        raise TeacherError(f"{checkpoint_file} does not fit the network of {plans_file} ({str(e).splitlines()[0]}). "
+                           f"The checkpoint and plans come from different runs: copy the model folder as a whole."
+                           ) from e
+    return network
+
+
+def build_frozen_teacher(teacher: TeacherModel, checkpoint: dict, device: torch.device) -> FrozenTeacher:
+    """Build the teacher with its own trainer class's network builder (so custom teacher architectures work)."""
+    network = build_trained_network(teacher.trainer_name, teacher.plans_manager, teacher.configuration_manager,
+                                    teacher.dataset_json, checkpoint["network_weights"], teacher.checkpoint_file,
+                                    join(teacher.model_folder, "plans.json"), deep_supervision=True)
     return FrozenTeacher(network).to(device)
