@@ -113,6 +113,30 @@ def test_demo_ends_with_the_export_line_when_the_shell_lacks_it(monkeypatch, tmp
     assert "nnUNetv2_kd_demo: warning: nnUNet_extTrainer=" in err and EXPORT_LINE in err
 
 
+
+def test_demo_runs_on_generated_data_unless_given_a_dataset_and_its_configuration(monkeypatch, tmp_path):
+    import nnunet_kd.demo
+    calls = []
+    monkeypatch.setattr(nnunet_kd.demo, "run_demo", lambda *a, **k: calls.append(a))
+    nnunet_kd.demo.main(["--workdir", str(tmp_path / "a"), "--device", "cpu"])
+    nnunet_kd.demo.main(["--workdir", str(tmp_path / "b"), "--device", "cpu", "--data", "/x/Dataset004_H", "-c", "2d"])
+    assert calls[0][6] is None and calls[0][7] == "3d_fullres"  # generated data by default, even beside shared data
+    assert calls[1][6] == "/x/Dataset004_H" and calls[1][7] == "2d"
+    with pytest.raises(SystemExit):
+        nnunet_kd.demo.main(["--workdir", str(tmp_path / "c"), "--data", "/x/Dataset004_H", "--synthetic"])
+
+
+def test_demo_names_models_that_have_not_learned_a_class_yet():
+    from nnunet_kd.demo import DEFAULT_BUDGET, unlearned_classes
+    result = {"labels": {"1": "peripheral_zone", "2": "transition_zone"},
+              "models": [{"model": "teacher", "dice_per_class": {"1": 0.89, "2": 0.88}},
+                         {"model": "plain student", "dice_per_class": {"1": 0.0, "2": 0.71}},
+                         {"model": "Adaptive KD", "dice_per_class": {"1": 0.85, "2": 0.84}}]}
+    assert unlearned_classes(result) == {"plain student": ["peripheral_zone"]}
+    # the quarter-width plain student predicts no foreground for its first ~200 iterations on the demo data
+    assert DEFAULT_BUDGET.student_epochs * DEFAULT_BUDGET.iterations_per_epoch >= 400
+
+
 # ------------------------------------------------------------------------------------- plots
 def _fake_result() -> dict:
     def curves(epochs):
