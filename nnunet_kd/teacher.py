@@ -272,16 +272,80 @@ def check_teacher_compatible(teacher: TeacherModel, student_plans_manager: Plans
             f"student's patches. Keep the teacher's patch size (nnUNetv2_kd_plan_student does).")
 
 
-def teacher_training_cases(teacher: TeacherModel, preprocessed_root: str | None) -> set[str] | None:
-    """The case identifiers the teacher fold was trained on, from its dataset's splits_final.json (None: unknown)."""
-    dataset_name = teacher.plans.get("dataset_name")
-    if preprocessed_root is None or dataset_name is None:
+def _other_dataset_message(teacher: TeacherModel, source: str, teacher_identity: dict, student_identity: dict,
+                           student_dataset_folder: str) -> str | None:
+    """Why the teacher fold was trained on another dataset than the student's (None: the same one, as far as the
+    names and, where both are known, the fingerprints tell)."""
+    if teacher_identity["dataset_name"] != student_identity["dataset_name"]:
+        what = (f"dataset {teacher_identity['dataset_name']}, not the student's {student_identity['dataset_name']} "
+                f"({student_dataset_folder})")
+    elif None not in (teacher_identity["dataset_fingerprint_sha256"], student_identity["dataset_fingerprint_sha256"]) \
+            and teacher_identity["dataset_fingerprint_sha256"] != student_identity["dataset_fingerprint_sha256"]:
+        what = (f"a dataset named {teacher_identity['dataset_name']} whose dataset_fingerprint.json differs from the "
+                f"student's ({join(student_dataset_folder, 'dataset_fingerprint.json')}): other images under the same "
+                f"name, or the dataset was changed and re-planned after the teacher was trained")
+    else:
         return None
-    base = join(preprocessed_root, dataset_name)
-    splits_file = join(base, "splits_final.json")
+    return (f"Teacher fold {teacher.fold} ({teacher.model_folder}) was trained on {what} ({source}). Its case "
+            f"identifiers cannot be compared with the student's by name, so the leakage check cannot tell whether it "
+            f"saw the student's validation cases.")
+
+
+def teacher_training_cases(teacher: TeacherModel, preprocessed_root: str | None = None, *,
+                           student_dataset_folder: str | None = None, log=None,
+                           allow_other_dataset: bool = False) -> set[str] | None:
+    """The case identifiers the teacher fold was trained on (None: unknown).
+
+    Read first from the fold's own record (``fold_X/training_cases.json``, written by this project's trainers when
+    training starts), so a splits_final.json edited after the teacher was trained does not change the answer. A
+    teacher without a record (trained with nnU-Net's own trainer) falls back to the student dataset's
+    splits_final.json, with a warning through ``log``. ``student_dataset_folder`` is the student's
+    nnUNet_preprocessed/<dataset> folder (default: the teacher's dataset under ``preprocessed_root``). A teacher
+    trained on another dataset (name or dataset fingerprint differ) raises TeacherError, unless
+    ``allow_other_dataset``: then it is accepted with a warning and has no cases in common with the student."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_kd.provenance import (ProvenanceError, dataset_fingerprint_sha256, dataset_identity,
+                                      read_training_cases)
+    log = log or print
+    if student_dataset_folder is None:
+        if preprocessed_root is None or teacher.plans.get("dataset_name") is None:
+            return None
+        student_dataset_folder = join(preprocessed_root, teacher.plans["dataset_name"])
+    fold_folder = join(teacher.model_folder, f"fold_{teacher.fold}")
+    try:
+        record = read_training_cases(fold_folder)
+    except ProvenanceError as e:
+        raise TeacherError(str(e)) from e
+    if record is not None:
+        source = f"its record {join(fold_folder, 'training_cases.json')}"
+        teacher_identity = {"dataset_name": record["dataset_name"],
+                            "dataset_fingerprint_sha256": record.get("dataset_fingerprint_sha256")}
+    else:
+        source = (f"its plans {join(teacher.model_folder, 'plans.json')} and the dataset_fingerprint.json nnU-Net "
+                  f"copied beside them")
+        teacher_identity = {"dataset_name": teacher.plans.get("dataset_name"), "dataset_fingerprint_sha256":
+                            dataset_fingerprint_sha256(join(teacher.model_folder, "dataset_fingerprint.json"))}
+    other = _other_dataset_message(teacher, source, teacher_identity, dataset_identity(student_dataset_folder),
+                                   student_dataset_folder)
+    if other is not None:
+        if not allow_other_dataset:
+            raise TeacherError(
+                f"{other} Use a teacher trained on the student's dataset, or, if it was deliberately trained on other "
+                f"data (so it cannot have seen the student's validation cases), set \"allow_validation_overlap\": "
+                f"true under kd.<configuration>.teacher in the student plans (nnUNetv2_kd_plan_student "
+                f"--allow-validation-overlap).")
+        log(f"WARNING: {other} Accepted because allow_validation_overlap is set.")
+        return set()
+    if record is not None:
+        return set(record["training_cases"])
+
+    splits_file = join(student_dataset_folder, "splits_final.json")
+    log(f"WARNING: {fold_folder} has no training_cases.json (the teacher was trained with nnU-Net's own trainer, or "
+        f"an older version of this project): its training cases are taken from today's {splits_file}, which may have "
+        f"been edited since the teacher was trained. Train teachers with -tr nnUNetTrainerBudget to record them.")
     if not isfile(splits_file):
         return None
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     splits = load_json(splits_file)
     if teacher.fold == "all":
         return {k for split in splits for k in split["train"] + split["val"]}

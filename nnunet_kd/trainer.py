@@ -38,6 +38,7 @@ from nnunet_kd.losses.lovasz import LovaszSoftmaxLoss
 from nnunet_kd.losses.mskd import FeatureFilteringDistillation, RegionGraphDistillation
 from nnunet_kd.progress import KDLocalLogger, term_key
 from nnunet_kd.recipe import parse_recipe, plans_file_path
+from nnunet_kd.provenance import record_training_cases
 from nnunet_kd.teacher import (CorruptCheckpointError, TeacherError, atomic_torch_save, build_frozen_teacher,
                                check_teacher_compatible, load_nnunet_checkpoint, locate_teacher, strip_wrapper_prefixes,
                                teacher_training_cases)
@@ -98,6 +99,10 @@ class nnUNetTrainerKD(nnUNetTrainer):
         super().initialize()
         if self.kd_method != "none":
             self._setup_distillation()
+
+    def on_train_start(self):
+        super().on_train_start()
+        record_training_cases(self)  # what this fold trained on, for the leakage guard of a later student
 
     def _setup_distillation(self):
         recipe = self.kd_recipe
@@ -194,7 +199,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
     def _check_teacher_did_not_train_on_validation(self, teacher):
         """A teacher that saw the student's validation cases leaks them into the student: refuse by default."""
         _, val_keys = self.do_split()
-        trained_on = teacher_training_cases(teacher, nnUNet_preprocessed.get() if nnUNet_preprocessed.is_set() else None)
+        trained_on = teacher_training_cases(teacher, student_dataset_folder=self.preprocessed_dataset_folder_base,
+                                            log=self.print_to_log_file,
+                                            allow_other_dataset=self.kd_recipe.teacher.allow_validation_overlap)
         allow = self.kd_recipe.teacher.allow_validation_overlap
         flag = (f"set \"allow_validation_overlap\": true under {self.plans_manager.plans_name}'s "
                 f"kd.{self.configuration_name}.teacher in {self.kd_plans_file} (nnUNetv2_kd_plan_student "
