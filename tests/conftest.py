@@ -15,6 +15,8 @@ DATASET_NAME = "Dataset991_KDTest"
 CONFIGURATION = "3d_fullres"
 TEACHER_PLANS = "nnUNetPlans_testteacher"
 STUDENT_PLANS = "nnUNetPlans_teststudent"
+# nnU-Net's own network and loss at the plans' budget: the teacher folder is a plain nnU-Net model.
+TEACHER_TRAINER = "nnUNetTrainerBudget"
 
 
 class Workspace:
@@ -24,8 +26,7 @@ class Workspace:
         self.preprocessed = join(self.env["nnUNet_preprocessed"], DATASET_NAME)
         self.results = self.env["nnUNet_results"]
         self.raw = join(self.env["nnUNet_raw"], DATASET_NAME)
-        self.teacher_folder = model_folder(self.results, DATASET_NAME, "nnUNetTrainerKD_NoKD", TEACHER_PLANS,
-                                           CONFIGURATION)
+        self.teacher_folder = model_folder(self.results, DATASET_NAME, TEACHER_TRAINER, TEACHER_PLANS, CONFIGURATION)
 
     def run(self, *command: str, env: dict | None = None) -> None:
         run(console_script(command[0]) + list(command[1:]), env or self.env, join(self.root, "commands.log"))
@@ -48,7 +49,7 @@ def workspace(tmp_path_factory) -> Workspace:
     ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "1", env=plan_env)
     write_budget_plans(ws.preprocessed, "nnUNetPlans", TEACHER_PLANS, CONFIGURATION, num_epochs=1,
                        iterations_per_epoch=3, val_iterations_per_epoch=1)
-    ws.run("nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-tr", "nnUNetTrainerKD_NoKD", "-p", TEACHER_PLANS,
+    ws.run("nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-tr", TEACHER_TRAINER, "-p", TEACHER_PLANS,
            "-device", "cpu")
     ws.run("nnUNetv2_kd_plan_student", "-d", str(DATASET_ID), "-c", CONFIGURATION, "--teacher", ws.teacher_folder,
            "--width", "0.25", "-o", STUDENT_PLANS, "--epochs", "1", "--iterations-per-epoch", "3",
