@@ -5,8 +5,8 @@ This is the engine of both ``nnUNetv2_kd_demo`` (a generated dataset, minutes on
 user types, run as a subprocess:
 
 1. ``nnUNetv2_plan_and_preprocess`` (skipped when the dataset is already preprocessed);
-2. a teacher: nnU-Net's default network, trained on the budget (``nnUNetTrainerKD_NoKD`` with a copy of
-   nnU-Net's plans that only changes the training length), or an existing teacher model folder;
+2. a teacher: nnU-Net's default network, trained on the budget (``nnUNetTrainerBudget`` with a copy of
+   nnU-Net's plans that only changes the training length; a plain nnU-Net model), or an existing teacher model folder;
 3. ``nnUNetv2_kd_plan_student``: one student plans file for every student;
 4. ``nnUNetv2_train`` for each student trainer and fold, same budget and same seed: the plain student and each
    distillation method start from the same weights and see the same batches (single-process augmentation);
@@ -30,14 +30,15 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_kd.cost import format_count, make_predictor, median_inference_seconds, network_cost
-from nnunet_kd.pipeline import console_script, model_folder, run, validation_summary, write_budget_plans
+from nnunet_kd.pipeline import (console_script, model_folder, run, trainer_of_existing_run, validation_summary,
+                                write_budget_plans)
 from nnunet_kd.recipe import PLANS_KEY
 
-TEACHER_TRAINER = "nnUNetTrainerKD_NoKD"
+TEACHER_TRAINER = "nnUNetTrainerBudget"
 # Row label -> trainer class. "plain student" is the baseline every KD row is measured against; "logit KD" is the
 # recipe of Fast-nnUNet's distillation trainer (logit KL only, T=3, alpha=0.3, full resolution), our peer.
 STUDENT_TRAINERS = {
-    "plain student": "nnUNetTrainerKD_NoKD",
+    "plain student": "nnUNetTrainerBudget",
     "logit KD (Fast-nnUNet recipe)": "nnUNetTrainerKD_Logit",
     "Adaptive KD": "nnUNetTrainerKD_Adaptive",
     "MSKD": "nnUNetTrainerMSKD",
@@ -86,7 +87,10 @@ def device_label(device: str) -> str:
 def train_or_reuse(env: dict, log: str, dataset_id: int, dataset_name: str, configuration: str, fold: int,
                    trainer: str, plans: str, device: str, quiet: bool = False) -> tuple[str, bool]:
     """``nnUNetv2_train`` unless the run is finished (then it is reused, after checking it was trained with these
-    plans); an interrupted run resumes with ``--c``. Returns (model folder, whether nnU-Net ran)."""
+    plans); an interrupted run resumes with ``--c``. A run an older version of this project trained under an older
+    trainer name (pipeline.LEGACY_TRAINERS) is reused or resumed under that name. Returns (model folder, whether
+    nnU-Net ran)."""
+    trainer = trainer_of_existing_run(env["nnUNet_results"], dataset_name, trainer, plans, configuration, fold)
     folder = model_folder(env["nnUNet_results"], dataset_name, trainer, plans, configuration)
     if isfile(join(folder, f"fold_{fold}", "checkpoint_final.pth")) and \
             isfile(join(folder, f"fold_{fold}", "validation", "summary.json")):

@@ -5,7 +5,7 @@
 2. nnU-Net planning and preprocessing (nnUNetv2_plan_and_preprocess);
 3. a teacher: nnU-Net's default network, trained briefly;
 4. student plans at a quarter of the teacher's width (nnUNetv2_kd_plan_student; 16x fewer parameters and FLOPs);
-5. the same student trained without KD (nnUNetTrainerKD_NoKD), with our peer's logit KD (Fast-nnUNet's recipe,
+5. the same student trained without KD (nnUNetTrainerBudget), with our peer's logit KD (Fast-nnUNet's recipe,
    nnUNetTrainerKD_Logit) and with Adaptive KD (nnUNetTrainerKD_Adaptive), on the same budget, seed and fold;
 6. one table: Dice per class (nnU-Net's evaluation of the fold's validation cases), parameters, FLOPs per patch,
    sliding-window inference time (the engine is nnunet_kd.compare, shared with benchmarks/run_quality.py).

@@ -121,7 +121,7 @@ def write_crossval_split(preprocessed_base: str, split: dict) -> None:
 # ---------------------------------------------------------------------------------------------------- models
 # Protocol method name -> nnU-Net trainer. "plain" is the baseline of every comparison at the same width.
 TRAINERS = {
-    "plain": "nnUNetTrainerKD_NoKD",
+    "plain": "nnUNetTrainerBudget",
     "adaptive": "nnUNetTrainerKD_Adaptive",
     "logit": "nnUNetTrainerKD_Logit",
     "mskd": "nnUNetTrainerMSKD",
@@ -261,7 +261,7 @@ class Protocol:
 
 
 TEACHER_PLANS = "nnUNetPlans_evidence_teacher"
-TEACHER_TRAINER = "nnUNetTrainerKD_NoKD"
+TEACHER_TRAINER = "nnUNetTrainerBudget"
 
 
 class Workspace:
@@ -295,6 +295,11 @@ class Workspace:
         write_crossval_split(self.preprocessed, self.split)
 
     def folder(self, trainer: str, plans: str) -> str:
+        """The run's folder; a workspace made by an older version keeps its older trainer names (LEGACY_TRAINERS)."""
+        from nnunet_kd.pipeline import trainer_of_existing_run
+
+        trainer = trainer_of_existing_run(self.env["nnUNet_results"], self.p.dataset_name, trainer, plans,
+                                          self.p.configuration, self.p.fold)
         return join(self.results, f"{trainer}__{plans}__{self.p.configuration}")
 
     def train(self, trainer: str, plans: str) -> str:
@@ -433,7 +438,10 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
     parts = name.split("__")
     if len(parts) != 3 or parts[2] != configuration or not parts[1].startswith("nnUNetPlans_evidence_w"):
         return None
+    from nnunet_kd.pipeline import LEGACY_TRAINERS
+
     methods = {v: k for k, v in TRAINERS.items()}
+    methods.update({old: methods[new] for new, olds in LEGACY_TRAINERS.items() if new in methods for old in olds})
     if parts[0] not in methods:
         return None
     width, _, seed = parts[1][len("nnUNetPlans_evidence_w"):].partition("_s")

@@ -72,9 +72,10 @@ def run(command: list[str], env: dict, log_file: str | None = None, quiet: bool 
 def write_budget_plans(preprocessed_base: str, source_plans: str, plans_name: str, configuration: str,
                        num_epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int,
                        seed: int | None = None, max_batch_size: int | None = None) -> str:
-    """A copy of nnU-Net's own plans whose only change is a training length, for nnUNetTrainerKD_NoKD.
+    """A copy of nnU-Net's own plans whose only change is a training length (and seed), for nnUNetTrainerBudget.
 
-    This is how the demo trains a teacher briefly: the network is exactly nnU-Net's default one.
+    This is how the demo trains a teacher briefly: the network is exactly nnU-Net's default one, and the folder
+    nnUNetTrainerBudget writes is a plain nnU-Net model.
     ``max_batch_size`` caps the configuration's batch size (nnU-Net plans a 2d batch of several hundred tiny slices
     on small datasets, which a CPU cannot train at any useful pace); students planned from this teacher inherit it.
     """
@@ -95,6 +96,22 @@ def write_budget_plans(preprocessed_base: str, source_plans: str, plans_name: st
 
 def model_folder(results_root: str, dataset_name: str, trainer: str, plans_name: str, configuration: str) -> str:
     return join(results_root, dataset_name, f"{trainer}__{plans_name}__{configuration}")
+
+
+# Trainer -> the names older versions of this project trained the same model with. A run of a workspace made by an
+# older version (finished or interrupted) is reused or resumed under its own name instead of being trained again.
+LEGACY_TRAINERS = {"nnUNetTrainerBudget": ("nnUNetTrainerKD_NoKD",)}
+
+
+def trainer_of_existing_run(results_root: str, dataset_name: str, trainer: str, plans_name: str, configuration: str,
+                            fold: int | str) -> str:
+    """``trainer``, unless only an older name of it has a checkpoint of this plans, configuration and fold."""
+    def has_checkpoint(name: str) -> bool:
+        fold_folder = join(model_folder(results_root, dataset_name, name, plans_name, configuration), f"fold_{fold}")
+        return any(isfile(join(fold_folder, f"checkpoint_{c}.pth")) for c in ("final", "latest", "best"))
+    if has_checkpoint(trainer):
+        return trainer
+    return next((old for old in LEGACY_TRAINERS.get(trainer, ()) if has_checkpoint(old)), trainer)
 
 
 def validation_summary(folder: str, fold: int | str) -> dict:

@@ -39,7 +39,7 @@ def print_trainers_dir(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_kd_trainers_dir", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Print the folder that holds nnunet-kd's trainer classes (nnUNetTrainerKD_Adaptive, "
-                    "nnUNetTrainerKD_Logit,\nnnUNetTrainerKD_NoKD, nnUNetTrainerMSKD, ...). nnU-Net finds a -tr "
+                    "nnUNetTrainerKD_Logit,\nnnUNetTrainerBudget, nnUNetTrainerMSKD, ...). nnU-Net finds a -tr "
                     "trainer outside its own package only\nin the folders listed in nnUNet_extTrainer, so run, "
                     "before nnUNetv2_train / nnUNetv2_predict with a KD trainer:\n\n"
                     f"    {EXPORT_LINE}")
@@ -65,7 +65,7 @@ def ext_trainer_problem(environ=None) -> str | None:
     ours = trainers_dir()
     if not value.strip():
         return ("nnUNet_extTrainer is not set, so nnUNetv2_train and nnUNetv2_predict cannot find the KD trainers "
-                "(-tr nnUNetTrainerKD_Adaptive, nnUNetTrainerKD_Logit, nnUNetTrainerKD_NoKD, nnUNetTrainerMSKD, ...).")
+                "(-tr nnUNetTrainerKD_Adaptive, nnUNetTrainerKD_Logit, nnUNetTrainerBudget, nnUNetTrainerMSKD, ...).")
     if any(_same_folder(p, ours) for p in value.split(os.pathsep) if p.strip()):
         return None
     return (f"nnUNet_extTrainer={value} does not include this installation's trainers folder {ours}: "

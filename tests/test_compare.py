@@ -37,6 +37,26 @@ def test_table_shows_each_folds_mean_dice_when_there_are_several():
     assert "per fold" not in format_table([row], ["1", "2"])
 
 
+def test_runs_of_older_workspaces_are_found_under_their_older_trainer_name(tmp_path):
+    from nnunet_kd.pipeline import model_folder, trainer_of_existing_run
+    results = str(tmp_path)
+
+    def checkpoint(trainer: str, name: str) -> None:
+        fold = join(model_folder(results, DATASET_NAME, trainer, "P", CONFIGURATION), "fold_0")
+        os.makedirs(fold, exist_ok=True)
+        open(join(fold, name), "wb").close()
+
+    def found() -> str:
+        return trainer_of_existing_run(results, DATASET_NAME, "nnUNetTrainerBudget", "P", CONFIGURATION, 0)
+    assert found() == "nnUNetTrainerBudget"  # nothing trained yet: the current trainer
+    checkpoint("nnUNetTrainerKD_NoKD", "checkpoint_latest.pth")  # an interrupted run of an older version
+    assert found() == "nnUNetTrainerKD_NoKD"
+    assert trainer_of_existing_run(results, DATASET_NAME, "nnUNetTrainerBudget", "P", CONFIGURATION, 1) == \
+        "nnUNetTrainerBudget"  # another fold
+    checkpoint("nnUNetTrainerBudget", "checkpoint_final.pth")
+    assert found() == "nnUNetTrainerBudget"
+
+
 def test_comparison_trains_students_on_one_budget_and_reports_everything(workspace, tmp_path):
     ws = workspace
     plans = "nnUNetPlans_testcompare"
@@ -56,6 +76,7 @@ def test_comparison_trains_students_on_one_budget_and_reports_everything(workspa
         assert row["parameters"] > 0 and row["flops_per_patch"] > 0 and row["inference_s"] > 0
         assert row["curves"]["0"]["val_losses"]
     teacher, plain, mskd = result["models"]
+    assert plain["trainer"] == "nnUNetTrainerBudget"
     assert plain["parameters"] == mskd["parameters"] < teacher["parameters"] / 4
     assert result["table"].splitlines()[-1].startswith("| MSKD | ")
 

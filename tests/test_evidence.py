@@ -109,6 +109,9 @@ def test_runs_and_folder_names_round_trip():
     assert _parse_student_folder(name, "2d") == ("adaptive", 0.125, 2)
     assert _parse_student_folder(name, "3d_fullres") is None
     assert _parse_student_folder("nnUNetTrainer__nnUNetPlans__2d", "2d") is None
+    # The plain student: nnUNetTrainerBudget now, nnUNetTrainerKD_NoKD in workspaces made by older versions.
+    for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerKD_NoKD"):
+        assert _parse_student_folder(f"{trainer}__{student_plans_name(0.25, 0)}__2d", "2d") == ("plain", 0.25, 0)
 
 
 def test_per_case_metrics_read_nnunets_evaluation(tmp_path):
