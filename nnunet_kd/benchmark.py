@@ -423,13 +423,13 @@ def _cost(network: nn.Module, input_channels: int, patch_size) -> dict:
 
 @contextlib.contextmanager
 def teacher_disabled(trainer):
-    """The trainer's own step with the teacher off: segmentation loss only (no teacher pass, no KD term)."""
-    saved = trainer.teacher, trainer.kd_terms
-    trainer.teacher, trainer.kd_terms = None, ["segmentation"]
+    """The trainer's own step with the teachers off: segmentation loss only (no teacher pass, no KD term)."""
+    saved = trainer.distillation_enabled, trainer.loss_terms
+    trainer.distillation_enabled, trainer.loss_terms = False, ["segmentation"]
     try:
         yield
     finally:
-        trainer.teacher, trainer.kd_terms = saved
+        trainer.distillation_enabled, trainer.loss_terms = saved
         if trainer.student_taps is not None:
             trainer.student_taps.pop()
 
@@ -520,7 +520,7 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
             patch = kd.configuration_manager.patch_size
             cost = {"teacher": _cost(teacher_predictor.network, kd.num_input_channels, patch),
                     "student": _cost(student_predictor.network, kd.num_input_channels, patch),
-                    "adapters_parameters": count_parameters(kd.kd_adapters)}
+                    "adapters_parameters": count_parameters(kd.distillation)}
             cost["parameter_ratio_teacher_over_student"] = cost["teacher"]["parameters"] / cost["student"]["parameters"]
             cost["flops_ratio_teacher_over_student"] = \
                 cost["teacher"]["flops_per_patch"] / cost["student"]["flops_per_patch"]
@@ -531,23 +531,24 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
 
             def teacher_forward(data):
                 with torch.no_grad(), kd._autocast():
-                    kd.teacher(data)
-                if kd.teacher_taps is not None:
-                    kd.teacher_taps.pop()
+                    for teacher in kd.teachers.values():
+                        teacher(data)
+                for taps in kd.teacher_taps.values():
+                    taps.pop()
 
             plain_terms = []
 
             def plain_step(batch):
                 out = kd.train_step(batch)
-                plain_terms.append(int(out["terms"].numel()))
+                plain_terms.append(len(out["terms"]))
                 if kd.student_taps is not None:  # nobody pops the student's features when the teacher is off
                     kd.student_taps.pop()
 
-            kd_terms = []
+            kd_step_terms = []
 
             def kd_step(batch):
                 out = kd.train_step(batch)
-                kd_terms.append(int(out["terms"].numel()))
+                kd_step_terms.append(sorted(out["terms"]))
 
             def plain_step_teacher_off(batch):
                 with teacher_disabled(kd):
@@ -562,10 +563,10 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
             if set(plain_terms) != {1}:
                 raise RuntimeError(f"The plain student step computed {plain_terms} loss terms, expected only the "
                                    f"segmentation loss: the teacher was not switched off.")
-            if set(kd_terms) != {len(kd.kd_terms)} or len(kd.kd_terms) < 2:
-                raise RuntimeError(f"The KD step returned {kd_terms} terms, expected {kd.kd_terms}.")
+            if any(names != sorted(kd.logged_terms) for names in kd_step_terms) or len(kd.loss_terms) < 2:
+                raise RuntimeError(f"The KD step returned the terms {kd_step_terms}, expected {kd.logged_terms}.")
             training["plain_student_step"]["loss_terms"] = ["segmentation"]
-            training["kd_step"]["loss_terms"] = list(kd.kd_terms)
+            training["kd_step"]["loss_terms"] = list(kd.logged_terms)
 
             plain_s = training["plain_student_step"]["median_s"]
             kd_s = training["kd_step"]["median_s"]
@@ -602,7 +603,7 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
             "student_plans_file": inputs["plans_file"], "student_folder": inputs["student_folder"],
             "student_inference_weights": student_weights,
             "teacher_folder": inputs["teacher_folder"], "teacher_fold": teacher_fold,
-            "teacher_checkpoint": recipe.teacher.checkpoint, "kd_weights": dict(kd.kd_weights),
+            "teacher_checkpoint": recipe.teacher.checkpoint, "kd_weights": dict(kd.loss_weights),
             "batch_size": int(kd.batch_size), "patch_size": [int(p) for p in patch],
             "fixed_batches": n_batches, "batch_source": "trainer.get_dataloaders() training stream, single-threaded, "
                                                         f"seed {seed}, drawn once and reused cyclically",

@@ -21,7 +21,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_kd.recipe import PLANS_KEY
 from nnunet_kd.teacher import atomic_torch_save, load_nnunet_checkpoint, nonfinite_tensors, strip_wrapper_prefixes
-from nnunet_kd.trainer import ADAPTERS_KEY, RECIPE_KEY
+from nnunet_kd.trainer import TRAINING_ONLY_KEYS
 
 VANILLA_TRAINER = "nnUNetTrainer"
 FOLD_FILES = ("progress.png", "debug.json")
@@ -45,7 +45,7 @@ def network_only_optimizer_state(optimizer_state: dict) -> dict:
 
 
 def vanilla_checkpoint(checkpoint: dict) -> dict:
-    out = {k: v for k, v in checkpoint.items() if k not in (ADAPTERS_KEY, RECIPE_KEY)}
+    out = {k: v for k, v in checkpoint.items() if k not in TRAINING_ONLY_KEYS}
     out["trainer_name"] = VANILLA_TRAINER
     out["network_weights"] = strip_wrapper_prefixes(checkpoint["network_weights"])
     init_args = dict(checkpoint["init_args"])

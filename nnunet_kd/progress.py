@@ -19,17 +19,26 @@ def term_key(term: str) -> str:
 
 
 class KDLocalLogger(LocalLogger):
-    def __init__(self, terms: list[str], verbose: bool = False):
+    """``terms``: every logged term; ``required``: those a resumed log must have (the loss terms). A logged part
+    that an older checkpoint lacks (e.g. RGD's node/edge/voxel, logged since the term registry) is filled with NaN
+    for the epochs before."""
+
+    def __init__(self, terms: list[str], verbose: bool = False, required: list[str] | None = None):
         super().__init__(verbose)
         self.terms = list(terms)
+        self.required = list(terms if required is None else required)
         for term in self.terms:
             self.my_fantastic_logging[term_key(term)] = []
 
     def load_checkpoint(self, checkpoint: dict):
-        missing = [term_key(t) for t in self.terms if term_key(t) not in checkpoint]
+        missing = [term_key(t) for t in self.required if term_key(t) not in checkpoint]
         if missing:
             raise RuntimeError(f"The checkpoint's training log has no {missing}: it was written by a different "
                                f"trainer or recipe. Resume with the trainer and plans that wrote it.")
+        checkpoint = dict(checkpoint)
+        epochs = len(checkpoint.get("train_losses", []))
+        for term in self.terms:
+            checkpoint.setdefault(term_key(term), [float("nan")] * epochs)
         super().load_checkpoint(checkpoint)
 
     def plot_progress_png(self, output_folder):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,9 @@ class TeacherRecipe:
     checkpoint: str
     fold: str | int
     allow_validation_overlap: bool
+    name: str = "teacher0"  # keys its modules (adapters) and its logged losses when there are several teachers
+    # teacher label name -> student label name; None: the teacher predicts the student's labels
+    label_map: dict | None = None
 
     def fold_for_student(self, student_fold: int | str) -> int | str:
         """'same' (default): the teacher fold that was trained on the student's training split."""
@@ -91,12 +94,18 @@ class TeacherRecipe:
 class Recipe:
     configuration: str
     method: str
-    teacher: TeacherRecipe | None
+    teachers: tuple  # TeacherRecipe, in recipe order; empty for a method without a teacher
     num_epochs: int
     num_iterations_per_epoch: int
     num_val_iterations_per_epoch: int
     seed: int | None
-    settings: dict  # the method's section: weights, temperature, stages, ...
+    settings: dict  # the method's section as written (with preset defaults): weights, temperature, stages, ...
+    terms: dict = field(default_factory=dict)  # term name -> its typed settings, for the terms with weight > 0
+
+    @property
+    def teacher(self) -> TeacherRecipe | None:
+        """The first teacher (the only one in a one-teacher recipe)."""
+        return self.teachers[0] if self.teachers else None
 
     def weight(self, term: str) -> float:
         return float(self.settings.get("weights", {}).get(term, 0.0))
@@ -142,7 +151,7 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
             f"run nnUNetv2_kd_plan_student -d <dataset> -c {configuration} --teacher <teacher model folder> "
             f"-o <student plans name> and train with -p <student plans name>.")
     raw = all_recipes[configuration]
-    known_top = {"teacher", "training", "methods", "student"}
+    known_top = {"teacher", "teachers", "training", "methods", "student"}
     for key in raw:
         if key not in known_top:
             raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration} has unknown key '{key}' "
@@ -159,7 +168,6 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
         raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.seed must be null or an integer >= 0, "
                           f"got {seed!r}. {fix}")
 
-    teacher = None
     if method != "none":
         methods = raw.get("methods", {})
         if method not in methods:
@@ -175,24 +183,78 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
             else:
                 settings[key] = value
 
-        teacher_raw = dict(DEFAULT_TEACHER, **raw.get("teacher", {}))
-        _check_against_preset(raw.get("teacher", {}), {**DEFAULT_TEACHER, "model_folder": "", "fold": ""},
-                              f"{plans_file}: {PLANS_KEY}.{configuration}.teacher", fix)
-        if not teacher_raw["model_folder"]:
-            raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.teacher.model_folder is not set. "
-                              f"Pass --teacher <nnUNet_results/DatasetXXX/Trainer__Plans__config> to "
-                              f"nnUNetv2_kd_plan_student.")
-        fold = teacher_raw["fold"]
-        if not (fold in ("same", "all") or (isinstance(fold, int) and fold >= 0)):
-            raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.teacher.fold must be \"same\", \"all\" "
-                              f"or a fold number, got {fold!r}. {fix}")
-        teacher = TeacherRecipe(model_folder=str(teacher_raw["model_folder"]), checkpoint=str(teacher_raw["checkpoint"]),
-                                fold=fold, allow_validation_overlap=bool(teacher_raw["allow_validation_overlap"]))
+        teachers = _parse_teachers(raw, plans_file, configuration, fix)
+        terms = _parse_terms(settings, where, fix)
     else:
-        settings = {}
-    return Recipe(configuration=configuration, method=method, teacher=teacher,
+        settings, teachers, terms = {}, (), {}
+    return Recipe(configuration=configuration, method=method, teachers=teachers, terms=terms,
                   num_epochs=training["num_epochs"], num_iterations_per_epoch=training["num_iterations_per_epoch"],
                   num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], seed=seed, settings=settings)
+
+
+def _parse_teachers(raw: dict, plans_file: str, configuration: str, fix: str) -> tuple:
+    """``teacher`` (one object, the form every planner so far wrote) or ``teachers`` (a list of them)."""
+    where = f"{plans_file}: {PLANS_KEY}.{configuration}"
+    if "teacher" in raw and "teachers" in raw:
+        raise RecipeError(f"{where} has both 'teacher' and 'teachers': keep one (a list under 'teachers' for "
+                          f"several teachers). {fix}")
+    if "teachers" in raw:
+        entries = raw["teachers"]
+        if not isinstance(entries, list) or not entries:
+            raise RecipeError(f"{where}.teachers must be a non-empty list of teacher objects, got {entries!r}. {fix}")
+        places = [f"{where}.teachers[{i}]" for i in range(len(entries))]
+    else:
+        entries, places = [raw.get("teacher", {})], [f"{where}.teacher"]
+    teachers = []
+    for i, (entry, place) in enumerate(zip(entries, places)):
+        checked = {k: v for k, v in entry.items() if k != "label_map"} if isinstance(entry, dict) else entry
+        _check_against_preset(checked, {**DEFAULT_TEACHER, "model_folder": "", "fold": "", "name": ""}, place, fix)
+        merged = dict(DEFAULT_TEACHER, **entry)
+        if not merged["model_folder"]:
+            raise RecipeError(f"{place}.model_folder is not set. Pass --teacher <nnUNet_results/DatasetXXX/"
+                              f"Trainer__Plans__config> to nnUNetv2_kd_plan_student.")
+        fold = merged["fold"]
+        if not (fold in ("same", "all") or (isinstance(fold, int) and fold >= 0)):
+            raise RecipeError(f"{place}.fold must be \"same\", \"all\" or a fold number, got {fold!r}. {fix}")
+        name = merged.get("name") or f"teacher{i}"
+        if not name.isidentifier():
+            raise RecipeError(f"{place}.name must be a name of letters, digits and '_' (it keys the teacher's "
+                              f"adapters and logged losses), got {name!r}. {fix}")
+        label_map = merged.get("label_map") or None
+        if label_map is not None and not isinstance(label_map, dict) or label_map and not all(isinstance(k, str) and isinstance(v, str) for k, v in label_map.items()):
+            raise RecipeError(f"{place}.label_map must map teacher label names to student label names (strings, as "
+                              f"in the two dataset.json files), got {label_map!r}. {fix}")
+        teachers.append(TeacherRecipe(model_folder=str(merged["model_folder"]), checkpoint=str(merged["checkpoint"]),
+                                      fold=fold, allow_validation_overlap=bool(merged["allow_validation_overlap"]),
+                                      name=name, label_map=label_map))
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{where}.teachers: two teachers share a name ({names}); give each its own 'name'. {fix}")
+    return tuple(teachers)
+
+
+def _parse_terms(settings: dict, where: str, fix: str) -> dict:
+    """The typed settings of every registered term the method switches on (weight > 0), parsed once."""
+    from nnunet_kd.distill import registered_terms, term_class
+    from nnunet_kd.distill.base import TermSettingsError
+    weights = settings.get("weights", {})
+    unknown = [t for t in weights if t != "segmentation" and t not in registered_terms()]
+    if unknown:
+        raise RecipeError(f"{where}.weights names unknown term(s) {unknown} (known: ['segmentation'] + "
+                          f"{registered_terms()}). {fix}")
+    terms = {}
+    for name in registered_terms():
+        if float(weights.get(name, 0.0)) <= 0:
+            continue
+        cls = term_class(name)
+        missing = [k for k in cls.setting_keys if k not in settings]
+        if missing:
+            raise RecipeError(f"{where} switches on term '{name}' but has no {missing} (its settings). {fix}")
+        try:
+            terms[name] = cls.parse_settings(settings)
+        except TermSettingsError as e:
+            raise RecipeError(f"{where}: {e} {fix}") from e
+    return terms
 
 
 def plans_file_path(preprocessed_base: str | None, plans_name: str) -> str:

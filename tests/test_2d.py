@@ -38,12 +38,12 @@ def test_adaptive_kd_step_on_a_2d_configuration(workspace, monkeypatch):
     kd = _trainer(ws, "nnUNetTrainerKD_Adaptive", "nnUNetPlans_test2dstudent")
     kd.initialize()
     assert kd.teacher is not None and len(kd.configuration_manager.patch_size) == 2
-    assert all(isinstance(m.proj, torch.nn.Conv2d) for m in kd.kd_adapters.values())
+    assert all(isinstance(m.proj, torch.nn.Conv2d) for m in kd.distillation["feature"].adapters["teacher0"].values())
 
     patch = kd.configuration_manager.patch_size
     labels = torch.randint(0, 3, (2, 1, *patch)).float()
     target = [torch.nn.functional.interpolate(labels, scale_factor=tuple(s), mode="nearest")
               for s in kd._get_deep_supervision_scales()]
     out = kd.train_step({"data": torch.randn(2, 1, *patch), "target": target})
-    assert kd.kd_terms == ["segmentation", "kl", "lovasz", "feature"]
-    assert torch.isfinite(out["terms"]).all() and (out["terms"] > 0).all()
+    assert kd.loss_terms == list(out["terms"]) == ["segmentation", "kl", "lovasz", "feature"]
+    assert all(torch.isfinite(v) and v > 0 for v in out["terms"].values())

@@ -32,7 +32,8 @@ def test_kd_training_resume_validation_prediction_and_export(workspace, tmp_path
 
     # The student checkpoint is nnU-Net's, with the adapters beside the network weights, never inside them.
     assert first["trainer_name"] == TRAINER
-    assert first["kd_adapters"], "feature adapters must be checkpointed"
+    assert first["kd_modules"], "feature adapters must be checkpointed"
+    assert all(k.startswith("feature.adapters.teacher0.") for k in first["kd_modules"])  # (term, teacher, stage)
     assert not any(k.startswith(("teacher", "kd_")) for k in first["network_weights"])
     plans = load_json(join(student, "plans.json"))
     plain_student = build_network_from_plans(plans, load_json(join(student, "dataset.json")), CONFIGURATION,
@@ -60,7 +61,7 @@ def test_kd_training_resume_validation_prediction_and_export(workspace, tmp_path
     for term in TERMS:
         assert len(resumed["logging"][term]) == 2
         assert resumed["logging"][term][0] == first["logging"][term][0]  # history restored, not restarted
-    assert any(not torch.equal(resumed["kd_adapters"][k], first["kd_adapters"][k]) for k in first["kd_adapters"])
+    assert any(not torch.equal(resumed["kd_modules"][k], first["kd_modules"][k]) for k in first["kd_modules"])
 
     # --val re-runs nnU-Net's validation of the trained student.
     os.remove(join(student, "fold_0", "validation", "summary.json"))
@@ -105,5 +106,5 @@ def test_plain_student_baseline_trains_without_teacher_on_the_same_budget(worksp
            "-device", "cpu")
     checkpoint = torch.load(join(ws.student_folder("nnUNetTrainerKD_NoKD"), "fold_0", "checkpoint_final.pth"),
                             weights_only=False)
-    assert checkpoint["current_epoch"] == 1 and not checkpoint["kd_adapters"]
+    assert checkpoint["current_epoch"] == 1 and not checkpoint["kd_modules"]
     assert list(k for k in checkpoint["logging"] if k.startswith("kd_")) == ["kd_segmentation"]

@@ -72,13 +72,14 @@ def test_teacher_is_frozen_outside_the_student_and_untouched_by_a_training_step(
     batch = {"data": torch.randn(2, 1, *patch), "target": target}
     teacher_before = copy.deepcopy(teacher.state_dict())
     student_before = copy.deepcopy(trainer.network.state_dict())
-    adapters_before = copy.deepcopy(trainer.kd_adapters.state_dict())
+    adapters_before = copy.deepcopy(trainer.distillation.state_dict())
     out = trainer.train_step(batch)
 
-    assert out["terms"].shape == (4,) and torch.isfinite(out["terms"]).all() and (out["terms"] > 0).all()
+    assert list(out["terms"]) == ["segmentation", "kl", "lovasz", "feature"]
+    assert all(torch.isfinite(v) and v > 0 for v in out["terms"].values())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
     assert any(not torch.equal(v, trainer.network.state_dict()[k]) for k, v in student_before.items())
-    assert any(not torch.equal(v, trainer.kd_adapters.state_dict()[k]) for k, v in adapters_before.items())
+    assert any(not torch.equal(v, trainer.distillation.state_dict()[k]) for k, v in adapters_before.items())
 
 
 def test_missing_teacher_fold_checkpoint(workspace, monkeypatch):
@@ -305,7 +306,7 @@ def test_non_finite_loss_term_stops_training_naming_the_term(workspace, monkeypa
     assert "'segmentation'" not in message.split("Fix:")[1]  # the segmentation term was finite
     assert "became non-finite" in open(trainer.log_file).read()
 
-    finite = {"loss": torch.tensor(1.0), "terms": torch.ones(len(trainer.kd_terms))}
+    finite = {"loss": torch.tensor(1.0), "terms": {name: torch.tensor(1.0) for name in trainer.logged_terms}}
     trainer.on_train_epoch_end([finite])  # finite epochs pass
 
 

@@ -1,0 +1,60 @@
+"""MSKD Feature Filtering Distillation, summed over the recipe's mskd_stages (nnunet_kd.losses.mskd)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nnunet_kd.distill.base import DistillationTerm, TermSettingsError, mean_over_teachers, register_term
+from nnunet_kd.losses.mskd import FeatureFilteringDistillation
+
+
+@dataclass(frozen=True)
+class FFDSettings:
+    stages: tuple[str, ...]
+    boundary_width: int
+    include_background: bool
+    teacher_confidence: bool  # compare only where the teacher segments the voxel correctly
+
+
+def refuse_regions(term: str, context) -> None:
+    if context.region_based:
+        raise TermSettingsError(
+            f"MSKD's region prototypes need one label per voxel, but this dataset is region-based (overlapping "
+            f"sigmoid outputs). Use nnUNetTrainerKD_Adaptive for it, or set the {term} weight to 0 in "
+            f"{context.plans_file}.")
+
+
+@register_term
+class FeatureFiltering(DistillationTerm):
+    name = "ffd"
+    setting_keys = ("mskd_stages", "ffd_boundary_width", "ffd_include_background", "ffd_teacher_confidence")
+    uses_features = True
+
+    @classmethod
+    def parse_settings(cls, section: dict) -> FFDSettings:
+        return FFDSettings(stages=tuple(section["mskd_stages"]), boundary_width=int(section["ffd_boundary_width"]),
+                           include_background=section["ffd_include_background"],
+                           teacher_confidence=section["ffd_teacher_confidence"])
+
+    def __init__(self, settings: FFDSettings, context):
+        super().__init__(settings, context)
+        refuse_regions(self.name, context)
+        self.ffd = FeatureFilteringDistillation(context.num_classes, boundary_width=settings.boundary_width,
+                                                include_background=settings.include_background)
+
+    def stages(self) -> list[str]:
+        return list(self.settings.stages)
+
+    def forward(self, step) -> dict:
+        per_teacher = {}
+        for name, teacher in step.teachers.items():
+            confident = None
+            if self.settings.teacher_confidence:
+                # Keep only voxels the teacher segments correctly: its mistakes are not worth imitating.
+                confident = teacher.logits(0, 1.0).argmax(1, keepdim=True) == step.labels[0].long()
+            value = 0
+            for stage in self.resolved_stages:
+                student = step.student_features[stage]
+                labels, valid = step.labels_at(student.shape[2:])
+                value = value + self.ffd(student, teacher.features[stage], labels, valid, confident)
+            per_teacher[name] = {self.name: value}
+        return mean_over_teachers(self.name, per_teacher)

@@ -1,0 +1,52 @@
+"""Logit KD: T^2 KL(teacher || student) per deep-supervision output, weighted like nnU-Net's outputs (per-region
+binary KL for region-based datasets), averaged over voxels or per ground-truth class (nnunet_kd.losses.kl)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nnunet_kd.distill.base import DistillationTerm, mean_over_teachers, register_term
+from nnunet_kd.losses.kl import LogitKLLoss
+
+
+@dataclass(frozen=True)
+class KLSettings:
+    temperature: float
+    deep_supervision: bool     # every deep-supervision output (nnU-Net's weights) or the full resolution only
+    mean_over_classes: bool    # F.kl_div(reduction='mean') semantics: also divide by the number of classes
+    reduction: str             # 'voxel' or 'class_balanced'
+
+
+@register_term
+class LogitKL(DistillationTerm):
+    name = "kl"
+    setting_keys = ("temperature", "kl_deep_supervision", "kl_mean_over_classes", "kl_reduction")
+
+    @classmethod
+    def parse_settings(cls, section: dict) -> KLSettings:
+        return KLSettings(temperature=float(section["temperature"]), deep_supervision=section["kl_deep_supervision"],
+                          mean_over_classes=section["kl_mean_over_classes"], reduction=section["kl_reduction"])
+
+    def __init__(self, settings: KLSettings, context):
+        super().__init__(settings, context)
+        self.kl = LogitKLLoss(temperature=settings.temperature, region_based=context.region_based,
+                              reduction=settings.reduction)
+
+    def levels(self, step) -> list[int]:
+        weights = self.context.deep_supervision_weights
+        if self.settings.deep_supervision and weights is not None and len(step.student_outputs) > 1:
+            # nnU-Net's DeepSupervisionWrapper skips the outputs it weights 0
+            return [i for i, w in enumerate(weights[:len(step.student_outputs)]) if w != 0.0]
+        return [0]
+
+    def forward(self, step) -> dict:
+        levels = self.levels(step)
+        weights = self.context.deep_supervision_weights if levels != [0] else None
+        per_teacher = {}
+        for name, teacher in step.teachers.items():
+            values = [self.kl(step.student_outputs[i], teacher.logits(i, self.settings.temperature), step.valid[i],
+                              step.labels[i]) for i in levels]
+            value = sum(weights[i] * v for i, v in zip(levels, values)) if weights is not None else values[0]
+            if self.settings.mean_over_classes:
+                value = value / step.student_outputs[0].shape[1]
+            per_teacher[name] = {self.name: value}
+        return mean_over_teachers(self.name, per_teacher)

@@ -1,0 +1,52 @@
+"""What every term reads in one training step: the student's outputs and features, each teacher's outputs and
+features, and the labels and valid-voxel masks at every resolution."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from nnunet_kd.losses._common import resize_mask
+from nnunet_kd.losses.label_map import merge_teacher_logits
+from nnunet_kd.losses.mskd import resize_labels
+
+
+@dataclass
+class TeacherOutputs:
+    """One teacher's pass: deep-supervision outputs (highest resolution first) and tapped features by canonical
+    stage name. ``label_map`` (teacher channel -> student channel, -1 none) merges its outputs onto the student's
+    labels; None when the teacher predicts the student's labels."""
+    name: str
+    outputs: list
+    features: dict = field(default_factory=dict)
+    label_map: Optional[Sequence[int]] = None
+    num_student_channels: int = 0
+    region_based: bool = False
+
+    def logits(self, level: int, temperature: float) -> torch.Tensor:
+        """The output at deep-supervision level ``level``, on the student's labels, as logits at ``temperature``."""
+        out = self.outputs[level]
+        if self.label_map is None:
+            return out
+        return merge_teacher_logits(out, self.label_map, self.num_student_channels, temperature, self.region_based)
+
+
+@dataclass
+class DistillationStep:
+    """``labels[i]`` / ``valid[i]``: nnU-Net's deep-supervision target at level i without the ignore channel, and
+    its valid-voxel mask (None: no ignore label). Levels are highest resolution first, like the outputs."""
+    student_outputs: list
+    student_features: dict
+    teachers: dict  # name -> TeacherOutputs, in recipe order
+    labels: list
+    valid: list
+
+    def labels_at(self, spatial_shape) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Labels and mask at ``spatial_shape``: nnU-Net's own deep-supervision target of that shape; resampled
+        from the full resolution (nearest-exact, nnU-Net's rule) only when no level has it."""
+        shape = tuple(int(s) for s in spatial_shape)
+        for labels, valid in zip(self.labels, self.valid):
+            if tuple(labels.shape[2:]) == shape:
+                return labels, valid
+        return resize_labels(self.labels[0], shape), resize_mask(self.valid[0], shape)
