@@ -64,6 +64,14 @@ def read_training_budget(plans: dict, configuration: str, plans_file: str) -> Tr
                           recipe.seed)
 
 
+def apply_training_budget(trainer, budget) -> None:
+    """Set nnU-Net's three training-length attributes from ``budget`` (a TrainingBudget, or anything with the same
+    fields, such as the distillation recipe), after nnU-Net's __init__ set its defaults."""
+    trainer.num_epochs = budget.num_epochs
+    trainer.num_iterations_per_epoch = budget.num_iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = budget.num_val_iterations_per_epoch
+
+
 def trainer_plans_file(plans: dict) -> str:
     """The plans file a trainer was started with (nnUNetv2_train -p names it after plans_name)."""
     base = join(nnUNet_preprocessed, plans["dataset_name"]) if nnUNet_preprocessed.is_set() else None
@@ -84,9 +92,7 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         if self.budget.seed is not None:
             seed_everything(self.budget.seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = self.budget.num_epochs
-        self.num_iterations_per_epoch = self.budget.num_iterations_per_epoch
-        self.num_val_iterations_per_epoch = self.budget.num_val_iterations_per_epoch
+        apply_training_budget(self, self.budget)
 
     def on_train_start(self):
         super().on_train_start()

@@ -126,7 +126,20 @@ def test_real_training_resumes_with_c_and_records_its_cases(workspace):
     assert record["training_cases"] == sorted(splits[0]["train"])
     assert record["validation_cases"] == sorted(splits[0]["val"])
 
+    # A case the first run trained on but today's split does not list (the splits file was edited in between): the
+    # resumed run's record keeps it, since the fold's weights have seen it.
+    record["training_cases"].append("case_of_the_first_run")
+    save_json(record, join(fold, "training_cases.json"))
     plans_copy(ws, name, name, num_epochs=2)
     ws.run(*train, "--c")
     assert load_nnunet_checkpoint(join(fold, "checkpoint_final.pth"))["current_epoch"] == 2
+    resumed = load_json(join(fold, "training_cases.json"))
+    assert resumed["training_cases"] == sorted(splits[0]["train"] + ["case_of_the_first_run"])
     assert isfile(join(fold, "validation", "summary.json"))
+
+
+def test_the_old_plain_trainer_name_still_trains_and_says_it_is_deprecated(workspace, monkeypatch):
+    old = make_trainer(workspace, monkeypatch, STUDENT_PLANS, trainer="nnUNetTrainerKD_NoKD")
+    assert old.num_epochs == load_json(join(workspace.preprocessed, STUDENT_PLANS + ".json"))["kd"][CONFIGURATION][
+        "training"]["num_epochs"]
+    assert "nnUNetTrainerKD_NoKD is deprecated" in open(old.log_file).read() and BUDGET in open(old.log_file).read()
