@@ -19,12 +19,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_kd.provenance import TRAINING_CASES_FILE
 from nnunet_kd.recipe import PLANS_KEY
 from nnunet_kd.teacher import atomic_torch_save, load_nnunet_checkpoint, nonfinite_tensors, strip_wrapper_prefixes
 from nnunet_kd.trainer import TRAINING_ONLY_KEYS
 
 VANILLA_TRAINER = "nnUNetTrainer"
-FOLD_FILES = ("progress.png", "debug.json")
+# training_cases.json: what the fold trained on, so the exported model, used as a teacher, keeps its leakage record.
+FOLD_FILES = ("progress.png", "debug.json", TRAINING_CASES_FILE)
 
 
 class ExportError(RuntimeError):

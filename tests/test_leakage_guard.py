@@ -123,3 +123,13 @@ def test_an_unreadable_record_is_refused_naming_the_file(workspace, tmp_path):
     with pytest.raises(TeacherError, match=rf"{join(broken, 'fold_0', TRAINING_CASES_FILE)} is not readable JSON.*"
                                            r"Delete"):
         _cases(ws, broken)
+
+
+def test_an_exported_model_keeps_its_training_case_record(workspace, tmp_path):
+    from nnunet_kd.export import export_student
+    ws = workspace
+    exported = export_student(ws.teacher_folder, str(tmp_path / "exported"))
+    assert load_json(join(exported, "fold_0", TRAINING_CASES_FILE)) == \
+        load_json(join(ws.teacher_folder, "fold_0", TRAINING_CASES_FILE))
+    cases, messages = _cases(ws, exported)
+    assert cases == set(load_json(join(ws.preprocessed, "splits_final.json"))[0]["train"]) and messages == []
