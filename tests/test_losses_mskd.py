@@ -168,13 +168,13 @@ def test_ffd_hand_computed_similarity_term(dim3):
     s = piecewise(lab, [[1., 0.], [0.5, S3]])
     # attention maps are equal (mean_ch f^2 = 0.5 everywhere in both) -> attention term 0.
     # class 1: R = columns 2-3, kept set K = columns 1-3 (band of width 1 reaches column 1).
-    # cosine to the region prototype: 1 on R for both; on column 1 student 0.5, teacher 0
-    # -> similarity term = 4 * 0.25 / 12 = 1/12; pair loss = (0 + 1/12) / 2 = 1/24
+    # cosine to the region prototype, compared on the band outside R only (inside R it is RGD's voxel term):
+    # column 1, student 0.5, teacher 0 -> similarity term = 4 * 0.25 / 4 = 1/4; pair loss = (0 + 1/4) / 2 = 1/8
     loss = feature_filtering_loss(s, t, lab, num_classes=2)
     assert loss.dim() == 0 and loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(1. / 24., abs=1e-6)
-    # with background: class 0 is symmetric (column 2 is its band) -> mean of two 1/24 pairs
-    assert feature_filtering_loss(s, t, lab, 2, include_background=True).item() == pytest.approx(1. / 24., abs=1e-6)
+    assert loss.item() == pytest.approx(1. / 8., abs=1e-6)
+    # with background: class 0 is symmetric (column 2 is its band) -> mean of two 1/8 pairs
+    assert feature_filtering_loss(s, t, lab, 2, include_background=True).item() == pytest.approx(1. / 8., abs=1e-6)
     # no band: K = R, where both nets have cosine 1 -> 0
     assert feature_filtering_loss(s, t, lab, 2, boundary_width=0).item() == pytest.approx(0., abs=1e-6)
     # teacher-confidence mask removing column 1 -> K = R -> 0

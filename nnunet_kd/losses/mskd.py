@@ -51,12 +51,14 @@ For every batch item ``b`` and every class ``c`` present in it (foreground only 
   on ``K``, L2-normalised over the voxels of ``K``; term ``sum_{x in K} (a_s/|a_s| - a_t/|a_t|)^2``
   (in ``[0, 4]``). **[choice]** channel *mean* (not sum) of squares, so duplicated channels do not
   change the map; the L2 normalisation removes the global scale.
-* (b) intra-region self-similarity: prototype ``p = mean_{x in R} f(x)`` (student and teacher
+* (b) boundary self-similarity: prototype ``p = mean_{x in R} f(x)`` (student and teacher
   separately, prototype over the region ``R`` only, never over the band); map
-  ``s(x) = cos(f(x), p)`` for ``x in K``; term ``mean_{x in K} (s_s(x) - s_t(x))^2`` (in ``[0, 4]``).
+  ``s(x) = cos(f(x), p)`` for ``x in K \\ R`` (the kept band outside the region); term
+  ``mean_{x in K \\ R} (s_s(x) - s_t(x))^2`` (in ``[0, 4]``; 0 when the band is empty).
   **[choice]** the band voxels are compared through their similarity to the region's prototype:
   this is what makes the boundary informative (the student must separate the band's outside from
-  the region as the teacher does).
+  the region as the teacher does). Inside ``R`` the same comparison is RGD's voxel term, so FFD
+  leaves it out: with both terms on it would count twice, and the FFD/RGD ablations would share it.
 * Each present (item, class) pair contributes ``0.5 * (a + b)``; **[choice]** the loss is the plain
   mean over all present pairs of the batch (each region counts once, whatever its size, so big
   background or big organs do not swamp small structures). A pair is present when ``R`` is
@@ -325,11 +327,13 @@ def feature_filtering_loss(student_feat: torch.Tensor, teacher_feat: torch.Tenso
         stats = torch.bmm(Kf, torch.stack([a_s * a_s, a_t * a_t, a_s * a_t], -1))  # (B,K,3)
         att_term = _unit_sqdist(stats[..., 0], stats[..., 1], stats[..., 2])  # (B,K)
 
-        # (b) cosine to own region prototype, mean squared difference over K
+        # (b) cosine to own region prototype, mean squared difference over the kept band outside the region
+        #     (inside the region this is RGD's voxel term; comparing it there too would count it twice)
         cs = _cos_maps(s_n, inv_s, _prototypes(s_n, Rf))  # (B,K,N)
         ct = _cos_maps(t_n, inv_t, _prototypes(t_n, Rf))
         d = cs - ct
-        sim_term = _rowdot(d * Kf, d) / n_keep.clamp_min(1.0)  # (B,K)
+        band_f = Kf * (1.0 - Rf)
+        sim_term = _rowdot(d * band_f, d) / band_f.sum(-1).clamp_min(1.0)  # (B,K)
 
         per_pair = 0.5 * (att_term + sim_term)
         per_pair = torch.where(present, per_pair, torch.zeros_like(per_pair))
