@@ -59,7 +59,7 @@ from nnunet_kd.recipe import PLANS_KEY, RecipeError
 from nnunet_kd.resources import trainers_dir
 from nnunet_kd.teacher import TeacherError
 
-DEFAULT_TRAINER = "nnUNetTrainerKD_Adaptive"
+DEFAULT_TRAINER = "nnUNetTrainerKD_BalancedHints"
 PROG = "nnUNetv2_kd_benchmark"
 
 

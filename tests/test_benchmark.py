@@ -80,7 +80,7 @@ def test_benchmark_measures_teacher_student_and_kd_step(workspace, monkeypatch, 
     assert env["versions"]["nnunetv2"] == "2.8.1" and env["versions"]["torch"] == torch.__version__
     assert env["device"] == "cpu" and env["device_name"] and env["cpu_count"] >= 1
     assert res["command"].startswith(f"nnUNetv2_kd_benchmark -d {DATASET_ID} -c {CONFIGURATION} -f 0 --teacher ")
-    assert res["setup"]["dataset"] == DATASET_NAME and res["setup"]["trainer"] == "nnUNetTrainerKD_Adaptive"
+    assert res["setup"]["dataset"] == DATASET_NAME and res["setup"]["trainer"] == "nnUNetTrainerKD_BalancedHints"
     assert res["setup"]["steps"] == 2 and res["setup"]["warmup"] == 1 and res["setup"]["fixed_batches"] == 2
 
     # A measurement, not a training run: nothing is left under nnUNet_results.

@@ -2,6 +2,6 @@ from nnunet_kd.trainer import nnUNetTrainerKD
 
 
 class nnUNetTrainerKD_Adaptive(nnUNetTrainerKD):
-    """Adaptive KD (single teacher): Dice+CE + T^2 KL on every deep-supervision output + Lovasz + feature hints.
-    Weights, temperature and feature stages: the 'adaptive' section of the student plans (preset plans/adaptive.json)."""
+    """The former name of nnUNetTrainerKD_BalancedHints (the same recipe, the 'adaptive' section of the student
+    plans), kept so that existing runs resume and reproduce (-tr nnUNetTrainerKD_Adaptive, checkpoints naming it)."""
     kd_method = "adaptive"

@@ -1,0 +1,125 @@
+"""A set of teachers on tensors: a teacher with other labels teaches through its label map (probabilities summed
+after softening, unmapped classes to background; regions: OR), several teachers are averaged and each one's share
+is logged, and the step hands every term nnU-Net's own labels at the resolution it needs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, term_class
+from nnunet_kd.losses.label_map import mapping_matrix, merge_teacher_logits
+from nnunet_kd.recipe import RecipeError, default_recipe, parse_recipe
+
+PLANS_FILE = "/data/nnUNet_preprocessed/Dataset004_X/nnUNetPlans_kdstudent.json"
+
+
+@pytest.mark.parametrize("spatial", [(4, 5), (3, 4, 5)])
+def test_a_label_map_sums_softened_probabilities_and_sends_unmapped_classes_to_background(spatial):
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 4, *spatial) * 3  # classes: background, a, b, c
+    mapping = [0, 1, 1, -1]                    # a and b are the student's class 1; c is not a student label
+    merged = merge_teacher_logits(teacher, mapping, num_student=2, temperature=2.0)
+    p = torch.softmax(teacher / 2.0, 1)
+    expected = torch.stack([p[:, 0] + p[:, 3], p[:, 1] + p[:, 2]], 1)
+    assert torch.allclose(torch.softmax(merged / 2.0, 1), expected, atol=1e-6)
+    # the identity map gives back the teacher's own softened distribution
+    same = merge_teacher_logits(teacher, [0, 1, 2, 3], num_student=4, temperature=2.0)
+    assert torch.allclose(torch.softmax(same / 2.0, 1), p, atol=1e-6)
+
+
+def test_a_student_class_no_teacher_class_maps_to_gets_a_finite_near_zero_probability():
+    teacher = torch.randn(1, 2, 3, 3)
+    merged = merge_teacher_logits(teacher, [0, 1], num_student=3, temperature=1.0)
+    assert torch.isfinite(merged).all() and (torch.softmax(merged, 1)[:, 2] < 1e-6).all()
+
+
+def test_region_based_label_maps_take_the_union_of_the_mapped_regions():
+    teacher = torch.tensor([2.0, -1.0, 0.5]).view(1, 3, 1, 1)  # three teacher regions
+    merged = merge_teacher_logits(teacher, [0, 0, -1], num_student=1, temperature=1.0, region_based=True)
+    q = torch.sigmoid(teacher[0, :, 0, 0])
+    assert torch.sigmoid(merged).item() == pytest.approx(float(1 - (1 - q[0]) * (1 - q[1])), abs=1e-6)
+    # an unmapped region is dropped, not sent to a background channel (regions have none)
+    assert mapping_matrix([0, 0, -1], 1, region_based=True)[2].sum() == 0
+    assert mapping_matrix([0, -1], 2, region_based=False)[1].tolist() == [1.0, 0.0]
+
+
+def test_a_label_map_onto_a_channel_the_student_lacks_is_refused():
+    with pytest.raises(ValueError, match="outside"):
+        mapping_matrix([0, 2], 2, region_based=False)
+
+
+def _step(student_logits, teachers, labels):
+    levels = [labels, F.interpolate(labels.float(), scale_factor=0.5, mode="nearest-exact").long()]
+    outs = [student_logits, F.avg_pool2d(student_logits, 2)]
+    return DistillationStep(outs, {}, teachers, levels, [None, None])
+
+
+def test_several_teachers_are_averaged_and_each_share_is_logged():
+    torch.manual_seed(1)
+    student = torch.randn(2, 3, 8, 8)
+    labels = torch.randint(0, 3, (2, 1, 8, 8))
+    teachers = {name: TeacherOutputs(name, [t, F.avg_pool2d(t, 2)]) for name, t in
+                (("a", torch.randn(2, 3, 8, 8)), ("b", torch.randn(2, 3, 8, 8)))}
+    settings = term_class("kl").parse_settings({"temperature": 3.0, "kl_deep_supervision": True,
+                                                "kl_mean_over_classes": False, "kl_reduction": "class_balanced"})
+    context = TermContext(num_classes=3, region_based=False, dim=2, teachers=("a", "b"),
+                          deep_supervision_weights=(0.75, 0.25), plans_file=PLANS_FILE)
+    both = term_class("kl")(settings, context)(_step(student, teachers, labels))
+    alone = {}
+    for name in ("a", "b"):
+        one = TermContext(3, False, 2, (name,), (0.75, 0.25), PLANS_FILE)
+        alone[name] = term_class("kl")(settings, one)(_step(student, {name: teachers[name]}, labels))["kl"]
+    assert set(both) == set(term_class("kl").log_names(("a", "b"))) == {"kl", "kl_a", "kl_b"}
+    assert both["kl_a"] == pytest.approx(alone["a"].item()) and both["kl_b"] == pytest.approx(alone["b"].item())
+    assert both["kl"] == pytest.approx((alone["a"] + alone["b"]).item() / 2)
+    # deep supervision: nnU-Net's weights over the two levels
+    level = [term_class("kl")(settings, TermContext(3, False, 2, ("a",), None, PLANS_FILE))(
+        DistillationStep([o], {}, {"a": TeacherOutputs("a", [t])}, [lab], [None]))["kl"]
+        for o, t, lab in zip(_step(student, teachers, labels).student_outputs, teachers["a"].outputs,
+                             _step(student, teachers, labels).labels)]
+    assert alone["a"].item() == pytest.approx(0.75 * level[0].item() + 0.25 * level[1].item(), rel=1e-6)
+
+
+def test_the_step_gives_nnunets_own_labels_at_a_resolution_and_resamples_only_without_one():
+    labels = torch.randint(0, 3, (1, 1, 8, 8))
+    coarse = torch.zeros(1, 1, 4, 4, dtype=torch.long)  # deliberately not a resampling of the fine labels
+    step = DistillationStep([], {}, {}, [labels, coarse], [None, None])
+    assert step.labels_at((4, 4))[0] is coarse
+    resampled, _ = step.labels_at((2, 2))
+    assert torch.equal(resampled, F.interpolate(labels.float(), size=(2, 2), mode="nearest-exact").long())
+
+
+def _plans(recipe: dict) -> dict:
+    return {"kd": {"3d_fullres": recipe}}
+
+
+def test_old_one_teacher_plans_and_the_teachers_list_parse_to_the_same_teacher():
+    old = default_recipe("/results/Dataset004_X/nnUNetTrainer__nnUNetPlans__3d_fullres")
+    one = parse_recipe(_plans(old), "3d_fullres", "adaptive", PLANS_FILE)
+    listed = dict(old)
+    listed["teachers"] = [dict(listed.pop("teacher"), name="big")] + [
+        {"model_folder": "/results/Dataset005_Y/nnUNetTrainer__nnUNetPlans__3d_fullres", "name": "fine",
+         "label_map": {"zone_a": "prostate", "zone_b": "prostate"}}]
+    several = parse_recipe(_plans(listed), "3d_fullres", "adaptive", PLANS_FILE)
+    assert one.teacher.model_folder == several.teachers[0].model_folder and one.teacher.name == "teacher0"
+    assert [t.name for t in several.teachers] == ["big", "fine"]
+    assert several.teachers[1].label_map == {"zone_a": "prostate", "zone_b": "prostate"}
+    assert several.terms["kl"].temperature == 3.0  # the preset is the only source of the default
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: (r.pop("teacher"), r.update(teachers=[])), r"teachers must be a non-empty list"),
+    (lambda r: r.update(teachers=[r["teacher"]]), r"has both 'teacher' and 'teachers'"),
+    (lambda r: r.update(teachers=[r.pop("teacher"), {"model_folder": "/x", "name": "teacher0"}]),
+     r"two teachers share a name"),
+    (lambda r: r.update(teachers=[dict(r.pop("teacher"), label_map={"a": 1})]), r"label_map must map teacher label"),
+    (lambda r: r.update(teachers=[dict(r.pop("teacher"), name="a b")]), r"name must be a name of letters"),
+    (lambda r: r["methods"]["adaptive"]["weights"].update(klx=1.0), r"unknown key 'klx'"),
+])
+def test_malformed_teacher_sets_are_refused_naming_the_plans_file(change, message):
+    recipe = default_recipe("/results/Dataset004_X/nnUNetTrainer__nnUNetPlans__3d_fullres")
+    change(recipe)
+    with pytest.raises(RecipeError, match=message) as error:
+        parse_recipe(_plans(recipe), "3d_fullres", "adaptive", PLANS_FILE)
+    assert PLANS_FILE in str(error.value)
