@@ -333,8 +333,8 @@ def teacher_training_cases(teacher: TeacherModel, preprocessed_root: str | None 
             raise TeacherError(
                 f"{other} Use a teacher trained on the student's dataset, or, if it was deliberately trained on other "
                 f"data (so it cannot have seen the student's validation cases), set \"allow_validation_overlap\": "
-                f"true under kd.<configuration>.teacher in the student plans (nnUNetv2_kd_plan_student "
-                f"--allow-validation-overlap).")
+                f"true for this teacher in the student plans (kd.<configuration>.teacher, or its entry of "
+                f"kd.<configuration>.teachers; nnUNetv2_kd_plan_student --allow-validation-overlap).")
         log(f"WARNING: {other} Accepted because allow_validation_overlap is set.")
         return set()
     if record is not None:
