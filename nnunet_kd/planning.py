@@ -145,7 +145,8 @@ def _check_own_student_plans(plans: dict, output_file: str, output_plans_name: s
     if plans.get("dataset_name") != dataset_name:
         refuse(f"belongs to dataset {plans.get('dataset_name')!r}")
     for cname, recipe in plans[PLANS_KEY].items():
-        if not (isinstance(recipe, dict) and isinstance(recipe.get("teacher"), dict) and "student" in recipe
+        if not (isinstance(recipe, dict) and isinstance(recipe.get("teacher", recipe.get("teachers")), (dict, list))
+                and "student" in recipe
                 and "methods" in recipe):
             refuse(f"has a '{PLANS_KEY}.{cname}' entry without the teacher/methods/student sections the planner "
                    f"writes (a teacher's budget plans, or plans from another tool)")
@@ -171,7 +172,7 @@ def _apply_override(recipe: dict, assignment: str) -> None:
     node[keys[-1]] = value
 
 
-def plan_student(dataset: str, configuration: str, teacher_folder: str, output_plans_name: str, width: float = 0.25,
+def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_name: str, width: float = 0.25,
                  min_features: int = 8, n_conv_per_stage: int | None = None,
                  n_conv_per_stage_decoder: int | None = None, architecture: str | None = None,
                  teacher_fold: str | int = "same", teacher_checkpoint: str = "checkpoint_final.pth",
@@ -179,7 +180,13 @@ def plan_student(dataset: str, configuration: str, teacher_folder: str, output_p
                  iterations_per_epoch: int | None = None, val_iterations_per_epoch: int | None = None,
                  temperature: float | None = None, overrides: tuple[str, ...] = (), overwrite: bool = False,
                  verbose: bool = True, seed: int | None = None) -> str:
-    """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path."""
+    """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path. ``teacher_folder``: one
+    teacher model folder, or a list of them (the student is derived from the first; every one is checked against it
+    and distils into it, see the recipe's ``teachers``)."""
+    teacher_folders = [teacher_folder] if isinstance(teacher_folder, str) else list(teacher_folder)
+    if not teacher_folders:
+        raise PlanningError("Give at least one --teacher model folder.")
+    teacher_folder = teacher_folders[0]
     if not nnUNet_preprocessed.is_set():
         raise PlanningError("nnUNet_preprocessed is not set. Export it as for any nnU-Net command.")
     if not 0 < width <= 4:
@@ -229,10 +236,26 @@ def plan_student(dataset: str, configuration: str, teacher_folder: str, output_p
     manager = PlansManager(plans)
     check_teacher_compatible(teacher, manager, manager.get_configuration(configuration), student_dataset_json,
                              output_file, student_dataset_json_file)
+    for other in teacher_folders[1:]:  # every further teacher must see the student's inputs and predict its labels
+        other = abspath(other)
+        for name in ("plans.json", "dataset.json"):
+            if not isfile(join(other, name)):
+                raise PlanningError(f"{join(other, name)} not found: every --teacher must be a trained nnU-Net model "
+                                    f"folder ($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
+        other_model = TeacherModel(model_folder=other, fold=teacher_fold, checkpoint_file="",
+                                   plans=load_json(join(other, "plans.json")),
+                                   dataset_json=load_json(join(other, "dataset.json")), configuration=configuration,
+                                   trainer_name="")
+        check_teacher_compatible(other_model, manager, manager.get_configuration(configuration),
+                                 student_dataset_json, output_file, student_dataset_json_file)
 
     recipe = default_recipe(teacher_folder)
     recipe["teacher"].update(fold=teacher_fold, checkpoint=teacher_checkpoint,
                              allow_validation_overlap=allow_validation_overlap)
+    if len(teacher_folders) > 1:  # one teacher keeps the one-object form every earlier planner wrote
+        first = recipe.pop("teacher")
+        recipe["teachers"] = [dict(first, model_folder=abspath(f), name=f"teacher{i}")
+                              for i, f in enumerate(teacher_folders)]
     for key, value in (("num_epochs", num_epochs), ("num_iterations_per_epoch", iterations_per_epoch),
                        ("num_val_iterations_per_epoch", val_iterations_per_epoch), ("seed", seed)):
         if value is not None:
@@ -266,7 +289,7 @@ def plan_student(dataset: str, configuration: str, teacher_folder: str, output_p
         print(f"{'teacher':10s}{format_count(p_t):>14s}{format_count(f_t):>14s}")
         print(f"{'student':10s}{format_count(p_s):>14s}{format_count(f_s):>14s}")
         print(f"{'ratio':10s}{p_t / p_s:>13.1f}x{f_t / f_s:>13.1f}x")
-        print(f"Train: nnUNetv2_train {dataset_name} {configuration} FOLD -tr nnUNetTrainerKD_Adaptive "
+        print(f"Train: nnUNetv2_train {dataset_name} {configuration} FOLD -tr nnUNetTrainerKD_BalancedHints "
               f"-p {output_plans_name}   (with nnUNet_extTrainer=\"$(nnUNetv2_kd_trainers_dir)\")")
     return output_file
 
@@ -282,8 +305,10 @@ def main(argv=None) -> None:
                     "distillation recipe, from a trained nnU-Net teacher model folder.")
     parser.add_argument("-d", required=True, help="Dataset name or id of the student (its preprocessed data is used)")
     parser.add_argument("-c", required=True, help="Configuration, e.g. 3d_fullres or 2d")
-    parser.add_argument("--teacher", required=True,
-                        help="Teacher model folder: $nnUNet_results/DatasetXXX/<Trainer>__<Plans>__<configuration>")
+    parser.add_argument("--teacher", required=True, action="append",
+                        help="Teacher model folder: $nnUNet_results/DatasetXXX/<Trainer>__<Plans>__<configuration>. "
+                             "Repeat it for several teachers (the student is derived from the first; the recipe "
+                             "then lists them under 'teachers')")
     parser.add_argument("-o", required=True, help="Name of the student plans (file name and plans_name; a bare "
                                                    "name, no folder or .json: written to nnUNet_preprocessed/<dataset>)")
     parser.add_argument("--width", type=float, default=0.25, help="Multiplier on features_per_stage (default 0.25)")

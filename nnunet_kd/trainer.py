@@ -269,9 +269,13 @@ class nnUNetTrainerKD(nnUNetTrainer):
                 label_teacher_logits(lab, num_heads, temperature, mask, region_based=regions)
                 for lab, mask in zip(labels, valid)])
         for name, teacher in self.teachers.items():
-            teacher_out = teacher(data)  # one pass gives logits and (through the taps) features
             taps = self.teacher_taps.get(name)
-            teachers[name] = TeacherOutputs(name, list(teacher_out), taps.pop() if taps else {},
+            with torch.inference_mode():  # eval mode and frozen already; no autograd bookkeeping at all
+                teacher_out = teacher(data)  # one pass gives logits and (through the taps) features
+                features = taps.pop() if taps else {}
+            # Inference tensors cannot be saved for the student's backward pass: the terms get ordinary copies.
+            teachers[name] = TeacherOutputs(name, [o.clone() for o in teacher_out],
+                                            {k: v.clone() for k, v in features.items()},
                                             self.teacher_label_maps.get(name), num_heads, regions)
         return DistillationStep(outputs, student_features, teachers, labels, valid)
 
