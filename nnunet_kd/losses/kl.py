@@ -113,7 +113,8 @@ class LogitKLLoss(nn.Module):
     ``reduction``: 'voxel' (mean over valid voxels) or 'class_balanced' (mean per ground-truth class, then over
     the classes present; needs ``target``: the label map (B, 1, *sp), or the binary regions (B, R, *sp))."""
 
-    def __init__(self, temperature: float = 3.0, region_based: bool = False, reduction: str = "voxel"):
+    def __init__(self, temperature: float, region_based: bool = False, reduction: str = "voxel"):
+        # No default temperature: the recipe presets (plans/*.json) are its only source.
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
