@@ -70,8 +70,9 @@ class DistillationTerm(nn.Module):
         return None
 
     def stages(self) -> list[str]:
-        """Feature stages (as written in the recipe) this term taps, on the student and every teacher."""
-        return []
+        """Feature stages (as written in the recipe) this term taps, on the student and every teacher: its
+        settings' ``stages``, if they have any."""
+        return list(getattr(self.settings, "stages", ()))
 
     def build_modules(self, student_shapes: dict, teacher_shapes: dict[str, dict]) -> None:
         """Create trainable modules from the tapped shapes ({canonical stage: shape}); default: none."""

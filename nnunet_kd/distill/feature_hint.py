@@ -34,9 +34,6 @@ class FeatureHint(DistillationTerm):
         super().__init__(settings, context)
         self.adapters = nn.ModuleDict()  # teacher -> stage -> adapter
 
-    def stages(self) -> list[str]:
-        return list(self.settings.stages)
-
     def build_modules(self, student_shapes: dict, teacher_shapes: dict) -> None:
         self.adapters = nn.ModuleDict({
             teacher: nn.ModuleDict({module_key(stage): FeatureAdapter(student_shapes[stage][1], shapes[stage][1],

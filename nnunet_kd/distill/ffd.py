@@ -41,9 +41,6 @@ class FeatureFiltering(DistillationTerm):
         self.ffd = FeatureFilteringDistillation(context.num_classes, boundary_width=settings.boundary_width,
                                                 include_background=settings.include_background)
 
-    def stages(self) -> list[str]:
-        return list(self.settings.stages)
-
     def forward(self, step) -> dict:
         per_teacher = {}
         for name, teacher in step.teachers.items():

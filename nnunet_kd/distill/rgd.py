@@ -38,9 +38,6 @@ class RegionGraph(DistillationTerm):
                                            node_weight=settings.node_weight, edge_weight=settings.edge_weight,
                                            voxel_weight=settings.voxel_weight)
 
-    def stages(self) -> list[str]:
-        return list(self.settings.stages)
-
     def forward(self, step) -> dict:
         per_teacher = {}
         for name, teacher in step.teachers.items():
