@@ -123,3 +123,18 @@ def test_malformed_teacher_sets_are_refused_naming_the_plans_file(change, messag
     with pytest.raises(RecipeError, match=message) as error:
         parse_recipe(_plans(recipe), "3d_fullres", "adaptive", PLANS_FILE)
     assert PLANS_FILE in str(error.value)
+
+
+def test_a_label_map_by_label_names_gives_each_teacher_channel_its_student_channel():
+    from nnunet_kd.distill.teachers import label_map_channels
+    from nnunet_kd.teacher import TeacherError
+    teacher = {"labels": {"background": 0, "pz_left": 1, "pz_right": 2, "tz": 3, "urethra": 4}}
+    student = {"labels": {"background": 0, "peripheral_zone": 1, "transition_zone": 2}}
+    label_map = {"pz_left": "peripheral_zone", "pz_right": "peripheral_zone", "tz": "transition_zone"}
+    assert label_map_channels(label_map, teacher, student, False, "plans.json") == [-1, 1, 1, 2, -1]
+    # region-based: channels are the regions, without background
+    assert label_map_channels(label_map, teacher, student, True, "plans.json") == [0, 0, 1, -1]
+    with pytest.raises(TeacherError, match=r"plans.json: the label map names teacher labels \['cz'\]"):
+        label_map_channels({"cz": "peripheral_zone"}, teacher, student, False, "plans.json")
+    with pytest.raises(TeacherError, match=r"student labels \['prostate'\]"):
+        label_map_channels({"tz": "prostate"}, teacher, student, False, "plans.json")
