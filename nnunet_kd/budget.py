@@ -9,9 +9,9 @@ trainers folder on ``nnUNet_extTrainer``, like every trainer that is not nnU-Net
 
 The budget lives where the student plans keep it, ``plans["kd"][<configuration>]["training"]``
 (``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``, ``seed``):
-``nnunet_kd.pipeline.write_budget_plans`` writes it into a copy of nnU-Net's plans for a teacher, and
-``nnUNetv2_kd_plan_student`` into the student plans, so the plain student of a student plans file is trained at the
-budget and seed of its KD students, and starts from the same weights. It does not import the distillation trainer.
+``python -m nnunet_kd.budget`` (``nnunet_kd.pipeline.write_budget_plans``) writes it into a copy of nnU-Net's plans
+for a teacher, and ``nnUNetv2_kd_plan_student`` into the student plans, so the plain student of a student plans file
+is trained at the budget and seed of its KD students, and starts from the same weights. It does not import the distillation trainer.
 """
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ def read_training_budget(plans: dict, configuration: str, plans_file: str) -> Tr
             f"{plans_file} has no training budget for configuration '{configuration}' (expected "
             f"plans['{PLANS_KEY}']['{configuration}']['training'] with num_epochs, num_iterations_per_epoch, "
             f"num_val_iterations_per_epoch and seed). Train nnU-Net's own plans with -tr nnUNetTrainer (nnU-Net's "
-            f"default budget), write budget plans with nnunet_kd.pipeline.write_budget_plans, or train a plain "
-            f"student from student plans written by nnUNetv2_kd_plan_student (-p <student plans>).")
+            f"default budget), write budget plans with python -m nnunet_kd.budget -d <dataset> -c {configuration} -o "
+            f"<name> --epochs N, or train a plain student from student plans written by nnUNetv2_kd_plan_student "
+            f"(-p <student plans>).")
     recipe = parse_recipe(plans, configuration, "none", plans_file)
     return TrainingBudget(recipe.num_epochs, recipe.num_iterations_per_epoch, recipe.num_val_iterations_per_epoch,
                           recipe.seed)
@@ -125,3 +126,96 @@ class nnUNetTrainerBudget(nnUNetTrainer):
             raise RuntimeError(f"{where} was written by trainer {checkpoint.get('trainer_name')}, not by "
                                f"{type(self).__name__}. Resume with -tr {checkpoint.get('trainer_name')}.")
         restore_nnunet_checkpoint(self, checkpoint, where)
+
+
+def _is_budget_plans(plans: dict, plans_name: str, dataset_name: str) -> bool:
+    """Plans this command wrote for this dataset: its own plans_name, and a 'kd' key holding training budgets only
+    (student plans also hold a teacher and methods; nnU-Net's plans have no 'kd' key)."""
+    sections = plans.get(PLANS_KEY) if isinstance(plans, dict) else None
+    return (plans.get("plans_name") == plans_name and plans.get("dataset_name") == dataset_name
+            and isinstance(sections, dict) and bool(sections)
+            and all(isinstance(s, dict) and set(s) == {"training"} for s in sections.values()))
+
+
+def write_budget_plans_checked(dataset: str, configuration: str, output_plans_name: str, num_epochs: int,
+                               iterations_per_epoch: int, val_iterations_per_epoch: int, seed: int | None = None,
+                               max_batch_size: int | None = None, source_plans: str = "nnUNetPlans",
+                               overwrite: bool = False) -> str:
+    """write_budget_plans for a user: every input checked (naming the file and the fix) before anything is written;
+    existing budget plans of this command are replaced only with ``overwrite``, any other plans file never. Returns
+    the file written."""
+    from batchgenerators.utilities.file_and_folder_operations import isfile, load_json
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_kd.pipeline import write_budget_plans
+
+    if not nnUNet_preprocessed.is_set():
+        raise RecipeError("nnUNet_preprocessed is not set: export it as for nnUNetv2_train.")
+    name_ok = output_plans_name and not any(c in output_plans_name for c in "/\\") \
+        and not output_plans_name.lower().endswith(".json") and output_plans_name not in (".", "..")
+    if not name_ok:
+        raise RecipeError(f"-o {output_plans_name!r} is not a plans name: pass a bare name without folder or .json "
+                          f"suffix (e.g. -o nnUNetPlans_budget); the plans go to $nnUNet_preprocessed/<dataset>/.")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise RecipeError(f"{e} Check -d and nnUNet_preprocessed.") from e
+    base = join(nnUNet_preprocessed.get(), dataset_name)
+    source_file, output_file = join(base, source_plans + ".json"), join(base, output_plans_name + ".json")
+    if not isfile(source_file):
+        raise RecipeError(f"{source_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} "
+                          f"first, or name existing plans with -p.")
+    if configuration not in load_json(source_file).get("configurations", {}):
+        raise RecipeError(f"{source_file} has no configuration '{configuration}' (has "
+                          f"{sorted(load_json(source_file).get('configurations', {}))}).")
+    if output_plans_name == source_plans or (
+            isfile(output_file) and not _is_budget_plans(load_json(output_file), output_plans_name, dataset_name)):
+        raise RecipeError(f"{output_file} exists and is not budget plans this command wrote for {dataset_name} (it "
+                          f"may be nnU-Net's plans, student plans or another tool's): it is not replaced, not even "
+                          f"with --overwrite. Choose another -o.")
+    if isfile(output_file) and not overwrite:
+        raise RecipeError(f"{output_file} exists (budget plans written earlier; models trained with them keep a copy "
+                          f"in their results folder). Pass --overwrite to replace it, or choose another -o.")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise RecipeError(f"--max-batch-size must be >= 1, got {max_batch_size}.")
+    budget = {"num_epochs": num_epochs, "num_iterations_per_epoch": iterations_per_epoch,
+              "num_val_iterations_per_epoch": val_iterations_per_epoch, "seed": seed}
+    read_training_budget({PLANS_KEY: {configuration: {"training": budget}}}, configuration, output_file)
+    return write_budget_plans(base, source_plans, output_plans_name, configuration, num_epochs, iterations_per_epoch,
+                              val_iterations_per_epoch, seed=seed, max_batch_size=max_batch_size)
+
+
+def main(argv=None) -> None:
+    """python -m nnunet_kd.budget: write budget plans for nnUNetTrainerBudget (a teacher on a chosen budget)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m nnunet_kd.budget",
+        description="Write $nnUNet_preprocessed/<dataset>/<-o>.json: a copy of nnU-Net's plans (-p) whose only change "
+                    "is a training budget (and optionally a batch-size cap), for nnUNetv2_train -tr "
+                    "nnUNetTrainerBudget -p <-o>. The network and preprocessing are the source plans' own.")
+    parser.add_argument("-d", required=True, help="Dataset name or ID")
+    parser.add_argument("-c", required=True, help="Configuration, e.g. 3d_fullres")
+    parser.add_argument("-o", required=True, help="Name of the budget plans (e.g. nnUNetPlans_budget)")
+    parser.add_argument("-p", default="nnUNetPlans", help="Source plans name (default: nnUNetPlans)")
+    parser.add_argument("--epochs", type=int, required=True, help="num_epochs")
+    parser.add_argument("--iterations-per-epoch", type=int, default=250, help="(default: 250, nnU-Net's)")
+    parser.add_argument("--val-iterations-per-epoch", type=int, default=50, help="(default: 50, nnU-Net's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Seed python, numpy and torch before the network is built (default: unseeded, as "
+                             "nnU-Net); runs are bit-identical only with nnUNet_n_proc_DA=0")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="Cap the configuration's batch size")
+    parser.add_argument("--overwrite", action="store_true", help="Replace budget plans this command wrote before")
+    args = parser.parse_args(argv)
+    try:
+        written = write_budget_plans_checked(args.d, args.c, args.o, args.epochs, args.iterations_per_epoch,
+                                             args.val_iterations_per_epoch, args.seed, args.max_batch_size, args.p,
+                                             args.overwrite)
+    except RecipeError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"Wrote {written}. Train: nnUNetv2_train {args.d} {args.c} FOLD -tr nnUNetTrainerBudget -p {args.o} "
+          f"(with nnUNet_extTrainer=\"$(nnUNetv2_kd_trainers_dir)\")")
+
+
+if __name__ == "__main__":
+    main()

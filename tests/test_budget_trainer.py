@@ -143,3 +143,36 @@ def test_the_old_plain_trainer_name_still_trains_and_says_it_is_deprecated(works
     assert old.num_epochs == load_json(join(workspace.preprocessed, STUDENT_PLANS + ".json"))["kd"][CONFIGURATION][
         "training"]["num_epochs"]
     assert "nnUNetTrainerKD_NoKD is deprecated" in open(old.log_file).read() and BUDGET in open(old.log_file).read()
+
+
+def test_budget_plans_command_writes_plans_the_trainer_reads_and_replaces_only_its_own(workspace, monkeypatch,
+                                                                                      capsys):
+    from nnunet_kd.budget import main
+    ws = workspace
+    ws.set_env(monkeypatch)
+    command = ["-d", str(DATASET_ID), "-c", CONFIGURATION, "--epochs", "2", "--iterations-per-epoch", "3", "--seed",
+               "1", "--max-batch-size", "1"]
+    main(command + ["-o", "nnUNetPlans_cli_budget"])
+    with pytest.raises(SystemExit):  # its own budget plans: replaced only with --overwrite
+        main(command + ["-o", "nnUNetPlans_cli_budget"])
+    assert "exists (budget plans written earlier" in capsys.readouterr().err
+    main(command + ["-o", "nnUNetPlans_cli_budget", "--overwrite"])
+    assert "-tr nnUNetTrainerBudget -p nnUNetPlans_cli_budget" in capsys.readouterr().out
+    plans = load_json(join(ws.preprocessed, "nnUNetPlans_cli_budget.json"))
+    assert plans["configurations"][CONFIGURATION]["batch_size"] == 1
+    trainer = make_trainer(ws, monkeypatch, "nnUNetPlans_cli_budget", trainer=BUDGET)
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.budget.seed) == (2, 3, 1)
+
+    student_file = join(ws.preprocessed, STUDENT_PLANS + ".json")
+    student_before = open(student_file).read()
+    for name, message in (("nnUNetPlans", "is not budget plans this command wrote"),
+                          (STUDENT_PLANS, "is not budget plans this command wrote"),
+                          ("plans/x", "is not a plans name")):
+        with pytest.raises(SystemExit) as stopped:
+            main(command + ["-o", name, "--overwrite"])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert open(student_file).read() == student_before
+    with pytest.raises(SystemExit):
+        main(["-d", str(DATASET_ID), "-c", CONFIGURATION, "--epochs", "0", "-o", "nnUNetPlans_cli_never"])
+    assert "training.num_epochs must be an integer >= 1" in capsys.readouterr().err
+    assert not isfile(join(ws.preprocessed, "nnUNetPlans_cli_never.json"))
