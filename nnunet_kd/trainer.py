@@ -273,9 +273,10 @@ class nnUNetTrainerKD(nnUNetTrainer):
             with torch.inference_mode():  # eval mode and frozen already; no autograd bookkeeping at all
                 teacher_out = teacher(data)  # one pass gives logits and (through the taps) features
                 features = taps.pop() if taps else {}
-            # Inference tensors cannot be saved for the student's backward pass: the terms get ordinary copies.
-            teachers[name] = TeacherOutputs(name, [o.clone() for o in teacher_out],
-                                            {k: v.clone() for k, v in features.items()},
+            # An inference tensor cannot be saved for the student's backward pass: the terms that compare features
+            # directly (the hint's MSE) would need one, so the features are copied. The logits only enter through
+            # new tensors (softened, divided by T), which are ordinary ones.
+            teachers[name] = TeacherOutputs(name, list(teacher_out), {k: v.clone() for k, v in features.items()},
                                             self.teacher_label_maps.get(name), num_heads, regions)
         return DistillationStep(outputs, student_features, teachers, labels, valid)
 

@@ -57,3 +57,15 @@ def test_an_old_checkpoints_kd_adapters_load_into_the_first_teachers_feature_ter
     trainer.distillation.load_state_dict(trainer._module_state({ADAPTERS_KEY: old_style}))
     assert all((v == 0.5).all() for v in trainer.distillation.state_dict().values())
     assert trainer._module_state({MODULES_KEY: new_style, ADAPTERS_KEY: old_style}) is new_style
+
+
+def test_under_ddp_the_step_averages_the_adapter_gradients_over_the_ranks(workspace, monkeypatch):
+    import nnunet_kd.trainer as trainer_module
+    trainer = make_trainer(workspace, monkeypatch, trainer="nnUNetTrainerKD_BalancedHints")
+    trainer.initialize()
+    averaged = []
+    monkeypatch.setattr(trainer_module, "average_gradients", lambda parameters: averaged.append(list(parameters)))
+    trainer.is_ddp = True  # as nnU-Net sets it when torch.distributed is initialised
+    trainer.train_step(_batch(trainer))
+    assert len(averaged) == 1
+    assert [id(p) for p in averaged[0]] == [id(p) for p in trainer.distillation.parameters()] and averaged[0]
