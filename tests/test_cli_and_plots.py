@@ -45,7 +45,7 @@ def test_benchmark_help_states_each_real_default_once(capsys):
     # Options whose default depends on other inputs say so in words, without a contradicting "(default: None)".
     assert "default: cuda if torch sees a CUDA device, else cpu" in text
     assert "required with --student-plans; default with --student: the one in its folder name" in text
-    assert "default: nnUNetTrainerKD_Adaptive, or the trainer of the --student folder" in text
+    assert "default: nnUNetTrainerKD_BalancedHints, or the trainer of the --student folder" in text
     for phrase in ("default: the one in the student plans' recipe", "default: the fold's first validation case"):
         assert phrase in text
     assert "default: kd_benchmark_<d>_<configuration>_fold<f>_<device>.json in the current folder" in text
