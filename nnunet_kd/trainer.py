@@ -10,7 +10,6 @@ gradients, under the same autocast as the student.
 """
 from __future__ import annotations
 
-import random
 from os.path import join
 
 import numpy as np
@@ -24,6 +23,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_kd.checkpoints import (load_intact_checkpoint, restore_nnunet_checkpoint, save_nnunet_checkpoint,
                                    unwrapped_network)
+from nnunet_kd.budget import apply_training_budget, seed_everything
 from nnunet_kd.cost import count_parameters
 from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, registered_terms, term_class
 from nnunet_kd.distill.base import TermSettingsError
@@ -50,12 +50,6 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite: training stops instead of training a NaN student to the end."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class nnUNetTrainerKD(nnUNetTrainer):
     """Base class of every distillation trainer. ``kd_method`` names the recipe section it trains with."""
 
@@ -75,9 +69,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
             seed_everything(self.kd_recipe.seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
 
-        self.num_epochs = self.kd_recipe.num_epochs
-        self.num_iterations_per_epoch = self.kd_recipe.num_iterations_per_epoch
-        self.num_val_iterations_per_epoch = self.kd_recipe.num_val_iterations_per_epoch
+        apply_training_budget(self, self.kd_recipe)
         # loss_terms: what the training loss sums (nnU-Net's segmentation loss and the method's terms), with weights
         self.loss_terms = ["segmentation"] + list(self.kd_recipe.terms)
         self.loss_weights = {t: (self.kd_recipe.weight(t) if self.kd_method != "none" else 1.0)
