@@ -318,12 +318,16 @@ class Workspace:
                            seed=self.p.teacher_seed, max_batch_size=self.p.max_batch_size)
         return self.train(TEACHER_TRAINER, TEACHER_PLANS)
 
-    def plan_student(self, teacher_folder: str, width: float, seed: int) -> str:
-        name = student_plans_name(width, seed)
+    def plan_student(self, teacher_folder: str, width: float, seed: int, plans_name: str | None = None,
+                     overrides: list[str] = ()) -> str:
+        """Student plans at this protocol's budget; ``overrides``: the planner's --set KEY=VALUE (a recipe sweep's
+        variant)."""
+        name = plans_name or student_plans_name(width, seed)
         self.command("nnUNetv2_kd_plan_student", [
             "-d", self.p.dataset_id, "-c", self.p.configuration, "--teacher", teacher_folder, "--width", width,
             "-o", name, "--epochs", self.p.student_epochs, "--iterations-per-epoch", self.p.iterations_per_epoch,
-            "--val-iterations-per-epoch", self.p.val_iterations_per_epoch, "--seed", seed, "--overwrite"])
+            "--val-iterations-per-epoch", self.p.val_iterations_per_epoch, "--seed", seed, "--overwrite"]
+            + [arg for assignment in overrides for arg in ("--set", assignment)])
         return name
 
     def evaluate_on_test(self, folder: str) -> str:

@@ -101,6 +101,12 @@ class Recipe:
     seed: int | None
     settings: dict  # the method's section as written (with preset defaults): weights, temperature, stages, ...
     terms: dict = field(default_factory=dict)  # term name -> its typed settings, for the terms with weight > 0
+    # Fraction of training after which every distillation weight decays linearly, reaching 0 at the last epoch
+    # (1.0: constant weights). The segmentation weight never decays.
+    kd_anneal_start: float = 1.0
+    # Soft targets and hints from the teacher's prediction averaged over the mirrorings nnU-Net's inference uses
+    # (its test-time augmentation) instead of a single pass. Costs one extra teacher pass per mirroring.
+    teacher_mirroring: bool = False
 
     @property
     def teacher(self) -> TeacherRecipe | None:
@@ -109,6 +115,14 @@ class Recipe:
 
     def weight(self, term: str) -> float:
         return float(self.settings.get("weights", {}).get(term, 0.0))
+
+    def kd_weight_factor(self, epoch: int) -> float:
+        """The factor on every distillation weight at ``epoch`` (0-based): 1 until ``kd_anneal_start`` of training,
+        then linear down to 0 at the last epoch."""
+        progress = epoch / max(1, self.num_epochs - 1)
+        if progress <= self.kd_anneal_start:
+            return 1.0
+        return max(0.0, (1.0 - progress) / (1.0 - self.kd_anneal_start))
 
 
 def _check_against_preset(section: Any, preset: dict, where: str, fix: str) -> None:
@@ -185,9 +199,15 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
 
         teachers = _parse_teachers(raw, plans_file, configuration, fix)
         terms = _parse_terms(settings, where, fix)
+        anneal_start = float(settings.get("kd_anneal_start", 1.0))
+        if anneal_start > 1.0:
+            raise RecipeError(f"{where}.kd_anneal_start must be a fraction of training in [0, 1] (1: no annealing), "
+                              f"got {anneal_start!r}. {fix}")
+        mirroring = bool(settings.get("teacher_mirroring", False))
     else:
-        settings, teachers, terms = {}, (), {}
+        settings, teachers, terms, anneal_start, mirroring = {}, (), {}, 1.0, False
     return Recipe(configuration=configuration, method=method, teachers=teachers, terms=terms,
+                  kd_anneal_start=anneal_start, teacher_mirroring=mirroring,
                   num_epochs=training["num_epochs"], num_iterations_per_epoch=training["num_iterations_per_epoch"],
                   num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], seed=seed, settings=settings)
 

@@ -72,8 +72,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
         apply_training_budget(self, self.kd_recipe)
         # loss_terms: what the training loss sums (nnU-Net's segmentation loss and the method's terms), with weights
         self.loss_terms = ["segmentation"] + list(self.kd_recipe.terms)
-        self.loss_weights = {t: (self.kd_recipe.weight(t) if self.kd_method != "none" else 1.0)
-                             for t in self.loss_terms}
+        self.base_loss_weights = {t: (self.kd_recipe.weight(t) if self.kd_method != "none" else 1.0)
+                                  for t in self.loss_terms}
+        self.loss_weights = dict(self.base_loss_weights)  # this epoch's (the recipe may anneal the KD weights)
         self.teacher_names = ((LABEL_TEACHER,) if self.kd_teacher_source == "labels"
                               else tuple(t.name for t in self.kd_recipe.teachers))
         # logged_terms: the loss terms and their logged parts (RGD's node/edge/voxel, each teacher's share)
@@ -197,6 +198,14 @@ class nnUNetTrainerKD(nnUNetTrainer):
         return student_shapes, teacher_shapes
 
     # ------------------------------------------------------------------ training step
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        factor = self.kd_recipe.kd_weight_factor(self.current_epoch) if self.kd_method != "none" else 1.0
+        self.loss_weights = {t: w if t == "segmentation" else w * factor for t, w in self.base_loss_weights.items()}
+        if factor < 1.0:
+            self.print_to_log_file(f"distillation weights x{factor:.3f} (annealing from "
+                                   f"{self.kd_recipe.kd_anneal_start:g} of training): {self.loss_weights}")
+
     def _autocast(self):
         # nnU-Net's rule: autocast on CUDA only (on CPU it is slow; on MPS unsupported).
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
@@ -265,12 +274,33 @@ class nnUNetTrainerKD(nnUNetTrainer):
             with torch.inference_mode():  # eval mode and frozen already; no autograd bookkeeping at all
                 teacher_out = teacher(data)  # one pass gives logits and (through the taps) features
                 features = taps.pop() if taps else {}
+                if self.kd_recipe.teacher_mirroring:
+                    teacher_out = self._mirror_averaged(teacher, data, teacher_out, taps)
             # An inference tensor cannot be saved for the student's backward pass: the terms that compare features
             # directly (the hint's MSE) would need one, so the features are copied. The logits only enter through
             # new tensors (softened, divided by T), which are ordinary ones.
             teachers[name] = TeacherOutputs(name, list(teacher_out), {k: v.clone() for k, v in features.items()},
                                             self.teacher_label_maps.get(name), num_heads, regions)
         return DistillationStep(outputs, student_features, teachers, labels, valid)
+
+    def _mirror_averaged(self, teacher, data, first_out, taps):
+        """The teacher's logits averaged over the unmirrored pass and every mirroring of nnU-Net's inference (all
+        combinations of the allowed axes, as its predictor's test-time augmentation does). The features stay those
+        of the unmirrored pass: the extra passes' taps are discarded."""
+        import itertools
+
+        outputs = [o.clone() for o in (first_out if isinstance(first_out, (list, tuple)) else [first_out])]
+        if self.inference_allowed_mirroring_axes is None:  # set by nnU-Net when it builds its data loaders
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        axes = [a + 2 for a in (self.inference_allowed_mirroring_axes or ())]
+        combinations = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+        for dims in combinations:
+            mirrored = teacher(torch.flip(data, dims))
+            if taps:
+                taps.pop()
+            for total, out in zip(outputs, mirrored if isinstance(mirrored, (list, tuple)) else [mirrored]):
+                total += torch.flip(out, dims)
+        return [o / (len(combinations) + 1) for o in outputs]
 
     # ------------------------------------------------------------------ logging
     def on_train_epoch_end(self, train_outputs: list[dict]):

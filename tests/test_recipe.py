@@ -32,7 +32,7 @@ def test_every_shipped_method_parses_from_its_preset():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"kl_reduction": "per_class"}, r"kl_reduction must be one of \['voxel', 'class_balanced'\], got 'per_class'"),
+    ({"kl_reduction": "per_class"}, r"kl_reduction must be one of \['voxel', 'class_balanced', 'symmetric_balanced'\], got 'per_class'"),
     ({"temperature": -1}, r"temperature must be a finite number > 0, got -1"),
     ({"kl_deep_supervision": "yes"}, r"kl_deep_supervision must be true or false"),
     ({"lovasz_weight": 1.0}, r"unknown key 'lovasz_weight'"),

@@ -13,7 +13,7 @@ class KLSettings:
     temperature: float
     deep_supervision: bool     # every deep-supervision output (nnU-Net's weights) or the full resolution only
     mean_over_classes: bool    # F.kl_div(reduction='mean') semantics: also divide by the number of classes
-    reduction: str             # 'voxel' or 'class_balanced'
+    reduction: str             # 'voxel', 'class_balanced' or 'symmetric_balanced'
 
 
 @register_term

@@ -17,6 +17,12 @@ Two reductions over voxels:
   delayed the student's first foreground predictions well past those of a student without KD. Balancing by
   class gives the teacher's knowledge about the structures the same weight as nnU-Net's Dice loss gives
   them (cf. the class-aware weighting of ReCo-KD, Lan et al. 2026, and MSKD's per-region normalisation).
+* ``symmetric_balanced``: the mean of two class-balanced means, one over the classes of the ground truth and one
+  over the classes the student predicts (its argmax, no gradient; for regions: inside and outside its own
+  sigmoid > 0.5). Balancing by the ground truth alone gives each of the student's false-positive voxels the
+  tiny per-voxel weight of the background class while its false negatives get the weight of their structure,
+  so the divergence pulls boundaries outward more than inward; balancing by the student's own prediction as
+  well gives a false positive the weight of the structure it claims.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from torch import nn
 
 from nnunet_kd.losses._common import check_mask, float32_region, masked_voxel_mean, one_hot_labels
 
-REDUCTIONS = ("voxel", "class_balanced")
+REDUCTIONS = ("voxel", "class_balanced", "symmetric_balanced")
 
 
 def softmax_kl_map(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -110,8 +116,9 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
 class LogitKLLoss(nn.Module):
     """KL(teacher || student) on logits; softmax over classes, or per-region sigmoids when region_based.
 
-    ``reduction``: 'voxel' (mean over valid voxels) or 'class_balanced' (mean per ground-truth class, then over
-    the classes present; needs ``target``: the label map (B, 1, *sp), or the binary regions (B, R, *sp))."""
+    ``reduction``: 'voxel' (mean over valid voxels), 'class_balanced' (mean per ground-truth class, then over
+    the classes present; needs ``target``: the label map (B, 1, *sp), or the binary regions (B, R, *sp)) or
+    'symmetric_balanced' (the mean of the class-balanced means by ``target`` and by the student's prediction)."""
 
     def __init__(self, temperature: float, region_based: bool = False, reduction: str = "voxel"):
         # No default temperature: the recipe presets (plans/*.json) are its only source.
@@ -132,11 +139,21 @@ class LogitKLLoss(nn.Module):
         if target is None:
             raise ValueError("the class-balanced KL needs the target (label map or regions)")
         mask = check_mask(mask, student_logits)
+        symmetric = self.reduction == "symmetric_balanced"
         if self.region_based:
             per_region = sigmoid_kl_map(student_logits, teacher_logits, self.temperature)
-            return region_balanced_mean(per_region, target, mask)
+            value = region_balanced_mean(per_region, target, mask)
+            if symmetric:
+                predicted = (student_logits.detach() > 0).to(target.dtype)
+                value = 0.5 * (value + region_balanced_mean(per_region, predicted, mask))
+            return value
         per_voxel = softmax_kl_map(student_logits, teacher_logits, self.temperature)
-        return class_balanced_mean(per_voxel, target, student_logits.shape[1], mask)
+        num_classes = student_logits.shape[1]
+        value = class_balanced_mean(per_voxel, target, num_classes, mask)
+        if symmetric:
+            predicted = student_logits.detach().argmax(1, keepdim=True)
+            value = 0.5 * (value + class_balanced_mean(per_voxel, predicted, num_classes, mask))
+        return value
 
 
 def label_teacher_logits(labels: torch.Tensor, num_classes: int, temperature: float,
