@@ -2,16 +2,17 @@
 
 For one dataset / configuration / fold it measures, on one device:
 
-* parameters and FLOPs per patch of the teacher and the student (the networks nnU-Net deploys, i.e. without
-  deep-supervision heads; FLOPs from torch's FlopCounterMode, a multiply-add = 2 FLOPs, see nnunet_kd.cost);
-* sliding-window inference time of both on a real preprocessed case, with nnU-Net's own predictor, test-time
-  mirroring off and on, and the peak memory of each;
+* parameters and FLOPs per patch of every teacher of the recipe, of all of them together (what the student
+  replaces), and of the student (the networks nnU-Net deploys, i.e. without deep-supervision heads; FLOPs from
+  torch's FlopCounterMode, a multiply-add = 2 FLOPs, see nnunet_kd.cost);
+* sliding-window inference time of each on a real preprocessed case, with nnU-Net's own predictor, test-time
+  mirroring off and on, and the peak memory of each (several teachers: also run in turn, as their ensemble);
 * training step times, all on the SAME fixed batches (drawn once from the trainer's own training dataloader):
   (a) the plain student step: the KD trainer's ``train_step`` with the teacher switched off, so it computes
       nnU-Net's segmentation loss only (checked: it returns exactly one loss term);
   (b) the KD step: ``trainer.train_step(batch)`` (student forward, teacher forward, all distillation terms,
       backward, optimiser step);
-  (c) the teacher's no-grad forward alone (``trainer.teacher(data)``, under the step's autocast);
+  (c) the teachers' no-grad forward alone (every teacher of the recipe, under the step's autocast);
   and the ratios KD / (plain + teacher forward) (1.0: distillation costs no more than running the teacher next
   to plain training) and KD / plain.
 
@@ -296,33 +297,44 @@ def _resolve_inputs(dataset: str, configuration: str | None, fold, teacher: str 
                              f"model folder> -o <name> and pass --student-plans <name>.")
     plans = copy.deepcopy(plans)
     recipe = plans[PLANS_KEY][configuration]
-    recipe.setdefault("teacher", {})
+    # One teacher ('teacher') or several ('teachers'): every one is checked, loaded and timed.
+    entries = recipe["teachers"] if isinstance(recipe.get("teachers"), list) else [recipe.setdefault("teacher", {})]
+    where = [f"kd.{configuration}.teachers[{i}]" if "teachers" in recipe else f"kd.{configuration}.teacher"
+             for i in range(len(entries))]
     if teacher is not None:
+        if len(entries) != 1:
+            raise BenchmarkError(f"--teacher replaces the one teacher of the recipe, but {plans_file} names "
+                                 f"{len(entries)} teachers ({where[0]}...). Leave --teacher out to benchmark them "
+                                 f"all, or edit their model_folder entries in the plans.")
         teacher = abspath(teacher)
         if not isdir(teacher):
             raise BenchmarkError(
                 f"--teacher {teacher}: teacher model folder not found. Pass the folder nnUNetv2_train wrote for the "
                 f"teacher ($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__<configuration>, the one given to "
                 f"nnUNetv2_kd_plan_student), or leave --teacher out to use the one in {plans_file} "
-                f"({recipe['teacher'].get('model_folder')}).")
-        recipe["teacher"]["model_folder"] = teacher
-    else:
-        teacher = recipe["teacher"].get("model_folder")
-        if not teacher or not isdir(teacher):
-            raise BenchmarkError(f"Teacher model folder not found: {teacher} (kd.{configuration}.teacher.model_folder "
-                                 f"in {plans_file}). Pass --teacher <teacher model folder>.")
-    for name in ("plans.json", "dataset.json"):
-        if not isfile(join(teacher, name)):
-            raise BenchmarkError(f"{join(teacher, name)} is missing: --teacher {teacher} is not a complete nnU-Net "
-                                 f"model folder. Pass the teacher's whole results folder.")
-    # Nothing is evaluated here, so a teacher that saw the student's validation cases does not matter.
-    recipe["teacher"]["allow_validation_overlap"] = True
+                f"({entries[0].get('model_folder')}).")
+        entries[0]["model_folder"] = teacher
+    folders = []
+    for entry, place in zip(entries, where):
+        folder = entry.get("model_folder") if isinstance(entry, dict) else None
+        if not folder or not isdir(folder):
+            raise BenchmarkError(f"Teacher model folder not found: {folder} ({place}.model_folder in {plans_file}). "
+                                 f"Pass --teacher <teacher model folder>" + (" (one-teacher plans only)."
+                                                                             if len(entries) > 1 else "."))
+        for name in ("plans.json", "dataset.json"):
+            if not isfile(join(folder, name)):
+                raise BenchmarkError(f"{join(folder, name)} is missing: the teacher {folder} ({place} in {plans_file})"
+                                     f" is not a complete nnU-Net model folder. Pass the teacher's whole results "
+                                     f"folder.")
+        # Nothing is evaluated here, so a teacher that saw the student's validation cases does not matter.
+        entry["allow_validation_overlap"] = True
+        folders.append(folder)
     if configuration not in plans.get("configurations", {}):
         raise BenchmarkError(f"{plans_file} defines no configuration '{configuration}' (has "
                              f"{sorted(plans.get('configurations', {}))}). Pass one of them with -c.")
     fold = fold if fold == "all" else int(fold)
     out.update(plans=plans, plans_file=plans_file, dataset_json=dataset_json, configuration=configuration, fold=fold,
-               teacher_folder=teacher, trainer_name=trainer)
+               teacher_folder=folders[0], teacher_folders=folders, trainer_name=trainer)
     return out
 
 
@@ -508,8 +520,8 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
             case, volume = load_case_volume(kd, case)
 
             # -------------------------------------------------------------------- predictors and cost
-            teacher_predictor = make_predictor(inputs["teacher_folder"], teacher_fold, recipe.teacher.checkpoint,
-                                               device=device)
+            teacher_predictors = {t.name: make_predictor(folder, t.fold_for_student(fold), t.checkpoint, device=device)
+                                  for t, folder in zip(recipe.teachers, inputs["teacher_folders"])}
             if inputs["student_folder"]:
                 student_predictor = make_predictor(inputs["student_folder"], fold, student_checkpoint, device=device)
                 student_weights = f"trained checkpoint {join(inputs['student_folder'], f'fold_{fold}', student_checkpoint)}"
@@ -518,9 +530,13 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
                 student_weights = ("in-memory network of the trainer (untrained: only --student-plans was given; "
                                    "inference time does not depend on the weight values)")
             patch = kd.configuration_manager.patch_size
-            cost = {"teacher": _cost(teacher_predictor.network, kd.num_input_channels, patch),
+            cost = {"teachers": {name: _cost(p.network, kd.num_input_channels, patch)
+                                 for name, p in teacher_predictors.items()},
                     "student": _cost(student_predictor.network, kd.num_input_channels, patch),
                     "adapters_parameters": count_parameters(kd.distillation)}
+            # "teacher": what the student replaces, i.e. every teacher (one teacher: that teacher)
+            cost["teacher"] = {k: sum(c[k] for c in cost["teachers"].values())
+                               for k in ("parameters", "flops_per_patch")}
             cost["parameter_ratio_teacher_over_student"] = cost["teacher"]["parameters"] / cost["student"]["parameters"]
             cost["flops_ratio_teacher_over_student"] = \
                 cost["teacher"]["flops_per_patch"] / cost["student"]["flops_per_patch"]
@@ -575,9 +591,10 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
                       "teacher_forward_over_plain": teacher_s / plain_s}
 
             # -------------------------------------------------------------------- inference
-            inference = {}
-            for who, predictor in (("student", student_predictor), ("teacher", teacher_predictor)):
-                inference[who] = {"mirror_axes": list(predictor.allowed_mirroring_axes or [])}
+            inference = {"teachers": {}}
+            for who, predictor in (("student", student_predictor), *teacher_predictors.items()):
+                record = inference[who] = {} if who == "student" else inference["teachers"].setdefault(who, {})
+                record["mirror_axes"] = list(predictor.allowed_mirroring_axes or [])
                 for mode, mirroring in (("mirroring_off", False), ("mirroring_on", True)):
                     say(f"sliding-window inference, {who}, {mode.replace('_', ' ')} ({inference_warmup} warm-up + "
                         f"{inference_repeats} timed) on case {case} {list(volume.shape)}")
@@ -585,7 +602,14 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
                     with PeakMemory(device) as memory:
                         timing = median_inference_seconds(predictor, volume, repeats=inference_repeats,
                                                           warmup=inference_warmup)
-                    inference[who][mode] = {**timing, **memory.result()}
+                    record[mode] = {**timing, **memory.result()}
+            # "teacher": every teacher run in turn on the volume (one teacher: that teacher), as an ensemble of
+            # them would be; its peak memory is the largest of theirs.
+            per_teacher = list(inference["teachers"].values())
+            inference["teacher"] = per_teacher[0] if len(per_teacher) == 1 else {mode: {"median_s": sum(t[mode]["median_s"] for t in per_teacher),
+                                           "peak_memory_increase_bytes": max(t[mode]["peak_memory_increase_bytes"]
+                                                                             for t in per_teacher)}
+                                    for mode in ("mirroring_off", "mirroring_on")}
             for mode in ("mirroring_off", "mirroring_on"):
                 inference[f"speedup_{mode}_teacher_over_student"] = \
                     inference["teacher"][mode]["median_s"] / inference["student"][mode]["median_s"]
@@ -604,6 +628,8 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
             "student_inference_weights": student_weights,
             "teacher_folder": inputs["teacher_folder"], "teacher_fold": teacher_fold,
             "teacher_checkpoint": recipe.teacher.checkpoint, "kd_weights": dict(kd.loss_weights),
+            "teachers": [{"name": t.name, "folder": folder, "fold": t.fold_for_student(fold), "checkpoint": t.checkpoint}
+                         for t, folder in zip(recipe.teachers, inputs["teacher_folders"])],
             "batch_size": int(kd.batch_size), "patch_size": [int(p) for p in patch],
             "fixed_batches": n_batches, "batch_source": "trainer.get_dataloaders() training stream, single-threaded, "
                                                         f"seed {seed}, drawn once and reused cyclically",
@@ -657,24 +683,27 @@ def format_table(results: dict) -> str:
     mem = {"cuda_max_memory_allocated": "peak CUDA memory allocated (increase)",
            "cpu_rss_sampled_5ms": "peak RSS increase (CPU, sampled)",
            "cpu_ru_maxrss": "peak RSS increase (CPU, getrusage)"}[s["memory_measure"]]
-    rows = [("parameters", format_count(c["teacher"]["parameters"]), format_count(c["student"]["parameters"])),
-            (f"FLOPs / patch {s['patch_size']}", format_count(c["teacher"]["flops_per_patch"]),
-             format_count(c["student"]["flops_per_patch"]))]
+    several = len(c.get("teachers", {})) > 1
+    # columns: each teacher (when there are several), all teachers together (or the one teacher), the student
+    names = list(c["teachers"]) if several else []
+    costs = [c["teachers"][n] for n in names] + [c["teacher"], c["student"]]
+    runs = [inf["teachers"][n] for n in names] + [inf["teacher"], inf["student"]]
+    rows = [("parameters", *[format_count(x["parameters"]) for x in costs]),
+            (f"FLOPs / patch {s['patch_size']}", *[format_count(x["flops_per_patch"]) for x in costs])]
     for mode, label in (("mirroring_off", "no mirroring"), ("mirroring_on", "mirroring")):
-        rows.append((f"inference, {label} (median s)", f"{inf['teacher'][mode]['median_s']:.3f}",
-                     f"{inf['student'][mode]['median_s']:.3f}"))
-        rows.append((f"inference, {label}: {mem}", _mib(inf["teacher"][mode]["peak_memory_increase_bytes"]),
-                     _mib(inf["student"][mode]["peak_memory_increase_bytes"])))
+        rows.append((f"inference, {label} (median s)", *[f"{x[mode]['median_s']:.3f}" for x in runs]))
+        rows.append((f"inference, {label}: {mem}", *[_mib(x[mode]["peak_memory_increase_bytes"]) for x in runs]))
+    columns = names + (["all teachers (in turn)"] if several else ["teacher"]) + ["student"]
     lines = [f"Device: {env['device_name']}; torch {env['versions']['torch']}, nnunetv2 "
              f"{env['versions']['nnunetv2']}. {s['dataset']} {s['configuration']} fold {s['fold']}, trainer "
              f"{s['trainer']}, batch {s['batch_size']} x {s['patch_size']}; medians of {s['steps']} steps after "
              f"{s['warmup']} warm-up; inference on case {s['case']} {s['case_shape']} ({s['inference_repeats']} "
              f"repeats). Student inference weights: {s['student_inference_weights']}.", "",
-             "| | teacher | student |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {d} |" for a, b, d in rows]
+             "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", f"| training step | median | {mem} |", "|---|---|---|"]
     for key, label in (("plain_student_step", "plain student step (segmentation loss only)"),
-                       ("teacher_forward", "teacher forward, no grad"),
+                       ("teacher_forward", "teacher forward, no grad" + (" (every teacher)" if several else "")),
                        ("kd_step", f"KD step ({' + '.join(tr['kd_step']['loss_terms'])})")):
         lines.append(f"| {label} | {_ms(tr[key]['median_s'])} | {_mib(tr[key]['peak_memory_increase_bytes'])} |")
     return "\n".join(lines)

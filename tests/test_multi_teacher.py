@@ -3,6 +3,7 @@ each teacher with its own taps and adapters (keyed term, teacher, stage), logs e
 from an old one-teacher checkpoint's 'kd_adapters'."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import CONFIGURATION, DATASET_ID
@@ -69,3 +70,28 @@ def test_under_ddp_the_step_averages_the_adapter_gradients_over_the_ranks(worksp
     trainer.train_step(_batch(trainer))
     assert len(averaged) == 1
     assert [id(p) for p in averaged[0]] == [id(p) for p in trainer.distillation.parameters()] and averaged[0]
+
+
+def test_the_benchmark_loads_times_and_costs_every_teacher_of_the_recipe(workspace, monkeypatch, tmp_path):
+    from nnunet_kd.benchmark import BenchmarkError, run_benchmark
+
+    ws = workspace
+    ws.set_env(monkeypatch)
+    name = "nnUNetPlans_twoteachers_bench"
+    plan_student(str(DATASET_ID), CONFIGURATION, [ws.teacher_folder, ws.teacher_folder], name, width=0.25,
+                 verbose=False, overwrite=True)
+    res = run_benchmark(str(DATASET_ID), CONFIGURATION, "0", student_plans=name, device="cpu", steps=1, warmup=0,
+                        inference_repeats=1, inference_warmup=0, output=str(tmp_path / "two.json"), verbose=False)
+    one = res["cost"]["teachers"]["teacher0"]
+    assert sorted(res["cost"]["teachers"]) == ["teacher0", "teacher1"] == [t["name"] for t in res["setup"]["teachers"]]
+    assert res["cost"]["teacher"]["parameters"] == 2 * one["parameters"]
+    assert res["cost"]["teacher"]["flops_per_patch"] == 2 * one["flops_per_patch"]
+    runs = res["inference"]["teachers"]
+    assert res["inference"]["teacher"]["mirroring_off"]["median_s"] == pytest.approx(
+        runs["teacher0"]["mirroring_off"]["median_s"] + runs["teacher1"]["mirroring_off"]["median_s"])
+    table = (tmp_path / "two.md").read_text()
+    assert "| | teacher0 | teacher1 | all teachers (in turn) | student |" in table
+    assert "kl_teacher0" in res["training"]["kd_step"]["loss_terms"]
+    with pytest.raises(BenchmarkError, match="names 2 teachers"):
+        run_benchmark(str(DATASET_ID), CONFIGURATION, "0", teacher=ws.teacher_folder, student_plans=name,
+                      device="cpu", steps=1, warmup=0, verbose=False)

@@ -1,0 +1,60 @@
+"""The recipe sweep: its files name valid recipes that differ from the shipped preset, its models never enter the
+held-out report, and a malformed sweep file is refused naming the file."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from nnunet_kd.evidence import _parse_student_folder
+from nnunet_kd.planning import _apply_override, _check_plans_name
+from nnunet_kd.recipe import default_recipe, parse_recipe
+from nnunet_kd.sweep import SweepError, load_sweep, sweep_plans_name
+
+SWEEPS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "sweeps").glob("*.json"))
+
+
+@pytest.mark.parametrize("sweep_file", SWEEPS, ids=lambda p: p.name)
+def test_every_variant_of_a_shipped_sweep_is_a_valid_recipe_that_changes_the_preset(sweep_file):
+    sweep = load_sweep(str(sweep_file))
+    parsed = {}
+    for name, variant in sweep.variants.items():
+        recipe = default_recipe("/teacher/folder")
+        recipe["student"] = {}
+        for assignment in variant["set"]:
+            _apply_override(recipe, assignment)
+        parsed[name] = parse_recipe({"kd": {"2d": recipe}}, "2d", sweep.method, f"{name}.json")
+    baseline = parsed[sweep.baseline]
+    for name, recipe in parsed.items():
+        if name != sweep.baseline:
+            assert (recipe.settings, recipe.kd_anneal_start, recipe.teacher_mirroring) != \
+                (baseline.settings, baseline.kd_anneal_start, baseline.teacher_mirroring), name
+
+
+def test_sweep_models_have_their_own_plans_names_that_the_held_out_report_ignores():
+    names = {sweep_plans_name("adaptive", v, 0.25, s, e) for v in ("default", "noKL") for s in (0, 1)
+             for e in (30, 60)}
+    assert len(names) == 8
+    for name in names:
+        _check_plans_name(name)
+        assert _parse_student_folder(f"nnUNetTrainerKD_BalancedHints__{name}__2d", "2d") is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(method="plain"), r"'method' must be one of the KD methods"),
+    (lambda s: s.update(baseline="nope"), r"'baseline' must name one of the variants"),
+    (lambda s: s["variants"].update({"bad-name": {"why": "x", "set": []}}), r"letters and digits only"),
+    (lambda s: s["variants"].update({"noeq": {"why": "x", "set": ["methods.adaptive.weights.kl"]}}),
+     r"variant 'noeq' must be"),
+])
+def test_a_malformed_sweep_file_is_refused_naming_it(tmp_path, edit, message):
+    sweep = {"method": "adaptive", "baseline": "default",
+             "variants": {"default": {"why": "preset", "set": []}}}
+    edit(sweep)
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(copy.deepcopy(sweep)))
+    with pytest.raises(SweepError, match=message) as info:
+        load_sweep(str(path))
+    assert str(path) in str(info.value)
