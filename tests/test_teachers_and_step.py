@@ -138,3 +138,58 @@ def test_a_label_map_by_label_names_gives_each_teacher_channel_its_student_chann
         label_map_channels({"cz": "peripheral_zone"}, teacher, student, False, "plans.json")
     with pytest.raises(TeacherError, match=r"student labels \['prostate'\]"):
         label_map_channels({"tz": "prostate"}, teacher, student, False, "plans.json")
+
+
+def test_a_teacher_with_finer_labels_teaches_a_real_trainer_through_its_label_map(workspace, monkeypatch, tmp_path):
+    """The trained teacher, re-labelled with the peripheral zone split in two halves (its PZ output channel doubled,
+    each copy's bias lowered by T log 2 at every deep-supervision output): merged back through the label map at the
+    recipe's temperature, its soft targets are the original teacher's, exactly."""
+    import math
+    from os.path import join
+
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+    from test_multi_teacher import _batch
+    from test_teacher_and_bad_inputs import make_trainer, student_plans_with, teacher_copy
+
+    temperature = parse_recipe(load_json(join(workspace.preprocessed, "nnUNetPlans_teststudent.json")), "3d_fullres",
+                               "adaptive", "plans").terms["kl"].temperature
+
+    def split_peripheral_zone(folder):
+        dataset_json = load_json(join(folder, "dataset.json"))
+        names = list(dataset_json["labels"])  # background, then the two zones
+        dataset_json["labels"] = {names[0]: 0, "pz_left": 1, "pz_right": 2, names[2]: 3}
+        save_json(dataset_json, join(folder, "dataset.json"), sort_keys=False)
+        checkpoint_file = join(folder, "fold_0", "checkpoint_final.pth")
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+        weights = checkpoint["network_weights"]
+        for key in [k for k in weights if "seg_layers" in k]:
+            w = weights[key]
+            pz = w[1:2] - temperature * math.log(2) if key.endswith("bias") else w[1:2]
+            weights[key] = torch.cat([w[:1], pz, pz, w[2:]])
+        checkpoint["init_args"]["dataset_json"] = dataset_json
+        torch.save(checkpoint, checkpoint_file)
+        return names
+
+    labels = {}
+    folder = teacher_copy(workspace, tmp_path, edit=lambda f: labels.update(names=split_peripheral_zone(f)))
+    pz, tz = labels["names"][1], labels["names"][2]
+    name = student_plans_with(workspace, "nnUNetPlans_finerteacher", teacher_folder=folder,
+                              label_map={"pz_left": pz, "pz_right": pz, tz: tz})
+    finer = make_trainer(workspace, monkeypatch, name, trainer="nnUNetTrainerKD_BalancedHints")
+    finer.initialize()
+    assert finer.teacher_label_maps["teacher0"] == [-1, 1, 1, 2]
+    original = make_trainer(workspace, monkeypatch, trainer="nnUNetTrainerKD_BalancedHints")
+    original.initialize()
+    batch = _batch(finer)
+    with torch.no_grad():
+        step = finer.distillation_step(batch["data"], finer.network(batch["data"]), batch["target"])
+        reference = original.teacher(batch["data"])
+    mapped = step.teachers["teacher0"]
+    assert mapped.outputs[0].shape[1] == 4  # the teacher really predicts four classes
+    for level, out in enumerate(reference):
+        assert torch.allclose(torch.softmax(mapped.logits(level, temperature) / temperature, 1),
+                              torch.softmax(out / temperature, 1), atol=1e-5)
+    # and the KD step trains on them
+    out = finer.train_step(batch)
+    assert torch.isfinite(out["terms"]["kl"]) and out["terms"]["kl"] > 0
