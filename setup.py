@@ -30,6 +30,7 @@ setup(
             "nnUNetv2_kd_export=nnunet_kd.export:main",
             "nnUNetv2_kd_demo=nnunet_kd.demo:main",
             "nnUNetv2_kd_benchmark=nnunet_kd.benchmark:main",
+            "nnUNetv2_kd_plan_subset_teachers=nnunet_kd.subsets:main",
         ],
     },
 )

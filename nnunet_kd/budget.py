@@ -47,6 +47,23 @@ class TrainingBudget:
     num_iterations_per_epoch: int
     num_val_iterations_per_epoch: int
     seed: int | None
+    training_cases: tuple | None = None
+
+
+def restrict_to_training_cases(train: list, val: list, cases, plans_file: str, fold) -> tuple[list, list]:
+    """nnU-Net's (train, val) split of the fold, with training limited to ``cases`` (None: unchanged). Every case
+    must be a training case of the fold: a subset never takes a validation case."""
+    if cases is None:
+        return train, val
+    outside = sorted(set(cases) - set(train))
+    if outside:
+        in_val = sorted(set(outside) & set(val))
+        raise RecipeError(
+            f"{plans_file}: training_cases names {len(outside)} case(s) that are not training cases of fold {fold} "
+            f"(e.g. {outside[:5]}" + (f"; {len(in_val)} of them are its validation cases" if in_val else "") +
+            f"). A subset is drawn from the fold's training cases only: write the plans again with "
+            f"nnUNetv2_kd_plan_subset_teachers -f {fold}, or train the fold they were planned for.")
+    return sorted(cases), val
 
 
 def read_training_budget(plans: dict, configuration: str, plans_file: str) -> TrainingBudget:
@@ -62,7 +79,7 @@ def read_training_budget(plans: dict, configuration: str, plans_file: str) -> Tr
             f"(-p <student plans>).")
     recipe = parse_recipe(plans, configuration, "none", plans_file)
     return TrainingBudget(recipe.num_epochs, recipe.num_iterations_per_epoch, recipe.num_val_iterations_per_epoch,
-                          recipe.seed)
+                          recipe.seed, recipe.training_cases)
 
 
 def apply_training_budget(trainer, budget) -> None:
@@ -95,12 +112,18 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_training_budget(self, self.budget)
 
+    def do_split(self):
+        train, val = super().do_split()
+        return restrict_to_training_cases(train, val, self.budget.training_cases, self.plans_file, self.fold)
+
     def on_train_start(self):
         super().on_train_start()
         record_training_cases(self)
+        subset = "" if self.budget.training_cases is None else \
+            f", on {len(self.budget.training_cases)} of the fold's training cases (training_cases)"
         self.print_to_log_file(f"Training budget from {self.plans_file}: {self.num_epochs} epochs x "
                                f"{self.num_iterations_per_epoch} iterations ({self.num_val_iterations_per_epoch} "
-                               f"validation iterations per epoch), seed {self.budget.seed}.")
+                               f"validation iterations per epoch), seed {self.budget.seed}{subset}.")
 
     def predictor_trainer_name(self) -> str:
         """'nnUNetTrainer' unless a subclass builds its own network (nnU-Net's predictor must build that one)."""

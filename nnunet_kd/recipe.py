@@ -36,6 +36,9 @@ PLANS_KEY = "kd"
 # see the same augmented batches: the comparison then isolates the distillation terms.
 DEFAULT_TRAINING = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50,
                     "seed": None}
+# Optional training settings (absent: nnU-Net's behaviour). "training_cases": train on these cases of the fold's
+# training split only (a subset teacher, nnUNetv2_kd_plan_subset_teachers); the validation cases stay the fold's.
+OPTIONAL_TRAINING = {"training_cases": None}
 DEFAULT_TEACHER = {"model_folder": None, "checkpoint": "checkpoint_final.pth", "fold": "same",
                    "allow_validation_overlap": False}
 
@@ -101,6 +104,7 @@ class Recipe:
     seed: int | None
     settings: dict  # the method's section as written (with preset defaults): weights, temperature, stages, ...
     terms: dict = field(default_factory=dict)  # term name -> its typed settings, for the terms with weight > 0
+    training_cases: tuple | None = None  # the subset of the fold's training cases to train on; None: all of them
     # Fraction of training after which every distillation weight decays linearly, reaching 0 at the last epoch
     # (1.0: constant weights). The segmentation weight never decays.
     kd_anneal_start: float = 1.0
@@ -171,8 +175,14 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
             raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration} has unknown key '{key}' "
                               f"(known: {sorted(known_top)}). {fix}")
 
-    training = dict(DEFAULT_TRAINING, **raw.get("training", {}))
-    _check_against_preset(raw.get("training", {}), DEFAULT_TRAINING, f"{plans_file}: {PLANS_KEY}.{configuration}.training", fix)
+    training = {**DEFAULT_TRAINING, **OPTIONAL_TRAINING, **raw.get("training", {})}
+    _check_against_preset(raw.get("training", {}), {**DEFAULT_TRAINING, **OPTIONAL_TRAINING},
+                          f"{plans_file}: {PLANS_KEY}.{configuration}.training", fix)
+    cases = training["training_cases"]
+    if cases is not None and (not isinstance(cases, list) or not cases or not all(isinstance(c, str) and c for c in cases)
+                              or len(set(cases)) != len(cases)):
+        raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.training_cases must be null or a "
+                          f"non-empty list of distinct case identifiers, got {cases!r}. {fix}")
     for key in ("num_epochs", "num_iterations_per_epoch"):
         if not isinstance(training[key], int) or training[key] < 1:
             raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.{key} must be an integer >= 1, "
@@ -209,7 +219,8 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
     return Recipe(configuration=configuration, method=method, teachers=teachers, terms=terms,
                   kd_anneal_start=anneal_start, teacher_mirroring=mirroring,
                   num_epochs=training["num_epochs"], num_iterations_per_epoch=training["num_iterations_per_epoch"],
-                  num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], seed=seed, settings=settings)
+                  num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], seed=seed, settings=settings,
+                  training_cases=tuple(cases) if cases is not None else None)
 
 
 def _parse_teachers(raw: dict, plans_file: str, configuration: str, fix: str) -> tuple:

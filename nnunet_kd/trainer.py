@@ -23,7 +23,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_kd.checkpoints import (load_intact_checkpoint, restore_nnunet_checkpoint, save_nnunet_checkpoint,
                                    unwrapped_network)
-from nnunet_kd.budget import apply_training_budget, seed_everything
+from nnunet_kd.budget import apply_training_budget, restrict_to_training_cases, seed_everything
 from nnunet_kd.cost import count_parameters
 from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, registered_terms, term_class
 from nnunet_kd.distill.base import TermSettingsError
@@ -99,6 +99,10 @@ class nnUNetTrainerKD(nnUNetTrainer):
         super().initialize()
         if self.kd_method != "none":
             self._setup_distillation()
+
+    def do_split(self):
+        train, val = super().do_split()
+        return restrict_to_training_cases(train, val, self.kd_recipe.training_cases, self.kd_plans_file, self.fold)
 
     def on_train_start(self):
         super().on_train_start()

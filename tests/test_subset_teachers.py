@@ -1,0 +1,96 @@
+"""Subset teachers: the student fold's training cases split into k seeded subsets (disjoint, or overlapping;
+stratified by group), one budget plans file each, and nnUNetTrainerBudget trains on its subset only: never on the
+fold's validation cases."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from os.path import join
+
+import pytest
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from conftest import CONFIGURATION, DATASET_ID
+from nnunet_kd.provenance import read_training_cases
+from nnunet_kd.subsets import SubsetError, plan_subset_teachers, split_into_subsets, subset_plans_name
+
+CASES = [f"case_{i:03d}" for i in range(23)]
+
+
+def test_disjoint_subsets_cover_the_cases_are_balanced_and_seeded():
+    subsets = split_into_subsets(CASES, 3, seed=7)
+    assert sorted(c for s in subsets for c in s) == sorted(CASES)  # disjoint and covering
+    assert sorted(len(s) for s in subsets) == [7, 8, 8]
+    assert subsets == split_into_subsets(list(reversed(CASES)), 3, seed=7)  # the input order does not matter
+    assert subsets != split_into_subsets(CASES, 3, seed=8)
+
+
+def test_overlapping_subsets_take_a_fraction_of_the_other_subsets_cases():
+    disjoint = split_into_subsets(CASES, 3, seed=1)
+    overlapping = split_into_subsets(CASES, 3, seed=1, overlap=0.25)
+    for own, extended in zip(disjoint, overlapping):
+        assert set(own) < set(extended) <= set(CASES)
+        assert len(extended) - len(own) == round(0.25 * len(own))
+    assert len(set(overlapping[0]) & (set(overlapping[1]) | set(overlapping[2]))) > 0
+
+
+def test_groups_are_dealt_out_in_proportion():
+    groups = {c: ("site A" if i < 12 else "site B" if i < 20 else "site C") for i, c in enumerate(CASES)}
+    subsets = split_into_subsets(CASES, 4, seed=3, groups=groups)
+    for group, total in Counter(groups.values()).items():
+        shares = [sum(groups[c] == group for c in s) for s in subsets]
+        assert max(shares) - min(shares) <= 1 and sum(shares) == total, group
+    assert max(map(len, subsets)) - min(map(len, subsets)) <= 1
+
+
+@pytest.mark.parametrize("k, overlap, message", [(1, 0.0, r"-k must be an integer >= 2"),
+                                                 (30, 0.0, r"cannot be split into 30"),
+                                                 (3, 1.0, r"--overlap must be a fraction")])
+def test_impossible_splits_are_refused(k, overlap, message):
+    with pytest.raises(SubsetError, match=message):
+        split_into_subsets(CASES, k, overlap=overlap)
+
+
+def test_subset_plans_train_a_plain_teacher_on_its_subset_only(workspace, monkeypatch):
+    ws = workspace
+    ws.set_env(monkeypatch)
+    splits = load_json(join(ws.preprocessed, "splits_final.json"))
+    written = plan_subset_teachers(str(DATASET_ID), CONFIGURATION, 0, 2, "nnUNetPlans_testsubset", num_epochs=1,
+                                   iterations_per_epoch=2, val_iterations_per_epoch=1, seed=0, overwrite=True)
+    assert [w["plans_name"] for w in written] == [subset_plans_name("nnUNetPlans_testsubset", i, 2) for i in (0, 1)] \
+        == ["nnUNetPlans_testsubset1of2", "nnUNetPlans_testsubset2of2"]
+    union = set(written[0]["training_cases"]) | set(written[1]["training_cases"])
+    assert union == set(splits[0]["train"]) and not union & set(splits[0]["val"])
+    assert not set(written[0]["training_cases"]) & set(written[1]["training_cases"])
+    plans = load_json(written[0]["plans_file"])
+    assert plans["plans_name"] == "nnUNetPlans_testsubset1of2"
+    assert plans["configurations"] == load_json(join(ws.preprocessed, "nnUNetPlans.json"))["configurations"]
+    # nothing is replaced without --overwrite, and nothing is written when one file may not be
+    with pytest.raises(SubsetError, match="pass --overwrite"):
+        plan_subset_teachers(str(DATASET_ID), CONFIGURATION, 0, 2, "nnUNetPlans_testsubset", num_epochs=1)
+
+    ws.run("nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-tr", "nnUNetTrainerBudget", "-p",
+           written[0]["plans_name"], "-device", "cpu")
+    fold = join(ws.results, "Dataset991_KDTest", f"nnUNetTrainerBudget__{written[0]['plans_name']}__{CONFIGURATION}",
+                "fold_0")
+    record = read_training_cases(fold)
+    assert record["training_cases"] == written[0]["training_cases"]
+    assert record["validation_cases"] == sorted(splits[0]["val"])
+    from nnunet_kd.teacher import load_nnunet_checkpoint
+    assert load_nnunet_checkpoint(join(fold, "checkpoint_final.pth"))["trainer_name"] == "nnUNetTrainer"  # plain
+
+
+def test_training_cases_that_are_validation_cases_are_refused_before_training(workspace, monkeypatch, tmp_path):
+    ws = workspace
+    ws.set_env(monkeypatch)
+    splits = load_json(join(ws.preprocessed, "splits_final.json"))
+    written = plan_subset_teachers(str(DATASET_ID), CONFIGURATION, 0, 2, "nnUNetPlans_badsubset", num_epochs=1,
+                                   iterations_per_epoch=2, val_iterations_per_epoch=1, overwrite=True)
+    plans = load_json(written[0]["plans_file"])
+    plans["kd"][CONFIGURATION]["training"]["training_cases"] = [splits[0]["val"][0]]
+    with open(written[0]["plans_file"], "w") as f:
+        json.dump(plans, f)
+    from test_teacher_and_bad_inputs import make_trainer
+    trainer = make_trainer(ws, monkeypatch, "nnUNetPlans_badsubset1of2", trainer="nnUNetTrainerBudget")
+    with pytest.raises(Exception, match=r"1 of them are its validation cases"):
+        trainer.do_split()
