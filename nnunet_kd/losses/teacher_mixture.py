@@ -1,0 +1,100 @@
+"""Several teachers combined into one soft target per voxel: each teacher weighted by how well it explains the ground
+truth there, and only teachers that did not train on the case (out-of-sample routing).
+
+Weights, per voxel x and teacher k (K teachers, labels y):
+
+* ``adaptive``: w_k(x) = softmax over the allowed teachers of -CE_k(x) / tau, CE_k(x) = -log p_k(y(x) | x) at
+  temperature 1 (for regions: the sum over regions of the binary cross-entropy). A teacher that is confident and
+  right at x dominates there; teachers equally good get equal weights; tau -> infinity gives the uniform mean.
+* ``uniform``: 1 / (number of allowed teachers), as Fast-nnUNet averages its fold teachers.
+
+``allowed`` (B, K) bool says which teacher may teach each batch item (False: the teacher trained on that case, so its
+prediction there is memory, not a prediction). An item no teacher may teach gets weight 0 from every teacher and
+``covered`` False: the terms leave it out.
+
+The mixture the student distils is sum_k w_k p_k at the distillation temperature T (softmax of t_k / T; for regions
+the sigmoids), returned as logits at T (T log p; T logit q for regions) like nnunet_kd.losses.label_map, so every
+logit term uses it unchanged. Pure torch, 2D and 3D, no gradient (teachers are frozen).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+FLOOR = 1e-8
+WEIGHTINGS = ("adaptive", "uniform")
+
+
+def _stack(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not teacher_logits:
+        raise ValueError("at least one teacher's logits are needed")
+    shapes = {tuple(t.shape) for t in teacher_logits}
+    if len(shapes) != 1:
+        raise ValueError(f"every teacher's logits must have one shape, got {sorted(shapes)}")
+    return torch.stack([t.detach().float() for t in teacher_logits], 1)  # (B, K, C, *sp)
+
+
+def teacher_cross_entropy(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor,
+                          region_based: bool = False) -> torch.Tensor:
+    """(B, K, *sp): each teacher's cross-entropy on the ground truth per voxel (label map (B, 1, *sp); for regions the
+    binary regions (B, R, *sp), summed over regions). Labels outside [0, C) (an ignore label) count as class 0; mask
+    those voxels out downstream."""
+    logits = _stack(teacher_logits)
+    if region_based:
+        regions = target.float().unsqueeze(1).expand_as(logits)
+        return F.binary_cross_entropy_with_logits(logits, regions, reduction="none").sum(2)
+    num_classes = logits.shape[2]
+    labels = target.long()
+    labels = torch.where((labels >= 0) & (labels < num_classes), labels, torch.zeros_like(labels))
+    log_p = F.log_softmax(logits, 2)  # (B, K, C, *sp)
+    index = labels.unsqueeze(1).expand(-1, logits.shape[1], *labels.shape[1:])  # (B, K, 1, *sp)
+    return -torch.gather(log_p, 2, index).squeeze(2)
+
+
+def teacher_weights(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor, weighting: str = "adaptive",
+                    tau: float = 1.0, allowed: Optional[torch.Tensor] = None,
+                    region_based: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (B, K, *sp) summing to 1 over the allowed teachers, covered (B, 1, *sp) bool)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    with torch.no_grad():
+        ce = teacher_cross_entropy(teacher_logits, target, region_based)  # (B, K, *sp)
+        b, k = ce.shape[:2]
+        if allowed is None:
+            allowed = torch.ones((b, k), dtype=torch.bool, device=ce.device)
+        if tuple(allowed.shape) != (b, k):
+            raise ValueError(f"allowed must be (batch, teachers) = {(b, k)}, got {tuple(allowed.shape)}")
+        allowed_map = allowed.view(b, k, *([1] * (ce.dim() - 2))).expand_as(ce)
+        scores = -ce / tau if weighting == "adaptive" else torch.zeros_like(ce)
+        scores = torch.where(allowed_map, scores, torch.full_like(scores, float("-inf")))
+        covered = allowed.any(1).view(b, 1, *([1] * (ce.dim() - 2))).expand(b, 1, *ce.shape[2:])
+        # an item no teacher may teach: softmax over -inf only is NaN; give it zeros instead
+        weights = torch.softmax(torch.where(covered.expand_as(scores), scores, torch.zeros_like(scores)), 1)
+        weights = torch.where(allowed_map, weights, torch.zeros_like(weights))
+        return weights, covered
+
+
+def mix_teacher_logits(teacher_logits: Sequence[torch.Tensor], weights: torch.Tensor, temperature: float,
+                       region_based: bool = False) -> torch.Tensor:
+    """(B, C, *sp) logits at ``temperature`` of sum_k w_k p_k, p_k the teacher's softened probabilities."""
+    logits = _stack(teacher_logits) / temperature
+    w = weights.unsqueeze(2)  # (B, K, 1, *sp)
+    if region_based:
+        q = (w * torch.sigmoid(logits)).sum(1).clamp(FLOOR, 1 - FLOOR)
+        return temperature * torch.logit(q)
+    p = (w * torch.softmax(logits, 2)).sum(1)
+    return temperature * torch.log(p.clamp_min(FLOOR))
+
+
+def weights_at(weights: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Teacher weights resampled to another resolution (area average when downsampling, so they still sum to 1;
+    nearest-exact when upsampling)."""
+    shape = tuple(int(s) for s in spatial_shape)
+    if tuple(weights.shape[2:]) == shape:
+        return weights
+    smaller = all(s <= w for s, w in zip(shape, weights.shape[2:]))
+    return F.interpolate(weights, size=shape, mode="area" if smaller else "nearest-exact")

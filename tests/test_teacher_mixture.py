@@ -1,0 +1,100 @@
+"""Several teachers into one soft target: a confident, correct teacher dominates where it is right, equal teachers
+give their mean, a teacher never teaches the cases it trained on, and the mixture is a proper distribution."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nnunet_kd.losses.teacher_mixture import mix_teacher_logits, teacher_cross_entropy, teacher_weights, weights_at
+
+
+def _logits(probabilities):
+    """(B, C, X, Y) logits whose softmax is ``probabilities``."""
+    return torch.log(torch.tensor(probabilities, dtype=torch.float32))
+
+
+def test_teacher_cross_entropy_is_minus_log_of_the_probability_of_the_true_label():
+    p = [[[[0.7, 0.2]], [[0.3, 0.8]]]]  # (1, 2 classes, 1, 2 voxels)
+    labels = torch.tensor([[[[0, 1]]]])
+    ce = teacher_cross_entropy([_logits(p)], labels)
+    assert ce.shape == (1, 1, 1, 2)
+    assert ce[0, 0, 0].tolist() == pytest.approx([-math.log(0.7), -math.log(0.8)], rel=1e-6)
+
+
+def test_a_confident_correct_teacher_dominates_and_equal_teachers_get_equal_weights():
+    labels = torch.tensor([[[[1, 1]]]])
+    right = _logits([[[[0.01, 0.5]], [[0.99, 0.5]]]])   # voxel 0: sure of class 1 (right); voxel 1: unsure
+    wrong = _logits([[[[0.9, 0.5]], [[0.1, 0.5]]]])    # voxel 0: class 0 (wrong); voxel 1: equally unsure
+    w, covered = teacher_weights([right, wrong], labels, "adaptive", tau=1.0)
+    assert covered.all()
+    # voxel 0: softmax(-CE) = p_right(y) / (p_right(y) + p_wrong(y)) = 0.99 / 1.09 at tau = 1
+    assert w[0, :, 0, 0].tolist() == pytest.approx([0.99 / 1.09, 0.10 / 1.09], rel=1e-5)
+    assert w[0, :, 0, 1].tolist() == pytest.approx([0.5, 0.5])
+    assert torch.allclose(w.sum(1), torch.ones(1, 1, 2))
+    # a large tau tends to the uniform mean; uniform is that mean
+    w_flat, _ = teacher_weights([right, wrong], labels, "adaptive", tau=1e6)
+    assert torch.allclose(w_flat, torch.full_like(w_flat, 0.5), atol=1e-5)
+    w_uniform, _ = teacher_weights([right, wrong], labels, "uniform")
+    assert torch.equal(w_uniform, torch.full_like(w_uniform, 0.5))
+
+
+def test_equal_teachers_mix_to_themselves_and_the_mixture_is_the_weighted_mean_of_softened_probabilities():
+    torch.manual_seed(0)
+    t = torch.randn(2, 3, 4, 5)
+    labels = torch.randint(0, 3, (2, 1, 4, 5))
+    w, _ = teacher_weights([t, t.clone()], labels)
+    assert torch.allclose(w, torch.full_like(w, 0.5))
+    mixed = mix_teacher_logits([t, t.clone()], w, temperature=3.0)
+    assert torch.allclose(torch.softmax(mixed / 3.0, 1), torch.softmax(t / 3.0, 1), atol=1e-6)
+    a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    w = torch.rand(2, 2, 4, 5)
+    w = w / w.sum(1, keepdim=True)
+    expected = w[:, :1] * torch.softmax(a / 2, 1) + w[:, 1:] * torch.softmax(b / 2, 1)
+    got = torch.softmax(mix_teacher_logits([a, b], w, 2.0) / 2.0, 1)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_routing_excludes_a_teacher_on_the_cases_it_trained_on():
+    torch.manual_seed(1)
+    teachers = [torch.randn(3, 2, 6, 6, 2) for _ in range(3)]  # 3D, 3 batch items
+    labels = torch.randint(0, 2, (3, 1, 6, 6, 2))
+    # item 0: teacher 0 trained on it; item 1: teachers 0 and 1; item 2: every teacher (nobody may teach it)
+    allowed = torch.tensor([[False, True, True], [False, False, True], [False, False, False]])
+    w, covered = teacher_weights(teachers, labels, "adaptive", tau=0.5, allowed=allowed)
+    assert (w[0, 0] == 0).all() and torch.allclose(w[0, 1:].sum(0), torch.ones(6, 6, 2))
+    assert (w[1, :2] == 0).all() and torch.allclose(w[1, 2], torch.ones(6, 6, 2))
+    assert (w[2] == 0).all() and not covered[2].any() and covered[:2].all()
+    assert torch.isfinite(w).all()
+
+
+def test_region_based_weights_use_the_binary_cross_entropy_and_the_mixture_of_sigmoids():
+    regions = torch.tensor([[[[1.0, 0.0]]]])  # (1, 1 region, 1, 2)
+    sure = torch.tensor([[[[4.0, -4.0]]]])
+    unsure = torch.tensor([[[[0.0, 0.0]]]])
+    w, _ = teacher_weights([sure, unsure], regions, region_based=True)
+    assert (w[0, 0] > w[0, 1]).all()
+    q = torch.sigmoid(mix_teacher_logits([sure, unsure], w, 1.0, region_based=True))
+    expected = w[:, 0] * torch.sigmoid(sure[:, 0]) + w[:, 1] * 0.5
+    assert torch.allclose(q[:, 0], expected, atol=1e-6)
+
+
+def test_weights_at_a_coarser_stage_still_sum_to_one():
+    w = torch.softmax(torch.randn(2, 3, 8, 6), 1)
+    coarse = weights_at(w, (4, 3))
+    assert coarse.shape == (2, 3, 4, 3) and torch.allclose(coarse.sum(1), torch.ones(2, 4, 3), atol=1e-6)
+    assert weights_at(w, (8, 6)) is w
+
+
+def test_bad_inputs_are_refused():
+    t = torch.randn(1, 2, 3, 3)
+    labels = torch.zeros(1, 1, 3, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        teacher_weights([t], labels, "learned")
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        teacher_weights([t], labels, tau=0.0)
+    with pytest.raises(ValueError, match="allowed must be"):
+        teacher_weights([t, t], labels, allowed=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="one shape"):
+        teacher_weights([t, torch.randn(1, 3, 3, 3)], labels)
