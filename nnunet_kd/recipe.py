@@ -44,10 +44,13 @@ DEFAULT_TEACHER = {"model_folder": None, "checkpoint": "checkpoint_final.pth", "
 
 
 # Recipe settings that take one of a few names.
-CHOICES = {"kl_reduction": KL_REDUCTIONS}
+# How several teachers are combined: "terms_mean" (each term computed per teacher, then averaged), or one soft target
+# per voxel from the teachers weighted "uniform"ly or "adaptive"ly (nnunet_kd.losses.teacher_mixture).
+TEACHER_AGGREGATIONS = ("terms_mean", "uniform", "adaptive")
+CHOICES = {"kl_reduction": KL_REDUCTIONS, "teacher_aggregation": TEACHER_AGGREGATIONS}
 # Numbers that must be > 0 (a zero temperature divides the logits by 0); every other number is >= 0 (a weight of 0
 # switches its term off). All must be finite: JSON's NaN / Infinity (which Python's json reads) are refused.
-POSITIVE_KEYS = {"temperature"}
+POSITIVE_KEYS = {"temperature", "teacher_aggregation_tau"}
 
 
 class RecipeError(ValueError):
@@ -111,6 +114,10 @@ class Recipe:
     # Soft targets and hints from the teacher's prediction averaged over the mirrorings nnU-Net's inference uses
     # (its test-time augmentation) instead of a single pass. Costs one extra teacher pass per mirroring.
     teacher_mirroring: bool = False
+    teacher_aggregation: str = "terms_mean"
+    teacher_aggregation_tau: float = 1.0  # the adaptive weights' temperature: softmax over teachers of -CE / tau
+    # Out-of-sample routing: a teacher does not teach the cases it was trained on (their keys are in its record).
+    teacher_routing: bool = False
 
     @property
     def teacher(self) -> TeacherRecipe | None:
@@ -214,10 +221,13 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
             raise RecipeError(f"{where}.kd_anneal_start must be a fraction of training in [0, 1] (1: no annealing), "
                               f"got {anneal_start!r}. {fix}")
         mirroring = bool(settings.get("teacher_mirroring", False))
+        aggregation = {"teacher_aggregation": settings.get("teacher_aggregation", "terms_mean"),
+                       "teacher_aggregation_tau": float(settings.get("teacher_aggregation_tau", 1.0)),
+                       "teacher_routing": bool(settings.get("teacher_routing", False))}
     else:
-        settings, teachers, terms, anneal_start, mirroring = {}, (), {}, 1.0, False
+        settings, teachers, terms, anneal_start, mirroring, aggregation = {}, (), {}, 1.0, False, {}
     return Recipe(configuration=configuration, method=method, teachers=teachers, terms=terms,
-                  kd_anneal_start=anneal_start, teacher_mirroring=mirroring,
+                  kd_anneal_start=anneal_start, teacher_mirroring=mirroring, **aggregation,
                   num_epochs=training["num_epochs"], num_iterations_per_epoch=training["num_iterations_per_epoch"],
                   num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], seed=seed, settings=settings,
                   training_cases=tuple(cases) if cases is not None else None)

@@ -30,7 +30,9 @@ from nnunet_kd.distill.base import TermSettingsError
 from nnunet_kd.distill.sync import broadcast_parameters, average_gradients
 from nnunet_kd.distill.teachers import load_teachers
 from nnunet_kd.features import FeatureTaps, canonical_stage_name
+from nnunet_kd.losses._common import masked_voxel_mean
 from nnunet_kd.losses.kl import label_teacher_logits
+from nnunet_kd.losses.teacher_mixture import mix_teacher_logits, teacher_weights
 from nnunet_kd.progress import KDLocalLogger, term_key
 from nnunet_kd.provenance import record_training_cases
 from nnunet_kd.recipe import parse_recipe, plans_file_path
@@ -78,12 +80,20 @@ class nnUNetTrainerKD(nnUNetTrainer):
         self.teacher_names = ((LABEL_TEACHER,) if self.kd_teacher_source == "labels"
                               else tuple(t.name for t in self.kd_recipe.teachers))
         # logged_terms: the loss terms and their logged parts (RGD's node/edge/voxel, each teacher's share)
+        # Several teachers mixed per voxel (teacher_aggregation "uniform" / "adaptive"): the logit terms distil the
+        # mixture, and each teacher's mean weight is logged per epoch.
+        self.teacher_mixture = (self.kd_method != "none" and self.kd_teacher_source == "network"
+                                and self.kd_recipe.teacher_aggregation != "terms_mean")
         self.logged_terms = ["segmentation"] + [name for term in self.kd_recipe.terms
-                                                for name in term_class(term).log_names(self.teacher_names)]
+                                                for name in term_class(term).log_names(self.teacher_names,
+                                                                                       self.teacher_mixture)]
+        if self.teacher_mixture and self.kd_recipe.terms:
+            self.logged_terms += [f"teacher_weight_{t}" for t in self.teacher_names]
         self.logger.local_logger = KDLocalLogger(self.logged_terms, required=self.loss_terms)
 
         self.teachers = {}            # name -> FrozenTeacher, outside self.network, never saved
         self.teacher_label_maps = {}  # name -> student channel of each teacher channel (-1 none), or None
+        self.teacher_trained_on = {}  # name -> the cases its fold trained on (None: unknown), for routing
         self.distillation = nn.ModuleDict()  # the terms; their trainable modules train with the student
         self.student_taps = None
         self.teacher_taps = {}
@@ -134,8 +144,18 @@ class nnUNetTrainerKD(nnUNetTrainer):
                                    f"teacher). Loss weights {self.loss_weights}, temperature {self._temperature()}.")
             return
         loaded = load_teachers(self)
-        self.teachers = {name: frozen for name, (_, frozen, _) in loaded.items()}
-        self.teacher_label_maps = {name: channels for name, (_, _, channels) in loaded.items()}
+        self.teachers = {name: t.network for name, t in loaded.items()}
+        self.teacher_label_maps = {name: t.label_map for name, t in loaded.items()}
+        self.teacher_trained_on = {name: t.trained_on for name, t in loaded.items()}
+        if self.kd_recipe.teacher_routing:
+            training_keys, _ = self.do_split()
+            for name, cases in self.teacher_trained_on.items():
+                if cases is None:
+                    self.print_to_log_file(f"WARNING: routing cannot tell which cases teacher {name} trained on: "
+                                           f"it teaches every case.")
+                elif set(training_keys) <= cases:
+                    self.print_to_log_file(f"WARNING: teacher {name} trained on every training case of this fold: "
+                                           f"out-of-sample routing leaves it nothing to teach.")
 
         # Stage names are resolved once, here; the step reads features by canonical name.
         stages = []
@@ -158,7 +178,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
         described = "; ".join(f"{name}: {teacher.checkpoint_file} (configuration {teacher.configuration}, trainer "
                               f"{teacher.trainer_name}, {count_parameters(frozen):,} parameters"
                               f"{', label map ' + str(channels) if channels else ''})"
-                              for name, (teacher, frozen, channels) in loaded.items())
+                              for name, (teacher, frozen, channels) in
+                              ((n, (t.model, t.network, t.label_map)) for n, t in loaded.items()))
         self.print_to_log_file(
             f"Distillation method '{self.kd_method}' from {len(loaded)} teacher(s) [{described}]: student "
             f"{count_parameters(self.network):,} parameters, distillation modules "
@@ -228,7 +249,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
             student_out = self.network(data)
             losses = {"segmentation": self.loss(student_out, target)}
             if self.distillation_enabled and len(self.distillation):
-                step = self.distillation_step(data, student_out, target)
+                step = self.distillation_step(data, student_out, target, batch.get("keys"))
+                losses.update(step.logged)
                 for term in self.distillation.values():
                     losses.update(term(step))
             total = sum(self.loss_weights[name] * losses[name] for name in self.loss_terms)
@@ -260,7 +282,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
             return target[:, :-1], ~target[:, -1:].bool()
         return target, target != lm.ignore_label
 
-    def distillation_step(self, data, student_out, target) -> DistillationStep:
+    def distillation_step(self, data, student_out, target, keys=None) -> DistillationStep:
         """Everything the terms read in this step; every teacher runs here, once."""
         outputs = list(student_out) if isinstance(student_out, (list, tuple)) else [student_out]
         split = [self._split_target(t) for t in (target if isinstance(target, (list, tuple)) else [target])]
@@ -285,7 +307,38 @@ class nnUNetTrainerKD(nnUNetTrainer):
             # new tensors (softened, divided by T), which are ordinary ones.
             teachers[name] = TeacherOutputs(name, list(teacher_out), {k: v.clone() for k, v in features.items()},
                                             self.teacher_label_maps.get(name), num_heads, regions)
-        return DistillationStep(outputs, student_features, teachers, labels, valid)
+        step = DistillationStep(outputs, student_features, teachers, labels, valid)
+        if self.teacher_mixture and self.teachers:
+            self._mix_teachers(step, keys)
+        return step
+
+    def _mix_teachers(self, step: DistillationStep, keys) -> None:
+        """The teachers' per-voxel mixture at every deep-supervision level (nnunet_kd.losses.teacher_mixture), with
+        out-of-sample routing when the recipe asks for it: a teacher does not teach the cases it trained on."""
+        recipe, names = self.kd_recipe, list(step.teachers)
+        regions = self.label_manager.has_regions
+        temperature = self._temperature() or 1.0
+        allowed = None
+        if recipe.teacher_routing:
+            if keys is None:
+                raise TeacherError("teacher_routing needs the case keys of every batch, which this data loader does "
+                                   f"not give: set teacher_routing to false in {self.kd_plans_file}.")
+            allowed = torch.tensor([[self.teacher_trained_on.get(n) is None or str(k) not in self.teacher_trained_on[n]
+                                     for n in names] for k in keys], dtype=torch.bool, device=step.labels[0].device)
+        levels = min(len(step.labels), *(len(t.outputs) for t in step.teachers.values()))
+        mixed, covered, weights = [], [], {n: [] for n in names}
+        for level in range(levels):
+            w, cov = teacher_weights([step.teachers[n].logits(level, 1.0) for n in names], step.labels[level],
+                                     recipe.teacher_aggregation, recipe.teacher_aggregation_tau, allowed, regions)
+            mixed.append(mix_teacher_logits([step.teachers[n].logits(level, temperature) for n in names], w,
+                                            temperature, regions))
+            covered.append(cov)
+            for i, n in enumerate(names):
+                weights[n].append(w[:, i:i + 1])
+        step.mixture = TeacherOutputs("mixture", mixed)
+        step.teacher_weights, step.covered = weights, covered
+        mask = step.kd_mask(0)
+        step.logged = {f"teacher_weight_{n}": masked_voxel_mean(weights[n][0], mask) for n in names}
 
     def _mirror_averaged(self, teacher, data, first_out, taps):
         """The teacher's logits averaged over the unmirrored pass and every mirroring of nnU-Net's inference (all

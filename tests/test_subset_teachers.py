@@ -94,3 +94,66 @@ def test_training_cases_that_are_validation_cases_are_refused_before_training(wo
     trainer = make_trainer(ws, monkeypatch, "nnUNetPlans_badsubset1of2", trainer="nnUNetTrainerBudget")
     with pytest.raises(Exception, match=r"1 of them are its validation cases"):
         trainer.do_split()
+
+
+@pytest.fixture(scope="module")
+def subset_teachers(workspace):
+    """Two teachers, each trained (briefly) on one half of fold 0's training cases."""
+    import os
+    ws = workspace
+    saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    os.environ.update({k: ws.env[k] for k in saved})
+    try:
+        written = plan_subset_teachers(str(DATASET_ID), CONFIGURATION, 0, 2, "nnUNetPlans_routesubset", num_epochs=1,
+                                       iterations_per_epoch=2, val_iterations_per_epoch=1, seed=0, overwrite=True)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    folders = []
+    for w in written:
+        ws.run("nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-tr", "nnUNetTrainerBudget", "-p",
+               w["plans_name"], "-device", "cpu")
+        folders.append(join(ws.results, "Dataset991_KDTest", f"nnUNetTrainerBudget__{w['plans_name']}__{CONFIGURATION}"))
+    return written, folders
+
+
+def test_the_multi_teacher_student_mixes_its_subset_teachers_and_never_asks_one_about_its_own_cases(
+        workspace, subset_teachers, monkeypatch):
+    import torch
+
+    from nnunet_kd.planning import plan_student
+    from test_multi_teacher import _batch
+    from test_teacher_and_bad_inputs import make_trainer
+
+    written, folders = subset_teachers
+    workspace.set_env(monkeypatch)
+    plan_student(str(DATASET_ID), CONFIGURATION, folders, "nnUNetPlans_multiteacher", width=0.25, verbose=False,
+                 overwrite=True, num_epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1)
+    trainer = make_trainer(workspace, monkeypatch, "nnUNetPlans_multiteacher", trainer="nnUNetTrainerKD_MultiTeacher")
+    recipe = trainer.kd_recipe
+    assert (recipe.teacher_aggregation, recipe.teacher_routing) == ("adaptive", True)
+    trainer.initialize()
+    assert trainer.teacher_trained_on == {"teacher0": frozenset(written[0]["training_cases"]),
+                                          "teacher1": frozenset(written[1]["training_cases"])}
+    batch = _batch(trainer)
+    batch["keys"] = [written[0]["training_cases"][0], written[1]["training_cases"][0]]
+    with torch.no_grad():
+        step = trainer.distillation_step(batch["data"], trainer.network(batch["data"]), batch["target"], batch["keys"])
+    w0, w1 = step.teacher_weights["teacher0"][0], step.teacher_weights["teacher1"][0]
+    assert (w0[0] == 0).all() and (w1[0] == 1).all()  # case of subset 1: only teacher 1 teaches it
+    assert (w1[1] == 0).all() and (w0[1] == 1).all()
+    assert len(step.mixture.outputs) == len(step.student_outputs)
+    out = trainer.train_step(batch)
+    assert {"kl", "feature", "feature_teacher0", "feature_teacher1", "teacher_weight_teacher0",
+            "teacher_weight_teacher1"} <= set(out["terms"]) and "kl_teacher0" not in out["terms"]
+    assert out["terms"]["teacher_weight_teacher0"].item() == pytest.approx(0.5)
+    trainer.on_train_epoch_end([out])
+    assert set(trainer.logged_terms) == set(out["terms"])
+
+    # and nnUNetv2_train runs it end to end, logging each teacher's weight per epoch
+    workspace.run("nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-tr", "nnUNetTrainerKD_MultiTeacher", "-p",
+                  "nnUNetPlans_multiteacher", "-device", "cpu")
+    folder = workspace.student_folder("nnUNetTrainerKD_MultiTeacher", "nnUNetPlans_multiteacher")
+    from nnunet_kd.teacher import load_nnunet_checkpoint
+    logging = load_nnunet_checkpoint(join(folder, "fold_0", "checkpoint_final.pth"))["logging"]
+    assert len(logging["kd_teacher_weight_teacher0"]) == 1

@@ -98,3 +98,43 @@ def test_bad_inputs_are_refused():
         teacher_weights([t, t], labels, allowed=torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="one shape"):
         teacher_weights([t, torch.randn(1, 3, 3, 3)], labels)
+
+
+def test_the_logit_term_distils_the_mixture_and_the_hints_are_weighted_per_voxel_like_it():
+    from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, term_class
+    from nnunet_kd.distill.feature_hint import FeatureHint
+    from nnunet_kd.losses.kl import LogitKLLoss
+
+    torch.manual_seed(2)
+    student = torch.randn(2, 3, 8, 8, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 1, 8, 8))
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    features = {"decoder.2": torch.randn(2, 4, 8, 8)}
+    teachers = {"a": TeacherOutputs("a", [a], {"decoder.2": features["decoder.2"]}),
+                "b": TeacherOutputs("b", [b], {"decoder.2": features["decoder.2"] + 1})}
+    allowed = torch.tensor([[True, True], [False, True]])  # item 1: teacher a trained on it
+    w, covered = teacher_weights([a, b], labels, "adaptive", 1.0, allowed)
+    mixture = TeacherOutputs("mixture", [mix_teacher_logits([a, b], w, 3.0)])
+    step = DistillationStep([student], {"decoder.2": torch.randn(2, 2, 8, 8)}, teachers, [labels], [None],
+                            mixture=mixture, teacher_weights={"a": [w[:, :1]], "b": [w[:, 1:]]}, covered=[covered])
+    settings = term_class("kl").parse_settings({"temperature": 3.0, "kl_deep_supervision": False,
+                                                "kl_mean_over_classes": False, "kl_reduction": "voxel"})
+    context = TermContext(3, False, 2, ("a", "b"), None, "plans.json")
+    out = term_class("kl")(settings, context)(step)
+    assert set(out) == set(term_class("kl").log_names(("a", "b"), mixture=True)) == {"kl"}
+    expected = LogitKLLoss(3.0)(student, mixture.outputs[0], covered)
+    assert out["kl"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+    hint = FeatureHint(FeatureHint.parse_settings({"feature_stages": ["decoder.2"]}), context)
+    hint.resolved_stages = ["decoder.2"]
+    hint.build_modules({"decoder.2": (2, 2, 8, 8)}, {"a": {"decoder.2": (2, 4, 8, 8)}, "b": {"decoder.2": (2, 4, 8, 8)}})
+    out = hint(step)
+    assert set(out) == set(FeatureHint.log_names(("a", "b"), mixture=True)) == {"feature", "feature_a", "feature_b"}
+    for name in ("a", "b"):
+        adapted = hint.adapters[name]["decoder_2"](step.student_features["decoder.2"])
+        weight = w[:, :1] if name == "a" else w[:, 1:]
+        per_voxel = (adapted - teachers[name].features["decoder.2"]).pow(2).mean(1, keepdim=True) * weight
+        assert out[f"feature_{name}"].item() == pytest.approx(per_voxel.mean().item(), rel=1e-5)
+    assert out["feature"].item() == pytest.approx((out["feature_a"] + out["feature_b"]).item(), rel=1e-6)
+    out["feature"].backward()
+    assert hint.adapters["a"]["decoder_2"].proj.weight.grad is not None

@@ -77,11 +77,15 @@ class DistillationTerm(nn.Module):
     def build_modules(self, student_shapes: dict, teacher_shapes: dict[str, dict]) -> None:
         """Create trainable modules from the tapped shapes ({canonical stage: shape}); default: none."""
 
+    # With the teachers' per-voxel mixture (recipe teacher_aggregation), a term that reads only the mixture has no
+    # per-teacher share to log.
+    reads_mixture: ClassVar[bool] = False
+
     @classmethod
-    def log_names(cls, teachers: tuple[str, ...]) -> list[str]:
+    def log_names(cls, teachers: tuple[str, ...], mixture: bool = False) -> list[str]:
         """Every name forward() returns: the term, its parts, and with several teachers each teacher's share."""
         names = [cls.name] + [f"{cls.name}_{p}" for p in cls.parts]
-        if len(teachers) > 1 and cls.uses_teacher:
+        if len(teachers) > 1 and cls.uses_teacher and not (mixture and cls.reads_mixture):
             names += [f"{cls.name}_{t}" for t in teachers]
         return names
 

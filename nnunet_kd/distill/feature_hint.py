@@ -8,6 +8,7 @@ from torch import nn
 
 from nnunet_kd.distill.base import DistillationTerm, mean_over_teachers, register_term
 from nnunet_kd.losses.feature import FeatureAdapter, feature_mse
+from nnunet_kd.losses.teacher_mixture import weights_at
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class FeatureHint(DistillationTerm):
             for teacher, shapes in teacher_shapes.items()})
 
     def forward(self, step) -> dict:
+        if step.teacher_weights is not None:
+            return self._weighted(step)
         per_teacher = {}
         for name, teacher in step.teachers.items():
             adapters = self.adapters[name]
@@ -49,3 +52,20 @@ class FeatureHint(DistillationTerm):
                                     teacher.features[stage], step.valid[0]) for stage in self.resolved_stages)
             per_teacher[name] = {self.name: value}
         return mean_over_teachers(self.name, per_teacher)
+
+    def _weighted(self, step) -> dict:
+        """Each teacher's hint weighted per voxel like its share of the mixture (its weights at the stage's
+        resolution), summed over teachers: with equal weights, the mean over teachers."""
+        mask = step.kd_mask(0)
+        total, shares = 0.0, {}
+        for name, teacher in step.teachers.items():
+            adapters = self.adapters[name]
+            value = 0.0
+            for stage in self.resolved_stages:
+                student = adapters[module_key(stage)](step.student_features[stage])
+                weight = weights_at(step.teacher_weights[name][0], student.shape[2:])
+                value = value + feature_mse(student, teacher.features[stage], mask, weight)
+            shares[f"{self.name}_{name}"] = value
+            total = total + value
+        return {self.name: total, **shares}
+

@@ -19,6 +19,7 @@ class KLSettings:
 @register_term
 class LogitKL(DistillationTerm):
     name = "kl"
+    reads_mixture = True
     setting_keys = ("temperature", "kl_deep_supervision", "kl_mean_over_classes", "kl_reduction")
 
     @classmethod
@@ -41,6 +42,13 @@ class LogitKL(DistillationTerm):
     def forward(self, step) -> dict:
         levels = self.levels(step)
         weights = self.context.deep_supervision_weights if levels != [0] else None
+        if step.mixture is not None:  # one soft target: the teachers' per-voxel mixture
+            values = [self.kl(step.student_outputs[i], step.mixture.logits(i, self.settings.temperature),
+                              step.kd_mask(i), step.labels[i]) for i in levels]
+            value = sum(weights[i] * v for i, v in zip(levels, values)) if weights is not None else values[0]
+            if self.settings.mean_over_classes:
+                value = value / step.student_outputs[0].shape[1]
+            return {self.name: value}
         per_teacher = {}
         for name, teacher in step.teachers.items():
             values = [self.kl(step.student_outputs[i], teacher.logits(i, self.settings.temperature), step.valid[i],

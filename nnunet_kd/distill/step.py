@@ -41,6 +41,20 @@ class DistillationStep:
     teachers: dict  # name -> TeacherOutputs, in recipe order
     labels: list
     valid: list
+    # Several teachers combined per voxel (recipe teacher_aggregation "uniform" / "adaptive"): the mixture the logit
+    # terms distil, each teacher's weights per deep-supervision level (B, 1, *sp), and per level the voxels some
+    # teacher may teach (False: every teacher trained on that case). None: each term averages over the teachers.
+    mixture: Optional[TeacherOutputs] = None
+    teacher_weights: Optional[dict] = None
+    covered: Optional[list] = None
+    logged: dict = field(default_factory=dict)  # values logged per epoch that are no loss (each teacher's weight)
+
+    def kd_mask(self, level: int) -> Optional[torch.Tensor]:
+        """Valid voxels at ``level`` that a teacher may teach."""
+        valid = self.valid[level]
+        if self.covered is None:
+            return valid
+        return self.covered[level] if valid is None else valid & self.covered[level]
 
     def labels_at(self, spatial_shape) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Labels and mask at ``spatial_shape``: nnU-Net's own deep-supervision target of that shape; resampled

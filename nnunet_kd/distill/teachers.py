@@ -4,6 +4,7 @@ given its label map onto the student's output channels."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from os.path import join
 
 from nnunet_kd.teacher import (TeacherError, build_frozen_teacher, check_teacher_compatible, locate_teacher,
@@ -49,15 +50,24 @@ def check_no_validation_leak(trainer, teacher, recipe_teacher, where: str) -> No
                    f"student's {len(val_keys)} fold-{trainer.fold} validation cases (e.g. {overlap[:5]}): the "
                    f"student's validation Dice would be inflated by the teacher's memory of them.")
     if overlap == []:
-        return
+        return trained_on
     if not allow:
         raise TeacherError(f"{message} Use the teacher fold that matches the student's fold (the default, "
                            f"teacher fold \"same\"), or {flag}.")
     trainer.print_to_log_file(f"WARNING: {message} Accepted because allow_validation_overlap is set.")
+    return trained_on
+
+
+@dataclass(frozen=True)
+class LoadedTeacher:
+    model: object            # nnunet_kd.teacher.TeacherModel: where it is and what it was trained with
+    network: object          # FrozenTeacher
+    label_map: list | None   # student channel of each teacher channel (-1 none), or None
+    trained_on: frozenset | None  # the cases its fold trained on (None: unknown), for out-of-sample routing
 
 
 def load_teachers(trainer) -> dict:
-    """name -> (TeacherModel, FrozenTeacher, label map channels or None), for every teacher of the recipe."""
+    """name -> LoadedTeacher, for every teacher of the recipe."""
     recipe = trainer.kd_recipe
     loaded = {}
     for index, recipe_teacher in enumerate(recipe.teachers):
@@ -75,7 +85,8 @@ def load_teachers(trainer) -> dict:
             student_dataset_json["labels"] = teacher.dataset_json.get("labels")
         check_teacher_compatible(teacher, trainer.plans_manager, trainer.configuration_manager, student_dataset_json,
                                  trainer.kd_plans_file, join(trainer.preprocessed_dataset_folder_base, "dataset.json"))
-        check_no_validation_leak(trainer, teacher, recipe_teacher, where)
-        loaded[recipe_teacher.name] = (teacher, build_frozen_teacher(teacher, checkpoint, trainer.device), channels)
+        trained_on = check_no_validation_leak(trainer, teacher, recipe_teacher, where)
+        loaded[recipe_teacher.name] = LoadedTeacher(teacher, build_frozen_teacher(teacher, checkpoint, trainer.device),
+                                                    channels, frozenset(trained_on) if trained_on is not None else None)
         del checkpoint
     return loaded

@@ -20,17 +20,22 @@ from nnunet_kd.losses._common import float32_region, masked_voxel_mean, resize_m
 
 
 def feature_mse(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over channels and valid voxels of (student - teacher)^2. Both (B, C, *sp); mask at any resolution."""
+                mask: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over channels and valid voxels of (student - teacher)^2. Both (B, C, *sp); mask at any resolution.
+    ``weight`` (B, 1, *sp) at the features' resolution multiplies each voxel's error (the mean still divides by the
+    number of valid voxels: a teacher's share of a mixture)."""
     if student_feature.shape != teacher_feature.shape:
         raise ValueError(f"student feature {tuple(student_feature.shape)} and teacher feature "
                          f"{tuple(teacher_feature.shape)} must have the same shape (adapt the student first)")
     mask = resize_mask(mask, student_feature.shape[2:])
     with float32_region(student_feature.device):
         student, teacher = student_feature.float(), teacher_feature.detach().float()
-        if mask is None:  # one fused kernel forward and backward, instead of a difference, a square and a mean
+        if mask is None and weight is None:  # one fused kernel forward and backward
             return F.mse_loss(student, teacher)
-        return masked_voxel_mean((student - teacher).pow(2).mean(1, keepdim=True), mask)
+        per_voxel = (student - teacher).pow(2).mean(1, keepdim=True)
+        if weight is not None:
+            per_voxel = per_voxel * weight.detach().float()
+        return masked_voxel_mean(per_voxel, mask)
 
 
 class FeatureAdapter(nn.Module):
