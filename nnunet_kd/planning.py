@@ -179,7 +179,9 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
                  allow_validation_overlap: bool = False, num_epochs: int | None = None,
                  iterations_per_epoch: int | None = None, val_iterations_per_epoch: int | None = None,
                  temperature: float | None = None, overrides: tuple[str, ...] = (), overwrite: bool = False,
-                 verbose: bool = True, seed: int | None = None) -> str:
+                 verbose: bool = True, seed: int | None = None, max_latency: float | None = None,
+                 min_speedup: float | None = None, width_candidates=None, latency_device: str = "cpu",
+                 latency_case: str | None = None) -> str:
     """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path. ``teacher_folder``: one
     teacher model folder, or a list of them (the student is derived from the first; every one is checked against it
     and distils into it, see the recipe's ``teachers``)."""
@@ -210,9 +212,40 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
     student_dataset_json_file = join(preprocessed_base, "dataset.json")
     student_dataset_json = load_json(student_dataset_json_file)
 
-    student_cfg = copy.deepcopy(teacher_cfg)
-    student_cfg["architecture"] = derive_student_architecture(
-        teacher_cfg["architecture"], width, min_features, n_conv_per_stage, n_conv_per_stage_decoder, architecture)
+    def student_configuration(w: float) -> dict:
+        cfg = copy.deepcopy(teacher_cfg)
+        cfg["architecture"] = derive_student_architecture(
+            teacher_cfg["architecture"], w, min_features, n_conv_per_stage, n_conv_per_stage_decoder, architecture)
+        return cfg
+
+    width_budget = None
+    if max_latency is not None or min_speedup is not None:
+        # the widest student within the budget, measured on this machine before anything is written
+        from nnunet_kd.width_budget import DEFAULT_CANDIDATES, choose_width
+
+        def plans_of(w: float) -> dict:
+            p = copy.deepcopy(teacher_plans)
+            p["configurations"] = {configuration: student_configuration(w)}
+            return p
+
+        single = copy.deepcopy(teacher_plans)
+        single["configurations"] = {configuration: teacher_cfg}
+        try:
+            width_budget = choose_width(single, plans_of, student_dataset_json, configuration, preprocessed_base,
+                                        candidates=tuple(width_candidates or DEFAULT_CANDIDATES),
+                                        max_latency=max_latency, min_speedup=min_speedup, device=latency_device,
+                                        case=latency_case, say=print if verbose else (lambda *a: None))
+        except (ValueError, FileNotFoundError) as e:
+            raise PlanningError(str(e)) from None
+        if width_budget["width"] is None:
+            measured = ", ".join(f"{r['width']:g}: {r['median_s']:.3f} s ({r['speedup_over_teacher']:.2f}x)"
+                                 for r in width_budget["candidates"])
+            raise PlanningError(f"No candidate width meets the budget (max latency {max_latency} s, min speed-up "
+                                f"{min_speedup}x) on case {width_budget['case']} ({latency_device}); measured "
+                                f"{measured}, teacher {width_budget['teacher_median_s']:.3f} s. Relax the budget or "
+                                f"give smaller --width-candidates.")
+        width = width_budget["width"]
+    student_cfg = student_configuration(width)
 
     output_file = join(preprocessed_base, output_plans_name + ".json")
     if isfile(output_file):
@@ -274,6 +307,8 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
         "teacher_parameters": teacher_cost["parameters"], "student_parameters": student_cost["parameters"],
         "teacher_flops_per_patch": teacher_cost["flops_per_patch"],
         "student_flops_per_patch": student_cost["flops_per_patch"]}
+    if width_budget is not None:
+        recipe["student"]["width_budget"] = width_budget
     plans[PLANS_KEY][configuration] = recipe
 
     for method in ["none"] + available_methods():  # every method must parse before anything is written
@@ -336,6 +371,15 @@ def main(argv=None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Recipe override, e.g. --set methods.adaptive.weights.lovasz=0 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="Replace this configuration in existing student plans")
+    budget = parser.add_argument_group("latency budget (replaces --width: the widest candidate within it is chosen)")
+    budget.add_argument("--max-latency", type=float, default=None, metavar="SECONDS",
+                        help="Sliding-window latency of one preprocessed case, measured here with nnU-Net's predictor")
+    budget.add_argument("--min-speedup", type=float, default=None, metavar="X",
+                        help="Teacher latency / student latency on that case")
+    budget.add_argument("--width-candidates", type=float, nargs="+", default=None,
+                        help="Widths to measure (default 1 0.75 0.5 0.375 0.25 0.1875 0.125)")
+    budget.add_argument("--latency-device", default="cpu", help="Device to measure on (default cpu)")
+    budget.add_argument("--latency-case", default=None, help="Preprocessed case to time (default: the first)")
     args = parser.parse_args(argv)
     try:
         plan_student(args.d, args.c, args.teacher, args.o, width=args.width, min_features=args.min_features,
@@ -344,7 +388,10 @@ def main(argv=None) -> None:
                      allow_validation_overlap=args.allow_validation_overlap, num_epochs=args.epochs,
                      iterations_per_epoch=args.iterations_per_epoch,
                      val_iterations_per_epoch=args.val_iterations_per_epoch, temperature=args.temperature,
-                     overrides=tuple(args.overrides), overwrite=args.overwrite, seed=args.seed)
+                     overrides=tuple(args.overrides), overwrite=args.overwrite, seed=args.seed,
+                     max_latency=args.max_latency, min_speedup=args.min_speedup,
+                     width_candidates=args.width_candidates, latency_device=args.latency_device,
+                     latency_case=args.latency_case)
     except (PlanningError, RecipeError, RuntimeError) as e:
         print(f"nnUNetv2_kd_plan_student: error: {e}", file=sys.stderr)
         sys.exit(2)
