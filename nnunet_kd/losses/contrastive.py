@@ -1,0 +1,113 @@
+"""Dense supervised contrastive distillation (InfoNCE between student and teacher voxel embeddings), the contrastive
+part of multi-task multi-scale contrastive KD (arXiv 2406.03173), built as its paper describes.
+
+At one stage, student and teacher features are projected (by trained heads, outside this module) and L2-normalised
+per voxel. Voxels are sampled per image, balanced over the classes of the label map at that resolution, at most
+``max_per_class`` per class and image (nnU-Net's 3D batches hold two images, so the negatives must come from voxels,
+not images). Each sampled **student** embedding is an anchor; its positives are the **teacher** embedding at the same
+voxel and the teacher embeddings of the same class (in the batch and in a memory queue of earlier teacher embeddings);
+its negatives are the teacher embeddings of the other classes (batch and queue). The loss of an anchor a with
+positives P and negatives N is the supervised-contrastive (SupCon) form
+
+    -1/|P| sum_{p in P} log( exp(a.p / tau) / sum_{k in P u N} exp(a.k / tau) ),
+
+averaged over anchors. Teacher embeddings carry no gradient (the teacher's head trains through the student side of
+other anchors only when the recipe lets it: callers decide what they detach). Pure torch, 2D and 3D.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_voxels(labels: torch.Tensor, valid: Optional[torch.Tensor], max_per_class: int,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Flat voxel indices (into B x prod(spatial)) balanced per (image, class): up to ``max_per_class`` of each class
+    present in each image, drawn without replacement."""
+    if max_per_class < 1:
+        raise ValueError(f"max_per_class must be >= 1, got {max_per_class}")
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1).long()
+    ok = torch.ones_like(flat, dtype=torch.bool) if valid is None else valid.reshape(b, -1).bool()
+    n = flat.shape[1]
+    chosen = []
+    for i in range(b):
+        for c in torch.unique(flat[i][ok[i]]).tolist():
+            where = torch.nonzero((flat[i] == c) & ok[i], as_tuple=False).flatten()
+            if where.numel() > max_per_class:
+                pick = torch.randperm(where.numel(), generator=generator, device="cpu")[:max_per_class]
+                where = where[pick.to(where.device)]
+            chosen.append(where + i * n)
+    if not chosen:
+        return torch.zeros(0, dtype=torch.long, device=labels.device)
+    return torch.cat(chosen)
+
+
+def _flatten_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+    """(B, D, *sp) -> (B * prod(sp), D)."""
+    return embeddings.movedim(1, -1).reshape(-1, embeddings.shape[1])
+
+
+def supervised_infonce(anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: torch.Tensor,
+                       key_labels: torch.Tensor, same_voxel: Optional[torch.Tensor] = None,
+                       temperature: float = 0.1) -> torch.Tensor:
+    """Mean SupCon loss of ``anchors`` (A, D) against ``keys`` (K, D), both L2-normalised; a key is a positive of an
+    anchor when their labels agree (``same_voxel`` (A,) index of each anchor's own key, always a positive). Anchors
+    without any negative or positive are skipped (an exact 0 when none remains)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = anchors.float() @ keys.detach().float().t() / temperature  # (A, K)
+    positive = anchor_labels.view(-1, 1) == key_labels.view(1, -1)
+    if same_voxel is not None:
+        positive[torch.arange(anchors.shape[0], device=anchors.device), same_voxel] = True
+    has_both = positive.any(1) & (~positive).any(1)
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    per_anchor = -(log_prob * positive).sum(1) / positive.sum(1).clamp(min=1)
+    weight = has_both.to(per_anchor.dtype)
+    return (per_anchor * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+class TeacherEmbeddingQueue:
+    """FIFO memory of (detached) teacher embeddings and their labels, ``size`` entries at most."""
+
+    def __init__(self, size: int, dim: int, device=None):
+        if size < 0:
+            raise ValueError(f"queue size must be >= 0, got {size}")
+        self.size = size
+        self.embeddings = torch.zeros((0, dim), device=device)
+        self.labels = torch.zeros((0,), dtype=torch.long, device=device)
+
+    def push(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.size == 0:
+            return
+        self.embeddings = torch.cat([embeddings.detach().float(), self.embeddings.to(embeddings.device)])[:self.size]
+        self.labels = torch.cat([labels.long(), self.labels.to(labels.device)])[:self.size]
+
+
+def dense_contrastive_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor, labels: torch.Tensor,
+                           valid: Optional[torch.Tensor] = None, max_per_class: int = 64, temperature: float = 0.1,
+                           queue: Optional[TeacherEmbeddingQueue] = None,
+                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The dense supervised InfoNCE above at one stage. Embeddings (B, D, *sp) are L2-normalised here; labels
+    (B, 1, *sp) at the same resolution. ``queue`` supplies extra teacher keys and receives this step's."""
+    if student_embeddings.shape != teacher_embeddings.shape:
+        raise ValueError(f"student {tuple(student_embeddings.shape)} and teacher {tuple(teacher_embeddings.shape)} "
+                         f"embeddings must have the same shape")
+    if tuple(labels.shape[2:]) != tuple(student_embeddings.shape[2:]) or labels.shape[1] != 1:
+        raise ValueError(f"labels {tuple(labels.shape)} must be (B, 1, *spatial) at the embeddings' resolution "
+                         f"{tuple(student_embeddings.shape[2:])}")
+    index = sample_voxels(labels, valid, max_per_class, generator)
+    student = F.normalize(_flatten_embeddings(student_embeddings.float()), dim=1)[index]
+    teacher = F.normalize(_flatten_embeddings(teacher_embeddings.detach().float()), dim=1)[index]
+    sampled_labels = labels.reshape(-1).long()[index]
+    keys, key_labels = teacher, sampled_labels
+    if queue is not None and queue.embeddings.shape[0]:
+        keys = torch.cat([teacher, queue.embeddings.to(teacher.device)])
+        key_labels = torch.cat([sampled_labels, queue.labels.to(teacher.device)])
+    own = torch.arange(index.numel(), device=student.device)
+    loss = supervised_infonce(student, sampled_labels, keys, key_labels, own, temperature)
+    if queue is not None:
+        queue.push(teacher, sampled_labels)
+    return loss

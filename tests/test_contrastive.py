@@ -1,0 +1,83 @@
+"""Dense supervised InfoNCE: perfect alignment gives the known minimum, swapped classes raise it, only the student
+side gets gradients, sampling is class-balanced and bounded, and the queue adds earlier teacher keys."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunet_kd.losses.contrastive import (TeacherEmbeddingQueue, dense_contrastive_loss, sample_voxels,
+                                          supervised_infonce)
+
+
+def _one_hot_embeddings(labels: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, 1, *sp) labels -> (B, dim, *sp): the embedding of class c is the unit vector e_c."""
+    return F.one_hot(labels[:, 0].long(), dim).movedim(-1, 1).float()
+
+
+def test_perfect_alignment_gives_the_known_minimum_and_swapped_classes_raise_it():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2]).view(1, 1, 6, 1)
+    teacher = _one_hot_embeddings(labels, 3)
+    tau = 0.5
+    aligned = dense_contrastive_loss(teacher.clone(), teacher, labels, max_per_class=10, temperature=tau)
+    # each anchor: 2 positives at cosine 1, 4 negatives at cosine 0
+    expected = -math.log(math.exp(1 / tau) / (2 * math.exp(1 / tau) + 4))
+    assert aligned.item() == pytest.approx(expected, rel=1e-6)
+    swapped = _one_hot_embeddings(torch.tensor([1, 1, 0, 0, 2, 2]).view(1, 1, 6, 1), 3)
+    assert dense_contrastive_loss(swapped, teacher, labels, max_per_class=10, temperature=tau) > aligned + 1.0
+
+
+def test_gradients_reach_the_student_embeddings_only():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 1, 5, 4, 3))
+    student = torch.randn(2, 8, 5, 4, 3, requires_grad=True)
+    teacher = torch.randn(2, 8, 5, 4, 3, requires_grad=True)
+    loss = dense_contrastive_loss(student, teacher, labels, max_per_class=5)
+    loss.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0 and teacher.grad is None
+
+
+def test_sampling_is_class_balanced_bounded_and_respects_the_mask():
+    labels = torch.zeros(2, 1, 10, 10, dtype=torch.long)
+    labels[0, 0, :2, :2] = 1  # 4 voxels of class 1 in image 0
+    labels[1, 0, :5] = 2      # 50 of class 2 in image 1
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    valid[0, 0, 0, 0] = False
+    g = torch.Generator().manual_seed(0)
+    index = sample_voxels(labels, valid, max_per_class=6, generator=g)
+    flat = labels.reshape(-1)[index]
+    image = index // 100
+    assert ((image == 0) & (flat == 1)).sum() == 3  # all valid voxels of the small class
+    assert ((image == 0) & (flat == 0)).sum() == 6 and ((image == 1) & (flat == 2)).sum() == 6
+    assert 0 not in index.tolist()  # the masked voxel
+    assert len(set(index.tolist())) == index.numel()
+
+
+def test_the_queue_supplies_earlier_teacher_keys_and_keeps_its_size():
+    queue = TeacherEmbeddingQueue(size=5, dim=3)
+    labels = torch.tensor([0, 1]).view(1, 1, 2, 1)
+    teacher = _one_hot_embeddings(labels, 3)
+    dense_contrastive_loss(teacher.clone(), teacher, labels, queue=queue, temperature=0.5)
+    assert queue.embeddings.shape == (2, 3) and queue.labels.tolist() == [0, 1]
+    for _ in range(3):
+        dense_contrastive_loss(teacher.clone(), teacher, labels, queue=queue, temperature=0.5)
+    assert queue.embeddings.shape == (5, 3)
+    # with the queue every anchor has more positives and negatives than the batch alone gives
+    anchors = F.normalize(torch.eye(3)[:2], dim=1)
+    with_queue = supervised_infonce(anchors, torch.tensor([0, 1]), torch.cat([anchors, queue.embeddings]),
+                                    torch.cat([torch.tensor([0, 1]), queue.labels]), torch.tensor([0, 1]), 0.5)
+    alone = supervised_infonce(anchors, torch.tensor([0, 1]), anchors, torch.tensor([0, 1]), torch.tensor([0, 1]), 0.5)
+    assert with_queue.item() != pytest.approx(alone.item())
+
+
+def test_bad_inputs_are_refused():
+    labels = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="same shape"):
+        dense_contrastive_loss(torch.randn(1, 4, 4, 4), torch.randn(1, 5, 4, 4), labels)
+    with pytest.raises(ValueError, match="at the embeddings' resolution"):
+        dense_contrastive_loss(torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2), labels)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        supervised_infonce(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), torch.tensor([0, 1]),
+                           temperature=0)
