@@ -48,11 +48,23 @@ class TrainingBudget:
     num_val_iterations_per_epoch: int
     seed: int | None
     training_cases: tuple | None = None
+    labelled_fraction: float | None = None
+    labelled_fraction_seed: int = 0
 
 
-def restrict_to_training_cases(train: list, val: list, cases, plans_file: str, fold) -> tuple[list, list]:
-    """nnU-Net's (train, val) split of the fold, with training limited to ``cases`` (None: unchanged). Every case
-    must be a training case of the fold: a subset never takes a validation case."""
+def labelled_subset(train: list, fraction: float, seed: int) -> list:
+    """A seeded fraction (at least one case) of the fold's training cases, independent of their order."""
+    count = max(1, round(fraction * len(train)))
+    return sorted(random.Random(seed).sample(sorted(train), count))
+
+
+def restrict_to_training_cases(train: list, val: list, cases, plans_file: str, fold, fraction: float | None = None,
+                               fraction_seed: int = 0) -> tuple[list, list]:
+    """nnU-Net's (train, val) split of the fold, with training limited to ``cases``, or to a seeded ``fraction`` of
+    the fold's training cases (None: unchanged). Every case must be a training case of the fold: a subset never
+    takes a validation case."""
+    if fraction is not None:
+        return labelled_subset(train, fraction, fraction_seed), val
     if cases is None:
         return train, val
     outside = sorted(set(cases) - set(train))
@@ -79,7 +91,7 @@ def read_training_budget(plans: dict, configuration: str, plans_file: str) -> Tr
             f"(-p <student plans>).")
     recipe = parse_recipe(plans, configuration, "none", plans_file)
     return TrainingBudget(recipe.num_epochs, recipe.num_iterations_per_epoch, recipe.num_val_iterations_per_epoch,
-                          recipe.seed, recipe.training_cases)
+                          recipe.seed, recipe.training_cases, recipe.labelled_fraction, recipe.labelled_fraction_seed)
 
 
 def apply_training_budget(trainer, budget) -> None:
@@ -114,13 +126,17 @@ class nnUNetTrainerBudget(nnUNetTrainer):
 
     def do_split(self):
         train, val = super().do_split()
-        return restrict_to_training_cases(train, val, self.budget.training_cases, self.plans_file, self.fold)
+        return restrict_to_training_cases(train, val, self.budget.training_cases, self.plans_file, self.fold,
+                                          self.budget.labelled_fraction, self.budget.labelled_fraction_seed)
 
     def on_train_start(self):
         super().on_train_start()
         record_training_cases(self)
         subset = "" if self.budget.training_cases is None else \
             f", on {len(self.budget.training_cases)} of the fold's training cases (training_cases)"
+        if self.budget.labelled_fraction is not None:
+            subset = (f", on a fraction {self.budget.labelled_fraction:g} of the fold's training cases (seed "
+                      f"{self.budget.labelled_fraction_seed})")
         self.print_to_log_file(f"Training budget from {self.plans_file}: {self.num_epochs} epochs x "
                                f"{self.num_iterations_per_epoch} iterations ({self.num_val_iterations_per_epoch} "
                                f"validation iterations per epoch), seed {self.budget.seed}{subset}.")

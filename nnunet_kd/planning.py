@@ -181,7 +181,8 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
                  temperature: float | None = None, overrides: tuple[str, ...] = (), overwrite: bool = False,
                  verbose: bool = True, seed: int | None = None, max_latency: float | None = None,
                  min_speedup: float | None = None, width_candidates=None, latency_device: str = "cpu",
-                 latency_case: str | None = None) -> str:
+                 latency_case: str | None = None, labelled_fraction: float | None = None,
+                 labelled_fraction_seed: int = 0) -> str:
     """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path. ``teacher_folder``: one
     teacher model folder, or a list of them (the student is derived from the first; every one is checked against it
     and distils into it, see the recipe's ``teachers``)."""
@@ -293,6 +294,9 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
                        ("num_val_iterations_per_epoch", val_iterations_per_epoch), ("seed", seed)):
         if value is not None:
             recipe["training"][key] = value
+    if labelled_fraction is not None:  # the KD students and their plain baseline train on the same labelled cases
+        recipe["training"]["labelled_fraction"] = labelled_fraction
+        recipe["training"]["labelled_fraction_seed"] = labelled_fraction_seed
     if temperature is not None:
         for section in recipe["methods"].values():
             if "temperature" in section:
@@ -371,6 +375,10 @@ def main(argv=None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Recipe override, e.g. --set methods.adaptive.weights.lovasz=0 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="Replace this configuration in existing student plans")
+    parser.add_argument("--labelled-fraction", type=float, default=None,
+                        help="Train every student of these plans (KD and plain) on a seeded fraction of the fold's "
+                             "training cases, e.g. 0.5 (default: all of them)")
+    parser.add_argument("--labelled-fraction-seed", type=int, default=0, help="Seed of that fraction (default 0)")
     budget = parser.add_argument_group("latency budget (replaces --width: the widest candidate within it is chosen)")
     budget.add_argument("--max-latency", type=float, default=None, metavar="SECONDS",
                         help="Sliding-window latency of one preprocessed case, measured here with nnU-Net's predictor")
@@ -391,7 +399,8 @@ def main(argv=None) -> None:
                      overrides=tuple(args.overrides), overwrite=args.overwrite, seed=args.seed,
                      max_latency=args.max_latency, min_speedup=args.min_speedup,
                      width_candidates=args.width_candidates, latency_device=args.latency_device,
-                     latency_case=args.latency_case)
+                     latency_case=args.latency_case, labelled_fraction=args.labelled_fraction,
+                     labelled_fraction_seed=args.labelled_fraction_seed)
     except (PlanningError, RecipeError, RuntimeError) as e:
         print(f"nnUNetv2_kd_plan_student: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -38,7 +38,10 @@ DEFAULT_TRAINING = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_va
                     "seed": None}
 # Optional training settings (absent: nnU-Net's behaviour). "training_cases": train on these cases of the fold's
 # training split only (a subset teacher, nnUNetv2_kd_plan_subset_teachers); the validation cases stay the fold's.
-OPTIONAL_TRAINING = {"training_cases": None}
+# "labelled_fraction": train on a seeded fraction of the fold's training cases ("labelled_fraction_seed"), the same
+# cases for a KD student and its plain baseline (a student with part of the labels, nnUNetv2_kd_plan_student
+# --labelled-fraction).
+OPTIONAL_TRAINING = {"training_cases": None, "labelled_fraction": None, "labelled_fraction_seed": 0}
 DEFAULT_TEACHER = {"model_folder": None, "checkpoint": "checkpoint_final.pth", "fold": "same",
                    "allow_validation_overlap": False}
 
@@ -108,6 +111,8 @@ class Recipe:
     settings: dict  # the method's section as written (with preset defaults): weights, temperature, stages, ...
     terms: dict = field(default_factory=dict)  # term name -> its typed settings, for the terms with weight > 0
     training_cases: tuple | None = None  # the subset of the fold's training cases to train on; None: all of them
+    labelled_fraction: float | None = None  # or a seeded fraction of them (the same for every trainer of the plans)
+    labelled_fraction_seed: int = 0
     # Fraction of training after which every distillation weight decays linearly, reaching 0 at the last epoch
     # (1.0: constant weights). The segmentation weight never decays.
     kd_anneal_start: float = 1.0
@@ -190,6 +195,14 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
                               or len(set(cases)) != len(cases)):
         raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.training_cases must be null or a "
                           f"non-empty list of distinct case identifiers, got {cases!r}. {fix}")
+    fraction, fraction_seed = training["labelled_fraction"], training["labelled_fraction_seed"]
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not math.isfinite(fraction) or not 0 < fraction <= 1):
+        raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.labelled_fraction must be null or a "
+                          f"fraction in (0, 1], got {fraction!r}. {fix}")
+    if fraction is not None and cases is not None:
+        raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training sets both training_cases and "
+                          f"labelled_fraction: keep one. {fix}")
     for key in ("num_epochs", "num_iterations_per_epoch"):
         if not isinstance(training[key], int) or training[key] < 1:
             raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.{key} must be an integer >= 1, "
@@ -230,7 +243,9 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
                   kd_anneal_start=anneal_start, teacher_mirroring=mirroring, **aggregation,
                   num_epochs=training["num_epochs"], num_iterations_per_epoch=training["num_iterations_per_epoch"],
                   num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], seed=seed, settings=settings,
-                  training_cases=tuple(cases) if cases is not None else None)
+                  training_cases=tuple(cases) if cases is not None else None,
+                  labelled_fraction=None if fraction is None else float(fraction),
+                  labelled_fraction_seed=int(fraction_seed))
 
 
 def _parse_teachers(raw: dict, plans_file: str, configuration: str, fix: str) -> tuple:

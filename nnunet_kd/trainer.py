@@ -112,7 +112,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
 
     def do_split(self):
         train, val = super().do_split()
-        return restrict_to_training_cases(train, val, self.kd_recipe.training_cases, self.kd_plans_file, self.fold)
+        recipe = self.kd_recipe
+        return restrict_to_training_cases(train, val, recipe.training_cases, self.kd_plans_file, self.fold,
+                                          recipe.labelled_fraction, recipe.labelled_fraction_seed)
 
     def on_train_start(self):
         super().on_train_start()

@@ -157,3 +157,28 @@ def test_the_multi_teacher_student_mixes_its_subset_teachers_and_never_asks_one_
     from nnunet_kd.teacher import load_nnunet_checkpoint
     logging = load_nnunet_checkpoint(join(folder, "fold_0", "checkpoint_final.pth"))["logging"]
     assert len(logging["kd_teacher_weight_teacher0"]) == 1
+
+
+def test_a_labelled_fraction_gives_the_kd_student_and_its_plain_baseline_the_same_seeded_cases(workspace, monkeypatch):
+    from nnunet_kd.budget import labelled_subset
+    from nnunet_kd.planning import plan_student
+    from nnunet_kd.recipe import RecipeError
+    from test_teacher_and_bad_inputs import make_trainer
+
+    workspace.set_env(monkeypatch)
+    plan_student(str(DATASET_ID), CONFIGURATION, workspace.teacher_folder, "nnUNetPlans_halflabels", width=0.25,
+                 verbose=False, overwrite=True, labelled_fraction=0.5, labelled_fraction_seed=3)
+    splits = load_json(join(workspace.preprocessed, "splits_final.json"))
+    kd = make_trainer(workspace, monkeypatch, "nnUNetPlans_halflabels", trainer="nnUNetTrainerKD_BalancedHints")
+    plain = make_trainer(workspace, monkeypatch, "nnUNetPlans_halflabels", trainer="nnUNetTrainerBudget")
+    train, val = kd.do_split()
+    assert (train, val) == plain.do_split()
+    assert train == labelled_subset(splits[0]["train"], 0.5, 3)
+    assert len(train) == round(0.5 * len(splits[0]["train"])) and set(train) < set(splits[0]["train"])
+    assert sorted(val) == sorted(splits[0]["val"])
+    assert labelled_subset(splits[0]["train"], 0.5, 3) != labelled_subset(splits[0]["train"], 0.5, 4)
+    plans = load_json(join(workspace.preprocessed, "nnUNetPlans_halflabels.json"))
+    plans["kd"][CONFIGURATION]["training"]["labelled_fraction"] = 1.5
+    from nnunet_kd.recipe import parse_recipe
+    with pytest.raises(RecipeError, match=r"labelled_fraction must be null or a fraction in \(0, 1\]"):
+        parse_recipe(plans, CONFIGURATION, "none", "halflabels.json")
