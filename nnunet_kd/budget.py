@@ -224,6 +224,19 @@ def write_budget_plans_checked(dataset: str, configuration: str, output_plans_na
                               val_iterations_per_epoch, seed=seed, max_batch_size=max_batch_size)
 
 
+def add_budget_arguments(parser, seed_flag: str = "--seed", seed_help: str | None = None) -> None:
+    """The training-budget options of every command that writes budget plans (this one, the subset-teacher planner):
+    --epochs, --iterations-per-epoch, --val-iterations-per-epoch, the training seed (``seed_flag``), --max-batch-size.
+    """
+    parser.add_argument("--epochs", type=int, required=True, help="num_epochs")
+    parser.add_argument("--iterations-per-epoch", type=int, default=250, help="(default: 250, nnU-Net's)")
+    parser.add_argument("--val-iterations-per-epoch", type=int, default=50, help="(default: 50, nnU-Net's)")
+    parser.add_argument(seed_flag, dest="training_seed", type=int, default=None,
+                        help=seed_help or "Seed python, numpy and torch before the network is built (default: "
+                                          "unseeded, as nnU-Net); runs are bit-identical only with nnUNet_n_proc_DA=0")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="Cap the configuration's batch size")
+
+
 def main(argv=None) -> None:
     """python -m nnunet_kd.budget: write budget plans for nnUNetTrainerBudget (a teacher on a chosen budget)."""
     import argparse
@@ -237,19 +250,13 @@ def main(argv=None) -> None:
     parser.add_argument("-c", required=True, help="Configuration, e.g. 3d_fullres")
     parser.add_argument("-o", required=True, help="Name of the budget plans (e.g. nnUNetPlans_budget)")
     parser.add_argument("-p", default="nnUNetPlans", help="Source plans name (default: nnUNetPlans)")
-    parser.add_argument("--epochs", type=int, required=True, help="num_epochs")
-    parser.add_argument("--iterations-per-epoch", type=int, default=250, help="(default: 250, nnU-Net's)")
-    parser.add_argument("--val-iterations-per-epoch", type=int, default=50, help="(default: 50, nnU-Net's)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="Seed python, numpy and torch before the network is built (default: unseeded, as "
-                             "nnU-Net); runs are bit-identical only with nnUNet_n_proc_DA=0")
-    parser.add_argument("--max-batch-size", type=int, default=None, help="Cap the configuration's batch size")
+    add_budget_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="Replace budget plans this command wrote before")
     args = parser.parse_args(argv)
     try:
         written = write_budget_plans_checked(args.d, args.c, args.o, args.epochs, args.iterations_per_epoch,
-                                             args.val_iterations_per_epoch, args.seed, args.max_batch_size, args.p,
-                                             args.overwrite)
+                                             args.val_iterations_per_epoch, args.training_seed, args.max_batch_size,
+                                             args.p, args.overwrite)
     except RecipeError as e:
         parser.exit(2, f"error: {e}\n")
     print(f"Wrote {written}. Train: nnUNetv2_train {args.d} {args.c} FOLD -tr nnUNetTrainerBudget -p {args.o} "

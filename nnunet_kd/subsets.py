@@ -146,6 +146,8 @@ def plan_subset_teachers(dataset: str, configuration: str, fold: int, k: int, ou
 def main(argv=None) -> None:
     import argparse
 
+    from nnunet_kd.budget import add_budget_arguments
+
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_kd_plan_subset_teachers",
         description="Split a fold's training cases into k subsets and write one budget plans file per subset "
@@ -162,11 +164,7 @@ def main(argv=None) -> None:
                         help="Each subset also takes this fraction of its size from the others (default: 0, disjoint)")
     parser.add_argument("--groups", default=None,
                         help="JSON file mapping case identifiers to groups (site, scanner): stratified subsets")
-    parser.add_argument("--epochs", type=int, required=True, help="Teacher num_epochs")
-    parser.add_argument("--iterations-per-epoch", type=int, default=250, help="(default: 250, nnU-Net's)")
-    parser.add_argument("--val-iterations-per-epoch", type=int, default=50, help="(default: 50, nnU-Net's)")
-    parser.add_argument("--training-seed", type=int, default=None, help="Seed of each teacher's training")
-    parser.add_argument("--max-batch-size", type=int, default=None, help="Cap the configuration's batch size")
+    add_budget_arguments(parser, "--training-seed", "Seed of each teacher's training (default: unseeded)")
     parser.add_argument("--overwrite", action="store_true", help="Replace subset plans this command wrote before")
     args = parser.parse_args(argv)
     try:
