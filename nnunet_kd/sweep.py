@@ -35,6 +35,10 @@ class Sweep:
     method: str
     baseline: str
     variants: dict  # name -> {"why": str, "set": [KEY=VALUE, ...]}, in file order
+    base: tuple = ()  # KEY=VALUE applied to every variant first (the preset as it was when the sweep ran)
+
+    def overrides(self, variant: str) -> list[str]:
+        return list(self.base) + list(self.variants[variant]["set"])
 
 
 def load_sweep(path: str) -> Sweep:
@@ -57,9 +61,12 @@ def load_sweep(path: str) -> Sweep:
         if not isinstance(variant, dict) or not isinstance(variant.get("set"), list) or not all(
                 isinstance(a, str) and "=" in a for a in variant["set"]) or not isinstance(variant.get("why"), str):
             raise SweepError(f"{path}: variant {name!r} must be {{\"why\": \"...\", \"set\": [\"KEY=VALUE\", ...]}}.")
+    base = raw.get("base", [])
+    if not isinstance(base, list) or not all(isinstance(a, str) and "=" in a for a in base):
+        raise SweepError(f"{path}: 'base' must be a list of \"KEY=VALUE\" overrides applied to every variant.")
     if baseline not in variants:
         raise SweepError(f"{path}: 'baseline' must name one of the variants {list(variants)}, got {baseline!r}.")
-    return Sweep(file=path, method=method, baseline=baseline, variants=dict(variants))
+    return Sweep(file=path, method=method, baseline=baseline, variants=dict(variants), base=tuple(base))
 
 
 def sweep_plans_name(method: str, variant: str, width: float, seed: int, epochs: int) -> str:
@@ -74,7 +81,7 @@ def run_sweep(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], varia
         for variant in [None] + variants:  # None: the plain student (trained from the baseline variant's plans)
             name = variant or sweep.baseline
             plans = sweep_plans_name(sweep.method, name, width, seed, ws.p.student_epochs)
-            ws.plan_student(teacher, width, seed, plans_name=plans, overrides=sweep.variants[name]["set"])
+            ws.plan_student(teacher, width, seed, plans_name=plans, overrides=sweep.overrides(name))
             before = ws.commands_run
             ws.train(TRAINERS["plain" if variant is None else sweep.method], plans)
             if report and ws.commands_run > before:
@@ -156,6 +163,7 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
         "protocol": {
             "dataset": p.dataset_name, "configuration": p.configuration, "fold": fold, "method": sweep.method,
             "width": width, "sweep_file": os.path.relpath(sweep.file), "baseline_variant": sweep.baseline,
+            "base_overrides": list(sweep.base),
             "split_file": os.path.relpath(p.split_file), "n_validation": len(cases),
             "scored_on": "fold 0's validation cases of the training split (never the test cases), full volumes, "
                          "nnU-Net's end-of-training validation (fold_0/validation/summary.json, with its mirroring)",

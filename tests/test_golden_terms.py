@@ -293,15 +293,17 @@ def test_every_term_keeps_its_value_and_gradient_on_fixed_tensors(dim):
 GOLDEN_PLANS = "nnUNetPlans_goldenstudent"
 # Methods (trainer, recipe changes) whose per-term values on the fixed batch are recorded. The variant turns on every
 # optional MSKD switch (logit KL, teacher confidence) so each code path of the trainer is fixed.
+# The golden values pin what the code computes, not the presets' defaults: the adaptive and label-teacher cases keep
+# the KL weight they were recorded with (1.0) after the recipe sweep halved the preset's.
 TRAINER_CASES = {
-    "adaptive": ("nnUNetTrainerKD_Adaptive", {}),
+    "adaptive": ("nnUNetTrainerKD_Adaptive", {"weights": {"kl": 1.0}}),
     "logit": ("nnUNetTrainerKD_Logit", {}),
     "mskd": ("nnUNetTrainerMSKD", {}),
     "mskd_ffd": ("nnUNetTrainerMSKD_FFD", {}),
     "mskd_rgd": ("nnUNetTrainerMSKD_RGD", {}),
     "mskd_all_switches": ("nnUNetTrainerMSKD", {"weights": {"kl": 0.5}, "kl_deep_supervision": True,
                                                 "ffd_teacher_confidence": True, "rgd_include_background": False}),
-    "label_teacher": ("nnUNetTrainerKD_LabelTeacher", {}),
+    "label_teacher": ("nnUNetTrainerKD_LabelTeacher", {"weights": {"kl": 1.0}}),
     "plain_seg_weight": ("nnUNetTrainerKD_PlainSegWeight", {}),
 }
 

@@ -81,7 +81,7 @@ def test_json_nan_and_infinity_in_the_plans_file_are_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"nnUNetPlans_nan\.json: kd\.3d_fullres\.methods\.\w+\.temperature must be"):
         for method in available_methods():
             parse_recipe(json.loads(plans_file.read_text()), "3d_fullres", method, str(plans_file))
-    plans_file.write_text(json.dumps(student_plans()).replace('"kl": 1.0', '"kl": Infinity', 1))
+    plans_file.write_text(json.dumps(student_plans()).replace('"kl": 0.5', '"kl": Infinity', 1))
     with pytest.raises(RecipeError, match=r"nnUNetPlans_nan\.json: .*weights\.kl must be a finite number >= 0, got inf"):
         for method in available_methods():
             parse_recipe(json.loads(plans_file.read_text()), "3d_fullres", method, str(plans_file))

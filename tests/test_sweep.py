@@ -23,7 +23,7 @@ def test_every_variant_of_a_shipped_sweep_is_a_valid_recipe_that_changes_the_pre
     for name, variant in sweep.variants.items():
         recipe = default_recipe("/teacher/folder")
         recipe["student"] = {}
-        for assignment in variant["set"]:
+        for assignment in sweep.overrides(name):
             _apply_override(recipe, assignment)
         parsed[name] = parse_recipe({"kd": {"2d": recipe}}, "2d", sweep.method, f"{name}.json")
     baseline = parsed[sweep.baseline]
