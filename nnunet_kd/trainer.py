@@ -177,11 +177,10 @@ class nnUNetTrainerKD(nnUNetTrainer):
                 broadcast_parameters(parameters)
             self.optimizer.add_param_group({"params": parameters})
 
-        described = "; ".join(f"{name}: {teacher.checkpoint_file} (configuration {teacher.configuration}, trainer "
-                              f"{teacher.trainer_name}, {count_parameters(frozen):,} parameters"
-                              f"{', label map ' + str(channels) if channels else ''})"
-                              for name, (teacher, frozen, channels) in
-                              ((n, (t.model, t.network, t.label_map)) for n, t in loaded.items()))
+        described = "; ".join(f"{name}: {t.model.checkpoint_file} (configuration {t.model.configuration}, trainer "
+                              f"{t.model.trainer_name}, {count_parameters(t.network):,} parameters"
+                              f"{', label map ' + str(t.label_map) if t.label_map else ''})"
+                              for name, t in loaded.items())
         self.print_to_log_file(
             f"Distillation method '{self.kd_method}' from {len(loaded)} teacher(s) [{described}]: student "
             f"{count_parameters(self.network):,} parameters, distillation modules "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from nnunet_kd.distill.base import DistillationTerm, mean_over_teachers, register_term
@@ -42,30 +43,21 @@ class FeatureHint(DistillationTerm):
                                     for stage in self.resolved_stages})
             for teacher, shapes in teacher_shapes.items()})
 
+    def _hint(self, step, name: str, teacher) -> "torch.Tensor":
+        """One teacher's hint summed over the stages; with the teachers' mixture each voxel is weighted by the
+        teacher's share there (its weights at the stage's resolution), on the voxels a teacher may teach."""
+        adapters, mask = self.adapters[name], step.kd_mask(0)
+        value = 0.0
+        for stage in self.resolved_stages:
+            student = adapters[module_key(stage)](step.student_features[stage])
+            weight = None if step.teacher_weights is None else weights_at(step.teacher_weights[name][0],
+                                                                           student.shape[2:])
+            value = value + feature_mse(student, teacher.features[stage], mask, weight)
+        return value
+
     def forward(self, step) -> dict:
-        if step.teacher_weights is not None:
-            return self._weighted(step)
-        per_teacher = {}
-        for name, teacher in step.teachers.items():
-            adapters = self.adapters[name]
-            value = sum(feature_mse(adapters[module_key(stage)](step.student_features[stage]),
-                                    teacher.features[stage], step.valid[0]) for stage in self.resolved_stages)
-            per_teacher[name] = {self.name: value}
-        return mean_over_teachers(self.name, per_teacher)
-
-    def _weighted(self, step) -> dict:
-        """Each teacher's hint weighted per voxel like its share of the mixture (its weights at the stage's
-        resolution), summed over teachers: with equal weights, the mean over teachers."""
-        mask = step.kd_mask(0)
-        total, shares = 0.0, {}
-        for name, teacher in step.teachers.items():
-            adapters = self.adapters[name]
-            value = 0.0
-            for stage in self.resolved_stages:
-                student = adapters[module_key(stage)](step.student_features[stage])
-                weight = weights_at(step.teacher_weights[name][0], student.shape[2:])
-                value = value + feature_mse(student, teacher.features[stage], mask, weight)
-            shares[f"{self.name}_{name}"] = value
-            total = total + value
-        return {self.name: total, **shares}
-
+        values = {name: self._hint(step, name, teacher) for name, teacher in step.teachers.items()}
+        if step.teacher_weights is None:  # each teacher's hint, averaged over the teachers
+            return mean_over_teachers(self.name, {name: {self.name: v} for name, v in values.items()})
+        # weighted per voxel by the mixture: summed (equal weights give the mean over teachers)
+        return {self.name: sum(values.values()), **{f"{self.name}_{name}": v for name, v in values.items()}}

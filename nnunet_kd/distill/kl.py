@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from nnunet_kd.distill.base import DistillationTerm, mean_over_teachers, register_term
 from nnunet_kd.losses.kl import LogitKLLoss
 
@@ -39,22 +41,20 @@ class LogitKL(DistillationTerm):
             return [i for i, w in enumerate(weights[:len(step.student_outputs)]) if w != 0.0]
         return [0]
 
-    def forward(self, step) -> dict:
+    def _divergence(self, step, teacher) -> "torch.Tensor":
+        """KL of the student against one teacher's outputs (or the teachers' mixture) over the levels, weighted like
+        nnU-Net's outputs; on the voxels a teacher may teach (step.kd_mask: the valid ones without a mixture)."""
         levels = self.levels(step)
         weights = self.context.deep_supervision_weights if levels != [0] else None
+        values = [self.kl(step.student_outputs[i], teacher.logits(i, self.settings.temperature), step.kd_mask(i),
+                          step.labels[i]) for i in levels]
+        value = sum(weights[i] * v for i, v in zip(levels, values)) if weights is not None else values[0]
+        if self.settings.mean_over_classes:
+            value = value / step.student_outputs[0].shape[1]
+        return value
+
+    def forward(self, step) -> dict:
         if step.mixture is not None:  # one soft target: the teachers' per-voxel mixture
-            values = [self.kl(step.student_outputs[i], step.mixture.logits(i, self.settings.temperature),
-                              step.kd_mask(i), step.labels[i]) for i in levels]
-            value = sum(weights[i] * v for i, v in zip(levels, values)) if weights is not None else values[0]
-            if self.settings.mean_over_classes:
-                value = value / step.student_outputs[0].shape[1]
-            return {self.name: value}
-        per_teacher = {}
-        for name, teacher in step.teachers.items():
-            values = [self.kl(step.student_outputs[i], teacher.logits(i, self.settings.temperature), step.valid[i],
-                              step.labels[i]) for i in levels]
-            value = sum(weights[i] * v for i, v in zip(levels, values)) if weights is not None else values[0]
-            if self.settings.mean_over_classes:
-                value = value / step.student_outputs[0].shape[1]
-            per_teacher[name] = {self.name: value}
+            return {self.name: self._divergence(step, step.mixture)}
+        per_teacher = {name: {self.name: self._divergence(step, teacher)} for name, teacher in step.teachers.items()}
         return mean_over_teachers(self.name, per_teacher)
