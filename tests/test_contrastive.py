@@ -1,5 +1,6 @@
-"""Dense supervised InfoNCE: perfect alignment gives the known minimum, swapped classes raise it, only the student
-side gets gradients, sampling is class-balanced and bounded, and the queue adds earlier teacher keys."""
+"""Dense supervised InfoNCE: perfect alignment gives the known minimum, swapped classes raise it, the student side
+and the in-batch teacher keys (the teacher head's outputs) get gradients, queue entries none, both projection heads
+train, sampling is class-balanced and bounded, and the queue adds earlier teacher keys."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_kd.losses.contrastive import (TeacherEmbeddingQueue, dense_contrastive_loss, sample_voxels,
+from nnunet_kd.losses.contrastive import (ProjectionHead, TeacherEmbeddingQueue, dense_contrastive_loss, sample_voxels,
                                           supervised_infonce)
 
 
@@ -29,14 +30,49 @@ def test_perfect_alignment_gives_the_known_minimum_and_swapped_classes_raise_it(
     assert dense_contrastive_loss(swapped, teacher, labels, max_per_class=10, temperature=tau) > aligned + 1.0
 
 
-def test_gradients_reach_the_student_embeddings_only():
+def test_in_batch_teacher_keys_keep_their_gradient_and_queue_entries_are_detached():
+    # The teacher-side projection head must train: its outputs (the in-batch teacher keys) carry a gradient; the
+    # queue holds constants from earlier steps.
     torch.manual_seed(0)
     labels = torch.randint(0, 3, (2, 1, 5, 4, 3))
     student = torch.randn(2, 8, 5, 4, 3, requires_grad=True)
     teacher = torch.randn(2, 8, 5, 4, 3, requires_grad=True)
-    loss = dense_contrastive_loss(student, teacher, labels, max_per_class=5)
+    queue = TeacherEmbeddingQueue(size=50, dim=8)
+    loss = dense_contrastive_loss(student, teacher, labels, max_per_class=5, queue=queue)
     loss.backward()
-    assert student.grad is not None and student.grad.abs().sum() > 0 and teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is not None and teacher.grad.abs().sum() > 0
+    assert queue.embeddings.shape[0] > 0 and not queue.embeddings.requires_grad and queue.embeddings.grad_fn is None
+
+
+@pytest.mark.parametrize("spatial", [(6, 5), (4, 5, 3)])
+def test_both_projection_heads_receive_gradients_and_change_after_an_optimiser_step(spatial):
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 1, *spatial))
+    student = torch.randn(2, 4, *spatial)   # student and teacher features with different channel counts
+    with torch.no_grad():
+        teacher = torch.randn(2, 16, *spatial)  # frozen teacher features: no graph of their own
+    student_head, teacher_head = ProjectionHead(4, 8), ProjectionHead(16, 8)
+    before = [p.detach().clone() for p in list(student_head.parameters()) + list(teacher_head.parameters())]
+    optimiser = torch.optim.SGD(list(student_head.parameters()) + list(teacher_head.parameters()), lr=0.1)
+    queue = TeacherEmbeddingQueue(size=32, dim=8)
+    dense_contrastive_loss(student, teacher, labels, max_per_class=4, queue=queue, student_head=student_head,
+                           teacher_head=teacher_head)  # fills the queue
+    loss = dense_contrastive_loss(student, teacher, labels, max_per_class=4, queue=queue,
+                                  student_head=student_head, teacher_head=teacher_head)
+    loss.backward()
+    for head in (student_head, teacher_head):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    optimiser.step()
+    after = list(student_head.parameters()) + list(teacher_head.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_heads_map_both_sides_to_one_dimension_or_are_refused():
+    labels = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="same dimension"):
+        dense_contrastive_loss(torch.randn(1, 4, 4, 4), torch.randn(1, 6, 4, 4), labels,
+                               student_head=ProjectionHead(4, 8), teacher_head=ProjectionHead(6, 5))
 
 
 def test_sampling_is_class_balanced_bounded_and_respects_the_mask():

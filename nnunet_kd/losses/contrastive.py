@@ -11,15 +11,18 @@ positives P and negatives N is the supervised-contrastive (SupCon) form
 
     -1/|P| sum_{p in P} log( exp(a.p / tau) / sum_{k in P u N} exp(a.k / tau) ),
 
-averaged over anchors. Teacher embeddings carry no gradient (the teacher's head trains through the student side of
-other anchors only when the recipe lets it: callers decide what they detach). Pure torch, 2D and 3D.
+averaged over anchors. Gradients: the teacher's *features* are frozen (callers pass them without a graph), but the
+in-batch teacher keys keep their graph, so a trained teacher-side projection head receives a gradient through them
+(it learns to place the teacher's voxels where the student's anchors can find them). Queue entries are stored
+detached: they were computed with earlier head weights and are constants. Pure torch, 2D and 3D.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def sample_voxels(labels: torch.Tensor, valid: Optional[torch.Tensor], max_per_class: int,
@@ -45,9 +48,10 @@ def sample_voxels(labels: torch.Tensor, valid: Optional[torch.Tensor], max_per_c
     return torch.cat(chosen)
 
 
-def _flatten_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
-    """(B, D, *sp) -> (B * prod(sp), D)."""
-    return embeddings.movedim(1, -1).reshape(-1, embeddings.shape[1])
+def gather_voxels(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, C, *sp) features at flat voxel indices (into B x prod(sp)) -> (N, C), without copying the whole map."""
+    flat = features.flatten(2)  # a view for contiguous features
+    return flat[index // flat.shape[2], :, index % flat.shape[2]]
 
 
 def supervised_infonce(anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: torch.Tensor,
@@ -58,7 +62,7 @@ def supervised_infonce(anchors: torch.Tensor, anchor_labels: torch.Tensor, keys:
     without any negative or positive are skipped (an exact 0 when none remains)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = anchors.float() @ keys.detach().float().t() / temperature  # (A, K)
+    logits = anchors.float() @ keys.float().t() / temperature  # (A, K); keys keep their graph (see the module doc)
     positive = anchor_labels.view(-1, 1) == key_labels.view(1, -1)
     if same_voxel is not None:
         positive[torch.arange(anchors.shape[0], device=anchors.device), same_voxel] = True
@@ -89,18 +93,35 @@ class TeacherEmbeddingQueue:
 def dense_contrastive_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor, labels: torch.Tensor,
                            valid: Optional[torch.Tensor] = None, max_per_class: int = 64, temperature: float = 0.1,
                            queue: Optional[TeacherEmbeddingQueue] = None,
-                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The dense supervised InfoNCE above at one stage. Embeddings (B, D, *sp) are L2-normalised here; labels
-    (B, 1, *sp) at the same resolution. ``queue`` supplies extra teacher keys and receives this step's."""
-    if student_embeddings.shape != teacher_embeddings.shape:
+                           generator: Optional[torch.Generator] = None,
+                           student_head: Optional[Callable] = None,
+                           teacher_head: Optional[Callable] = None) -> torch.Tensor:
+    """The dense supervised InfoNCE above at one stage. ``student_embeddings`` / ``teacher_embeddings`` (B, C, *sp):
+    the features (or embeddings) of student and teacher at the same resolution; labels (B, 1, *sp) there. Voxels are
+    sampled first; ``student_head`` / ``teacher_head`` (callables (N, C) -> (N, D), the trained projection heads) are
+    applied to the sampled voxels only, then every embedding is L2-normalised. Without heads both inputs must have the
+    same shape. ``queue`` supplies extra teacher keys and receives this step's (detached)."""
+    same_shape = student_embeddings.shape == teacher_embeddings.shape
+    heads = student_head is not None or teacher_head is not None
+    if not same_shape and (not heads or student_embeddings.shape[0] != teacher_embeddings.shape[0]
+                           or student_embeddings.shape[2:] != teacher_embeddings.shape[2:]):
         raise ValueError(f"student {tuple(student_embeddings.shape)} and teacher {tuple(teacher_embeddings.shape)} "
-                         f"embeddings must have the same shape")
+                         f"embeddings must have the same shape (or the same batch and spatial shape, with heads)")
     if tuple(labels.shape[2:]) != tuple(student_embeddings.shape[2:]) or labels.shape[1] != 1:
         raise ValueError(f"labels {tuple(labels.shape)} must be (B, 1, *spatial) at the embeddings' resolution "
                          f"{tuple(student_embeddings.shape[2:])}")
     index = sample_voxels(labels, valid, max_per_class, generator)
-    student = F.normalize(_flatten_embeddings(student_embeddings.float()), dim=1)[index]
-    teacher = F.normalize(_flatten_embeddings(teacher_embeddings.detach().float()), dim=1)[index]
+    student = gather_voxels(student_embeddings, index)
+    teacher = gather_voxels(teacher_embeddings, index)
+    if student_head is not None:
+        student = student_head(student)
+    if teacher_head is not None:
+        teacher = teacher_head(teacher)
+    if student.shape[1] != teacher.shape[1]:
+        raise ValueError(f"student embeddings have {student.shape[1]} channels, teacher embeddings "
+                         f"{teacher.shape[1]}: project both to the same dimension")
+    student = F.normalize(student.float(), dim=1)
+    teacher = F.normalize(teacher.float(), dim=1)
     sampled_labels = labels.reshape(-1).long()[index]
     keys, key_labels = teacher, sampled_labels
     if queue is not None and queue.embeddings.shape[0]:
@@ -111,3 +132,18 @@ def dense_contrastive_loss(student_embeddings: torch.Tensor, teacher_embeddings:
     if queue is not None:
         queue.push(teacher, sampled_labels)
     return loss
+
+
+class ProjectionHead(nn.Module):
+    """The trained projection of one side (student or teacher) at one stage: Linear - ReLU - Linear on voxel
+    vectors (N, C) -> (N, D) (a two-layer 1x1 convolution, applied to the sampled voxels only, so 2D and 3D alike).
+    Trained with the student, checkpointed, never exported."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: Optional[int] = None):
+        super().__init__()
+        hidden = hidden_channels or max(in_channels, out_channels)
+        self.layers = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(inplace=True),
+                                    nn.Linear(hidden, out_channels))
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.layers(vectors)
