@@ -179,7 +179,7 @@ def _is_budget_plans(plans: dict, plans_name: str, dataset_name: str) -> bool:
 def write_budget_plans_checked(dataset: str, configuration: str, output_plans_name: str, num_epochs: int,
                                iterations_per_epoch: int, val_iterations_per_epoch: int, seed: int | None = None,
                                max_batch_size: int | None = None, source_plans: str = "nnUNetPlans",
-                               overwrite: bool = False) -> str:
+                               overwrite: bool = False, reconstruction_weight: float | None = None) -> str:
     """write_budget_plans for a user: every input checked (naming the file and the fix) before anything is written;
     existing budget plans of this command are replaced only with ``overwrite``, any other plans file never. Returns
     the file written."""
@@ -219,9 +219,18 @@ def write_budget_plans_checked(dataset: str, configuration: str, output_plans_na
         raise RecipeError(f"--max-batch-size must be >= 1, got {max_batch_size}.")
     budget = {"num_epochs": num_epochs, "num_iterations_per_epoch": iterations_per_epoch,
               "num_val_iterations_per_epoch": val_iterations_per_epoch, "seed": seed}
+    if reconstruction_weight is not None:  # the multi-task teacher's (nnunet_kd.multitask)
+        budget["reconstruction_weight"] = reconstruction_weight
     read_training_budget({PLANS_KEY: {configuration: {"training": budget}}}, configuration, output_file)
-    return write_budget_plans(base, source_plans, output_plans_name, configuration, num_epochs, iterations_per_epoch,
-                              val_iterations_per_epoch, seed=seed, max_batch_size=max_batch_size)
+    written = write_budget_plans(base, source_plans, output_plans_name, configuration, num_epochs,
+                                 iterations_per_epoch, val_iterations_per_epoch, seed=seed,
+                                 max_batch_size=max_batch_size)
+    if reconstruction_weight is not None:
+        plans = load_json(written)
+        plans[PLANS_KEY][configuration]["training"]["reconstruction_weight"] = reconstruction_weight
+        from batchgenerators.utilities.file_and_folder_operations import save_json
+        save_json(plans, written, sort_keys=False)
+    return written
 
 
 def add_budget_arguments(parser, seed_flag: str = "--seed", seed_help: str | None = None) -> None:
@@ -252,14 +261,17 @@ def main(argv=None) -> None:
     parser.add_argument("-p", default="nnUNetPlans", help="Source plans name (default: nnUNetPlans)")
     add_budget_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="Replace budget plans this command wrote before")
+    parser.add_argument("--reconstruction-weight", type=float, default=None,
+                        help="Weight of the reconstruction loss of a multi-task teacher (-tr nnUNetTrainerMultiTask)")
     args = parser.parse_args(argv)
     try:
         written = write_budget_plans_checked(args.d, args.c, args.o, args.epochs, args.iterations_per_epoch,
                                              args.val_iterations_per_epoch, args.training_seed, args.max_batch_size,
-                                             args.p, args.overwrite)
+                                             args.p, args.overwrite, args.reconstruction_weight)
     except RecipeError as e:
         parser.exit(2, f"error: {e}\n")
-    print(f"Wrote {written}. Train: nnUNetv2_train {args.d} {args.c} FOLD -tr nnUNetTrainerBudget -p {args.o} "
+    trainer = "nnUNetTrainerMultiTask" if args.reconstruction_weight is not None else "nnUNetTrainerBudget"
+    print(f"Wrote {written}. Train: nnUNetv2_train {args.d} {args.c} FOLD -tr {trainer} -p {args.o} "
           f"(with nnUNet_extTrainer=\"$(nnUNetv2_kd_trainers_dir)\")")
 
 

@@ -182,7 +182,7 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
                  verbose: bool = True, seed: int | None = None, max_latency: float | None = None,
                  min_speedup: float | None = None, width_candidates=None, latency_device: str = "cpu",
                  latency_case: str | None = None, labelled_fraction: float | None = None,
-                 labelled_fraction_seed: int = 0) -> str:
+                 labelled_fraction_seed: int = 0, unlabelled_images: str | None = None) -> str:
     """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path. ``teacher_folder``: one
     teacher model folder, or a list of them (the student is derived from the first; every one is checked against it
     and distils into it, see the recipe's ``teachers``)."""
@@ -249,6 +249,22 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
     student_cfg = student_configuration(width)
 
     output_file = join(preprocessed_base, output_plans_name + ".json")
+    unlabelled_cases, unlabelled_folder = None, None
+    if unlabelled_images is not None:  # checked before anything is written; preprocessed right before the plans are
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        from nnunet_kd.unlabelled import UnlabelledImagesError, check_unlabelled_images
+        data_folder = join(preprocessed_base, teacher_cfg["data_identifier"])
+        try:
+            unlabelled_cases = check_unlabelled_images(abspath(unlabelled_images), student_dataset_json,
+                                                       student_dataset_json_file,
+                                                       infer_dataset_class(data_folder).get_identifiers(data_folder))
+        except UnlabelledImagesError as e:
+            raise PlanningError(str(e)) from None
+        unlabelled_folder = join(preprocessed_base, f"{output_plans_name}_{configuration}_unlabelled")
+        if os.path.exists(unlabelled_folder) and not overwrite:
+            raise PlanningError(f"{unlabelled_folder} exists (unlabelled images preprocessed for these plans before): "
+                                f"pass --overwrite to preprocess them again, or choose another -o.")
     if isfile(output_file):
         plans = load_json(output_file)
         _check_own_student_plans(plans, output_file, output_plans_name, dataset_name)
@@ -297,6 +313,10 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
     if labelled_fraction is not None:  # the KD students and their plain baseline train on the same labelled cases
         recipe["training"]["labelled_fraction"] = labelled_fraction
         recipe["training"]["labelled_fraction_seed"] = labelled_fraction_seed
+    if unlabelled_cases is not None:
+        recipe["training"]["unlabelled_images"] = {"source": abspath(unlabelled_images),
+                                                   "folder": os.path.basename(unlabelled_folder),
+                                                   "cases": list(unlabelled_cases)}
     if temperature is not None:
         for section in recipe["methods"].values():
             if "temperature" in section:
@@ -317,6 +337,17 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
 
     for method in ["none"] + available_methods():  # every method must parse before anything is written
         parse_recipe(plans, configuration, method, output_file)
+    if unlabelled_cases is not None:
+        # nnU-Net's preprocessor of this configuration (the teacher's plans), into the dataset's preprocessed folder
+        from nnunet_kd.unlabelled import UnlabelledImagesError, preprocess_unlabelled_images
+        try:
+            preprocess_unlabelled_images(unlabelled_cases, unlabelled_folder, teacher_plans, configuration,
+                                         student_dataset_json, overwrite=overwrite)
+        except UnlabelledImagesError as e:
+            raise PlanningError(str(e)) from None
+        if verbose:
+            print(f"Preprocessed {len(unlabelled_cases)} unlabelled image(s) from {abspath(unlabelled_images)} into "
+                  f"{unlabelled_folder}.")
     save_json(plans, output_file, sort_keys=False)
 
     if verbose:
@@ -379,6 +410,13 @@ def main(argv=None) -> None:
                         help="Train every student of these plans (KD and plain) on a seeded fraction of the fold's "
                              "training cases, e.g. 0.5 (default: all of them)")
     parser.add_argument("--labelled-fraction-seed", type=int, default=0, help="Seed of that fraction (default 0)")
+    parser.add_argument("--unlabelled-images", default=None, metavar="FOLDER",
+                        help="Extra images without labels (nnU-Net's imagesTr layout and file ending), preprocessed "
+                             "now with nnU-Net's preprocessor into nnUNet_preprocessed/<dataset>/<-o>_<configuration>"
+                             "_unlabelled (the folder itself is only read). Methods with train_on_unlabelled (e.g. "
+                             "-tr nnUNetTrainerKD_MultiScaleContrastive) train on them, and on the fold's training "
+                             "cases outside --labelled-fraction, with the segmentation loss masked; the others and "
+                             "the plain baseline ignore them")
     budget = parser.add_argument_group("latency budget (replaces --width: the widest candidate within it is chosen)")
     budget.add_argument("--max-latency", type=float, default=None, metavar="SECONDS",
                         help="Sliding-window latency of one preprocessed case, measured here with nnU-Net's predictor")
@@ -400,7 +438,7 @@ def main(argv=None) -> None:
                      max_latency=args.max_latency, min_speedup=args.min_speedup,
                      width_candidates=args.width_candidates, latency_device=args.latency_device,
                      latency_case=args.latency_case, labelled_fraction=args.labelled_fraction,
-                     labelled_fraction_seed=args.labelled_fraction_seed)
+                     labelled_fraction_seed=args.labelled_fraction_seed, unlabelled_images=args.unlabelled_images)
     except (PlanningError, RecipeError, RuntimeError) as e:
         print(f"nnUNetv2_kd_plan_student: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -41,7 +41,12 @@ DEFAULT_TRAINING = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_va
 # "labelled_fraction": train on a seeded fraction of the fold's training cases ("labelled_fraction_seed"), the same
 # cases for a KD student and its plain baseline (a student with part of the labels, nnUNetv2_kd_plan_student
 # --labelled-fraction).
-OPTIONAL_TRAINING = {"training_cases": None, "labelled_fraction": None, "labelled_fraction_seed": 0}
+# "unlabelled_images": extra images without labels (nnUNetv2_kd_plan_student --unlabelled-images), preprocessed into
+# a folder of the dataset's nnUNet_preprocessed folder: {"source": <the images folder>, "folder": <that folder's name>,
+# "cases": [<case identifiers>]}. Only methods with train_on_unlabelled use them (and the labelled fraction's rest).
+# "reconstruction_weight": the weight of a multi-task teacher's reconstruction loss (nnunet_kd.multitask).
+OPTIONAL_TRAINING = {"training_cases": None, "labelled_fraction": None, "labelled_fraction_seed": 0,
+                     "unlabelled_images": None, "reconstruction_weight": None}
 DEFAULT_TEACHER = {"model_folder": None, "checkpoint": "checkpoint_final.pth", "fold": "same",
                    "allow_validation_overlap": False}
 
@@ -123,6 +128,11 @@ class Recipe:
     teacher_aggregation_tau: float = 1.0  # the adaptive weights' temperature: softmax over teachers of -CE / tau
     # Out-of-sample routing: a teacher does not teach the cases it was trained on (their keys are in its record).
     teacher_routing: bool = False
+    # The fold's training cases outside labelled_fraction and the plans' unlabelled images enter training with the
+    # segmentation loss masked (the method's train_on_unlabelled); None: no unlabelled images in the plans.
+    train_on_unlabelled: bool = False
+    unlabelled_images: dict | None = None
+    reconstruction_weight: float | None = None
 
     @property
     def teacher(self) -> TeacherRecipe | None:
@@ -207,6 +217,14 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
         if not isinstance(training[key], int) or training[key] < 1:
             raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.{key} must be an integer >= 1, "
                               f"got {training[key]!r}. {fix}")
+    unlabelled_images = _parse_unlabelled_images(training["unlabelled_images"],
+                                                 f"{plans_file}: {PLANS_KEY}.{configuration}.training", fix)
+    reconstruction_weight = training["reconstruction_weight"]
+    if reconstruction_weight is not None and (isinstance(reconstruction_weight, bool)
+                                              or not isinstance(reconstruction_weight, (int, float))
+                                              or not math.isfinite(reconstruction_weight) or reconstruction_weight < 0):
+        raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.reconstruction_weight must be null or "
+                          f"a finite number >= 0, got {reconstruction_weight!r}. {fix}")
     seed = training["seed"]
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise RecipeError(f"{plans_file}: {PLANS_KEY}.{configuration}.training.seed must be null or an integer >= 0, "
@@ -237,6 +255,13 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
         aggregation = {"teacher_aggregation": settings.get("teacher_aggregation", "terms_mean"),
                        "teacher_aggregation_tau": float(settings.get("teacher_aggregation_tau", 1.0)),
                        "teacher_routing": bool(settings.get("teacher_routing", False))}
+        aggregation["train_on_unlabelled"] = bool(settings.get("train_on_unlabelled", False))
+        if aggregation["train_on_unlabelled"]:
+            label_only = [t for t in terms if not term_class_of(t).uses_teacher]
+            if label_only:
+                raise RecipeError(f"{where}: train_on_unlabelled feeds samples without labels, which the label-only "
+                                  f"term(s) {label_only} cannot use: set their weights to 0, or train_on_unlabelled "
+                                  f"to false. {fix}")
     else:
         settings, teachers, terms, anneal_start, mirroring, aggregation = {}, (), {}, 1.0, False, {}
     return Recipe(configuration=configuration, method=method, teachers=teachers, terms=terms,
@@ -245,7 +270,30 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
                   num_val_iterations_per_epoch=training["num_val_iterations_per_epoch"], seed=seed, settings=settings,
                   training_cases=tuple(cases) if cases is not None else None,
                   labelled_fraction=None if fraction is None else float(fraction),
-                  labelled_fraction_seed=int(fraction_seed))
+                  labelled_fraction_seed=int(fraction_seed), unlabelled_images=unlabelled_images,
+                  reconstruction_weight=None if reconstruction_weight is None else float(reconstruction_weight))
+
+
+def term_class_of(name: str):
+    from nnunet_kd.distill import term_class
+    return term_class(name)
+
+
+def _parse_unlabelled_images(entry, where: str, fix: str) -> dict | None:
+    """{"source": str, "folder": str, "cases": [str, ...]} or None."""
+    if entry is None:
+        return None
+    ok = (isinstance(entry, dict) and set(entry) == {"source", "folder", "cases"}
+          and isinstance(entry["source"], str) and isinstance(entry["folder"], str) and entry["folder"]
+          and "/" not in entry["folder"] and "\\" not in entry["folder"] and entry["folder"] not in (".", "..")
+          and isinstance(entry["cases"], list) and entry["cases"]
+          and all(isinstance(c, str) and c for c in entry["cases"]) and len(set(entry["cases"])) == len(entry["cases"]))
+    if not ok:
+        raise RecipeError(f"{where}.unlabelled_images must be null or {{\"source\": <images folder>, \"folder\": "
+                          f"<folder name in the dataset's nnUNet_preprocessed folder>, \"cases\": [<distinct case "
+                          f"identifiers>]}}, got {entry!r}. Write it with nnUNetv2_kd_plan_student "
+                          f"--unlabelled-images. {fix}")
+    return {"source": entry["source"], "folder": entry["folder"], "cases": tuple(entry["cases"])}
 
 
 def _parse_teachers(raw: dict, plans_file: str, configuration: str, fix: str) -> tuple:

@@ -409,9 +409,23 @@ def build_trained_network(trainer_name: str, plans_manager: PlansManager, config
     return network
 
 
+def segmentation_part(trainer_name: str, network_weights: dict) -> tuple[str, dict]:
+    """A multi-task teacher (nnunet_kd.multitask: nnU-Net's network plus a reconstruction head) is used through its
+    segmentation network: nnU-Net's own network class and the weights without the auxiliary head. The shared
+    encoder/decoder features and the segmentation outputs are the student's to distil; the head is not. Any other
+    teacher: unchanged."""
+    from nnunet_kd.multitask import RECONSTRUCTION_HEAD
+    prefix = RECONSTRUCTION_HEAD + "."
+    if trainer_name != "nnUNetTrainerMultiTask" or not any(k.startswith(prefix) for k in network_weights):
+        return trainer_name, network_weights
+    return "nnUNetTrainer", {k: v for k, v in network_weights.items() if not k.startswith(prefix)}
+
+
 def build_frozen_teacher(teacher: TeacherModel, checkpoint: dict, device: torch.device) -> FrozenTeacher:
-    """Build the teacher with its own trainer class's network builder (so custom teacher architectures work)."""
-    network = build_trained_network(teacher.trainer_name, teacher.plans_manager, teacher.configuration_manager,
-                                    teacher.dataset_json, checkpoint["network_weights"], teacher.checkpoint_file,
+    """Build the teacher with its own trainer class's network builder (so custom teacher architectures work); a
+    multi-task teacher as its segmentation network (``segmentation_part``)."""
+    trainer_name, weights = segmentation_part(teacher.trainer_name, checkpoint["network_weights"])
+    network = build_trained_network(trainer_name, teacher.plans_manager, teacher.configuration_manager,
+                                    teacher.dataset_json, weights, teacher.checkpoint_file,
                                     join(teacher.model_folder, "plans.json"), deep_supervision=True)
     return FrozenTeacher(network).to(device)

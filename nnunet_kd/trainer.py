@@ -10,6 +10,7 @@ gradients, under the same autocast as the student.
 """
 from __future__ import annotations
 
+import os
 from os.path import join
 
 import numpy as np
@@ -37,6 +38,8 @@ from nnunet_kd.progress import KDLocalLogger, term_key
 from nnunet_kd.provenance import record_training_cases
 from nnunet_kd.recipe import parse_recipe, plans_file_path
 from nnunet_kd.teacher import TeacherError
+from nnunet_kd.unlabelled import (CombinedDataset, labelled_samples, pseudo_labels_for_unlabelled,
+                                  segmentation_loss_on_labelled)
 
 # Checkpoint keys of our own, next to nnU-Net's. nnU-Net's predictor reads only 'network_weights', so the
 # student checkpoint stays loadable by plain nnU-Net; nnUNetv2_kd_export removes these keys altogether.
@@ -98,6 +101,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
         self.student_taps = None
         self.teacher_taps = {}
         self.distillation_enabled = True  # the benchmark switches it off to time the plain student step
+        # Cases trained on without labels (recipe train_on_unlabelled): segmentation loss masked, teacher terms only
+        self.unlabelled_keys = frozenset()
 
     @property
     def teacher(self):
@@ -108,6 +113,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         if self.kd_method != "none":
+            self._setup_unlabelled()
             self._setup_distillation()
 
     def do_split(self):
@@ -115,6 +121,43 @@ class nnUNetTrainerKD(nnUNetTrainer):
         recipe = self.kd_recipe
         return restrict_to_training_cases(train, val, recipe.training_cases, self.kd_plans_file, self.fold,
                                           recipe.labelled_fraction, recipe.labelled_fraction_seed)
+
+    def _setup_unlabelled(self):
+        """train_on_unlabelled: the fold's training cases outside the labelled fraction, and the plans' unlabelled
+        images (their preprocessed folder must exist), are trained on without labels."""
+        recipe = self.kd_recipe
+        if not recipe.train_on_unlabelled:
+            return
+        labelled, _ = self.do_split()
+        rest = sorted(set(nnUNetTrainer.do_split(self)[0]) - set(labelled))
+        extra = list(recipe.unlabelled_images["cases"]) if recipe.unlabelled_images else []
+        if extra:
+            folder = join(self.preprocessed_dataset_folder_base, recipe.unlabelled_images["folder"])
+            missing = [c for c in extra if not any(os.path.isfile(join(folder, c + e)) for e in (".b2nd", ".npz"))]
+            if missing:
+                raise TeacherError(f"{self.kd_plans_file} lists {len(missing)} unlabelled image(s) (e.g. {missing[:3]}) "
+                                   f"that are not preprocessed in {folder}. Write the plans again with "
+                                   f"nnUNetv2_kd_plan_student ... --unlabelled-images "
+                                   f"{recipe.unlabelled_images['source']} --overwrite.")
+        self.unlabelled_keys = frozenset(rest + extra)
+        self.print_to_log_file(f"Training on {len(labelled)} labelled case(s) and {len(self.unlabelled_keys)} "
+                               f"unlabelled ({len(rest)} of the fold's training cases, {len(extra)} extra images): "
+                               f"segmentation loss on the labelled samples only.")
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if not self.unlabelled_keys:
+            return dataset_tr, dataset_val
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        extra = set(self.kd_recipe.unlabelled_images["cases"]) if self.kd_recipe.unlabelled_images else set()
+        rest = sorted(self.unlabelled_keys - extra)
+        datasets = [dataset_tr]
+        if rest:
+            datasets.append(self.dataset_class(self.preprocessed_dataset_folder, rest))
+        if extra:
+            folder = join(self.preprocessed_dataset_folder_base, self.kd_recipe.unlabelled_images["folder"])
+            datasets.append(infer_dataset_class(folder)(folder, sorted(extra)))
+        return CombinedDataset(datasets), dataset_val
 
     def on_train_start(self):
         super().on_train_start()
@@ -248,7 +291,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             student_out = self.network(data)
-            losses = {"segmentation": self.loss(student_out, target)}
+            labelled = labelled_samples(batch.get("keys"), self.unlabelled_keys, self.device)
+            losses = {"segmentation": self.loss(student_out, target) if labelled is None
+                      else segmentation_loss_on_labelled(self.loss, student_out, target, labelled)}
             if self.distillation_enabled and len(self.distillation):
                 step = self.distillation_step(data, student_out, target, batch.get("keys"))
                 losses.update(step.logged)
@@ -308,6 +353,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
             # new tensors (softened, divided by T), which are ordinary ones.
             teachers[name] = TeacherOutputs(name, list(teacher_out), {k: v.clone() for k, v in features.items()},
                                             self.teacher_label_maps.get(name), num_heads, regions)
+        labelled = labelled_samples(keys, self.unlabelled_keys, outputs[0].device)
+        if labelled is not None:  # the unlabelled samples' classes are the teachers' prediction
+            labels, valid = pseudo_labels_for_unlabelled(labels, valid, teachers, labelled, regions)
         step = DistillationStep(outputs, student_features, teachers, labels, valid)
         if self.teacher_mixture and self.teachers:
             self._mix_teachers(step, keys)

@@ -12,3 +12,4 @@ from nnunet_kd.distill.step import DistillationStep, TeacherOutputs  # noqa: F40
 
 # Importing the term files registers them, in logging order.
 from nnunet_kd.distill import kl, lovasz, feature_hint, ffd, rgd  # noqa: E402,F401
+from nnunet_kd.distill import multiscale_feature, contrastive  # noqa: E402,F401
