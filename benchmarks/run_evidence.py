@@ -23,13 +23,16 @@ from os.path import abspath, basename, dirname, expanduser, join
 HERE = dirname(abspath(__file__))
 RESULTS = join(HERE, "results")
 SPLITS = join(HERE, "splits")
+RECORDS = join(HERE, "records")    # one record per finished model, committed (sessions end; machines change)
+TEACHERS = join(HERE, "teachers")  # the protocol's teacher, committed, so later sessions distil from the same one
 
 
 def main(argv=None) -> None:
     import torch
 
     from nnunet_kd.compare import device_label
-    from nnunet_kd.evidence import Protocol, Workspace, build_report, parse_runs, run_protocol, write_report
+    from nnunet_kd.evidence import (Protocol, Workspace, build_report, collect, parse_runs, run_protocol,
+                                    save_workspace_records, write_report)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,6 +55,12 @@ def main(argv=None) -> None:
     parser.add_argument("--commit", action="store_true",
                         help="git commit the results files every time they are rewritten (long runs across sessions)")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--no-records", action="store_true",
+                        help="Neither write nor read the committed per-model records (benchmarks/records/<dataset>-"
+                             "<configuration>/): report this workspace's models only")
+    parser.add_argument("--no-teacher-archive", action="store_true",
+                        help="Neither restore nor write the committed teacher (benchmarks/teachers/<dataset>-"
+                             "<configuration>/): train the teacher in the workspace")
     args = parser.parse_args(argv)
 
     dataset = basename(os.path.normpath(args.raw_dataset))
@@ -62,23 +71,30 @@ def main(argv=None) -> None:
         configuration=args.configuration, runs=parse_runs(args.runs), seeds=args.seeds,
         teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
-        max_batch_size=args.max_batch_size, device=args.device)
+        max_batch_size=args.max_batch_size, device=args.device,
+        records_dir=None if args.no_records else join(RECORDS, f"{dataset}-{args.configuration}"),
+        teacher_archive=None if args.no_teacher_archive else join(TEACHERS, f"{dataset}-{args.configuration}"))
     # The command that reproduces the results: --report-only and --commit change nothing that is measured.
     command = "python benchmarks/run_evidence.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
     json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout.json")
-    latency_cache = join(protocol.workdir, "latency.json")
+    # Latency is measured once per width; with records it is committed beside them (a later session on a fresh machine
+    # may hold no model of a width it reports).
+    latency_cache = join(protocol.records_dir or protocol.workdir, "latency.json")
 
     def report(ws: Workspace) -> None:
+        records = save_workspace_records(ws, collect(ws))
         result = build_report(ws, command, latency_cache)
         written = write_report(result, json_path)
-        print(f"\n{result['table']}\n\nwritten: {', '.join(written)}", flush=True)
+        print(f"\n{result['table']}\n\nwritten: {', '.join(written)}"
+              + (f"; {len(records)} model records in {protocol.records_dir}" if records else ""), flush=True)
         if args.commit:
+            paths = written + [protocol.split_file] + records + [p for p in (latency_cache, protocol.teacher_archive)
+                                                                if p and os.path.exists(p)]
             repo = dirname(HERE)
-            subprocess.run(["git", "-C", repo, "add", "--"] + written + [protocol.split_file], check=False)
+            subprocess.run(["git", "-C", repo, "add", "--"] + paths, check=False)
             subprocess.run(["git", "-C", repo, "commit", "-q", "-m", f"Held-out results {basename(json_path)}: "
-                            f"{len(result['models'])} model rows", "--"] + written + [protocol.split_file],
-                           check=False)
+                            f"{len(result['models'])} model rows", "--"] + paths, check=False)
 
     if args.report_only:
         report(Workspace(protocol))

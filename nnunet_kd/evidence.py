@@ -250,6 +250,9 @@ class Protocol:
     fold: int = 0
     device: str = "cpu"
     latency_repeats: int = 5
+    # What outlives the session (committed; see "Across sessions" below). None: the workspace only.
+    records_dir: str | None = None       # one record per finished model
+    teacher_archive: str | None = None   # the teacher, as a plain nnU-Net model folder
 
     @property
     def dataset_name(self) -> str:
@@ -313,10 +316,31 @@ class Workspace:
     def teacher(self) -> str:
         from nnunet_kd.pipeline import write_budget_plans
 
-        write_budget_plans(self.preprocessed, "nnUNetPlans", TEACHER_PLANS, self.p.configuration,
-                           self.p.teacher_epochs, self.p.iterations_per_epoch, self.p.val_iterations_per_epoch,
-                           seed=self.p.teacher_seed, max_batch_size=self.p.max_batch_size)
+        plans_file = write_budget_plans(self.preprocessed, "nnUNetPlans", TEACHER_PLANS, self.p.configuration,
+                                        self.p.teacher_epochs, self.p.iterations_per_epoch,
+                                        self.p.val_iterations_per_epoch, seed=self.p.teacher_seed,
+                                        max_batch_size=self.p.max_batch_size)
+        if self.p.teacher_archive and restore_teacher(self.p.teacher_archive, self.folder(TEACHER_TRAINER, TEACHER_PLANS),
+                                                      self.p.fold, plans_file):
+            print(f"  restored the archived teacher {self.p.teacher_archive}", flush=True)
         return self.train(TEACHER_TRAINER, TEACHER_PLANS)
+
+    def archive_teacher(self, teacher_folder: str) -> list[str]:
+        """The finished, evaluated teacher into Protocol.teacher_archive (once); returns the files written."""
+        import platform
+
+        import torch
+        from nnunet_kd.compare import device_label
+
+        if not self.p.teacher_archive:
+            return []
+        p = self.p
+        return archive_teacher(teacher_folder, p.teacher_archive, p.fold, {
+            "dataset": p.dataset_name, "configuration": p.configuration, "split_file": basename(p.split_file),
+            "split_sha256": sha256_of(p.split_file), "teacher_epochs": p.teacher_epochs,
+            "iterations_per_epoch": p.iterations_per_epoch, "val_iterations_per_epoch": p.val_iterations_per_epoch,
+            "max_batch_size": p.max_batch_size, "teacher_seed": p.teacher_seed,
+            "trained_on": {"device": device_label(p.device), "host": platform.node(), "torch": torch.__version__}})
 
     def plan_student(self, teacher_folder: str, width: float, seed: int, plans_name: str | None = None,
                      overrides: list[str] = ()) -> str:
@@ -355,6 +379,7 @@ def run_protocol(protocol: Protocol, report=None) -> None:
     ws.preprocess()
     teacher = ws.teacher()
     ws.evaluate_on_test(teacher)
+    ws.archive_teacher(teacher)
     if report:
         report(ws)
     for method, width in protocol.runs:
@@ -365,6 +390,132 @@ def run_protocol(protocol: Protocol, report=None) -> None:
             ws.evaluate_on_test(folder)
             if report and ws.commands_run > before:  # a reused, already reported model changes nothing
                 report(ws)
+
+
+# ------------------------------------------------------------------------------------------- across sessions
+# A working session ends after a few hours and the next one may run on a fresh machine where the workspace is gone;
+# on a 2-core CPU one session trains the teacher and a seed or two. Two things are therefore committed, so that later
+# sessions add seeds and widths to the same evidence instead of starting over:
+# * the teacher (Protocol.teacher_archive): its nnU-Net model folder without optimiser state, with a manifest of every
+#   file's SHA-256; a fresh workspace restores it instead of training another teacher (whose soft targets would
+#   differ: a CPU run is repeatable on one machine, not across machines);
+# * one record per finished, evaluated model (Protocol.records_dir/<model folder>.json): per-case test metrics,
+#   validation Dice, curves, the plans it trained with and the SHA-256 of the teacher checkpoint it learned from. The
+#   report pools the workspace's models with the records of the models it does not hold (same budget, same teacher).
+TEACHER_MANIFEST = "manifest.json"
+
+
+class EvidenceError(RuntimeError):
+    """Committed evidence that cannot be used as it is; the message names the file and the fix."""
+
+
+def sha256_of(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _archived_files(fold: int) -> list[str]:
+    """What a restored teacher needs: nnU-Net's model files (predictor, student planner, leakage guard) and the two
+    evaluations the report reads (so a restored teacher is not predicted again)."""
+    return ["plans.json", "dataset.json", "dataset_fingerprint.json", f"fold_{fold}/checkpoint_final.pth",
+            f"fold_{fold}/training_cases.json", f"fold_{fold}/validation/summary.json",
+            f"fold_{fold}/test_predictions/summary.json"]
+
+
+def archive_teacher(folder: str, archive: str, fold: int, description: dict) -> list[str]:
+    """Write the teacher archive once (an existing one is never replaced); returns the files written. The checkpoint
+    keeps nnU-Net's keys but its optimiser state (half its size, needed only to resume the teacher's training)."""
+    import torch
+    from nnunet_kd.teacher import load_nnunet_checkpoint
+
+    if isfile(join(archive, TEACHER_MANIFEST)):
+        return []
+    staging = archive.rstrip("/") + ".partial"
+    if isdir(staging):
+        shutil.rmtree(staging)
+    files = {}
+    for rel in _archived_files(fold):
+        source, target = join(folder, rel), join(staging, rel)
+        if not isfile(source):
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if rel.endswith("checkpoint_final.pth"):
+            checkpoint = load_nnunet_checkpoint(source)
+            checkpoint.pop("optimizer_state", None)
+            checkpoint.pop("grad_scaler_state", None)
+            torch.save(checkpoint, target)
+        else:
+            shutil.copyfile(source, target)
+        files[rel] = sha256_of(target)
+    save_json({"model_folder": basename(folder.rstrip("/")), "fold": fold, "files": files, **description},
+              join(staging, TEACHER_MANIFEST), sort_keys=False)
+    os.makedirs(os.path.dirname(os.path.abspath(archive)), exist_ok=True)
+    os.replace(staging, archive)  # all or nothing: a killed session leaves only the .partial folder
+    return [join(archive, rel) for rel in (*files, TEACHER_MANIFEST)]
+
+
+def restore_teacher(archive: str, folder: str, fold: int, plans_file: str) -> bool:
+    """Copy the archived teacher into this workspace when the workspace has no finished teacher. Refuses an archive
+    whose files do not match its manifest, or that was trained with other plans (budget, batch size, seed) than
+    ``plans_file``, before copying anything. Returns whether it restored."""
+    manifest_file = join(archive, TEACHER_MANIFEST)
+    if not isfile(manifest_file) or isfile(join(folder, f"fold_{fold}", "checkpoint_final.pth")):
+        return False
+    manifest = load_json(manifest_file)
+    if manifest.get("fold") != fold:
+        return False
+    for rel, digest in manifest["files"].items():
+        path = join(archive, rel)
+        if not isfile(path) or sha256_of(path) != digest:
+            raise EvidenceError(f"The archived teacher file {path} does not match its SHA-256 in {manifest_file} "
+                                f"(a partial checkout or an edit): restore it with git checkout -- {archive}, or "
+                                f"delete the archive to train a new teacher.")
+    if load_json(join(archive, "plans.json")) != load_json(plans_file):
+        raise EvidenceError(f"The archived teacher {archive} was trained with other plans than this protocol's teacher "
+                            f"({plans_file}: another budget, batch size, seed or nnU-Net version): run with the "
+                            f"budget in {manifest_file}, or pass --no-teacher-archive to train a teacher in the "
+                            f"workspace.")
+    for rel in manifest["files"]:
+        os.makedirs(os.path.dirname(join(folder, rel)), exist_ok=True)
+        shutil.copyfile(join(archive, rel), join(folder, rel))
+    now = __import__("time").time() + 1  # the evaluations are newer than the checkpoint: evaluate_on_test reuses them
+    for rel in manifest["files"]:
+        if rel.endswith("summary.json"):
+            os.utime(join(folder, rel), (now, now))
+    return True
+
+
+def save_record(records_dir: str, record: dict, teacher_sha256: str | None) -> str:
+    """Commit-ready record of one finished, evaluated model (atomic write). ``teacher_sha256``: the checkpoint the
+    student learned from (None for the teacher itself)."""
+    folder = record["folder"]
+    document = {"model": basename(folder.rstrip("/")), "plans": load_json(join(folder, "plans.json")),
+                "checkpoint_sha256": record["checkpoint_sha256"], "teacher_checkpoint_sha256": teacher_sha256,
+                **{k: v for k, v in record.items() if k not in ("folder", "checkpoint_sha256")}}
+    os.makedirs(records_dir, exist_ok=True)
+    path = join(records_dir, document["model"] + ".json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_records(records_dir: str | None) -> dict:
+    """Model folder name -> record (``folder`` None: the model is not in this workspace)."""
+    if not records_dir or not isdir(records_dir):
+        return {}
+    out = {}
+    for name in sorted(os.listdir(records_dir)):
+        if name.endswith(".json") and name != "latency.json":
+            document = load_json(join(records_dir, name))
+            out[document["model"]] = dict(document, folder=None)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -394,7 +545,8 @@ def _model_record(ws: "Workspace", folder: str) -> dict | None:
         return None
     return {"folder": folder, "test": per_case_metrics(summary),
             "validation_mean_dice": float(load_json(validation)["foreground_mean"]["Dice"]),
-            "curves": _curves(folder, fold)}
+            "curves": _curves(folder, fold), "plans": load_json(join(folder, "plans.json")),
+            "checkpoint_sha256": sha256_of(join(folder, f"fold_{fold}", "checkpoint_final.pth"))}
 
 
 def _dice_matrix(records: list[dict], cases: list[str]) -> np.ndarray:
@@ -453,27 +605,48 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
 
 
 def collect(ws: "Workspace") -> dict:
-    """Every finished, evaluated model of the workspace trained on this protocol's student budget."""
+    """Every finished, evaluated model trained on this protocol's student budget: the workspace's, and the committed
+    records (Protocol.records_dir) of models the workspace does not hold, when they learned from the same teacher
+    checkpoint. A record's ``folder`` is None when the model is not in this workspace."""
     p = ws.p
-    teacher = _model_record(ws, ws.folder(TEACHER_TRAINER, TEACHER_PLANS))
+    committed = load_records(p.records_dir)
+    teacher_folder = ws.folder(TEACHER_TRAINER, TEACHER_PLANS)
+    teacher = _model_record(ws, teacher_folder) or committed.get(basename(teacher_folder))
+    teacher_sha = teacher["checkpoint_sha256"] if teacher else None
+    local = {name: join(ws.results, name) for name in os.listdir(ws.results)} if isdir(ws.results) else {}
     students, skipped = {}, []
-    for name in sorted(os.listdir(ws.results)) if isdir(ws.results) else []:
+    for name in sorted(set(local) | set(committed)):
         parsed = _parse_student_folder(name, p.configuration)
         if parsed is None:
             continue
-        folder = join(ws.results, name)
-        training = load_json(join(folder, "plans.json"))["kd"][p.configuration]["training"] \
-            if isfile(join(folder, "plans.json")) else {}
+        record = _model_record(ws, local[name]) if name in local else None
+        if record is None and name in committed:
+            record = committed[name]
+            if record.get("teacher_checkpoint_sha256") != teacher_sha:
+                skipped.append(f"{name}: committed record of a student of another teacher checkpoint")
+                continue
+        if record is None:
+            continue
+        training = record["plans"].get("kd", {}).get(p.configuration, {}).get("training", {})
         if (training.get("num_epochs"), training.get("num_iterations_per_epoch")) != \
                 (p.student_epochs, p.iterations_per_epoch):
             skipped.append(f"{name}: trained for {training.get('num_epochs')} x "
                            f"{training.get('num_iterations_per_epoch')} iterations, not this protocol's budget")
             continue
-        record = _model_record(ws, folder)
-        if record is not None:
-            method, width, seed = parsed
-            students.setdefault((method, width), {})[seed] = record
+        method, width, seed = parsed
+        students.setdefault((method, width), {})[seed] = record
     return {"teacher": teacher, "students": students, "skipped": skipped}
+
+
+def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
+    """A record (Protocol.records_dir) of every model of ``found`` that is in this workspace; returns the files."""
+    if not ws.p.records_dir or found["teacher"] is None:
+        return []
+    teacher_sha = found["teacher"]["checkpoint_sha256"]
+    written = [save_record(ws.p.records_dir, found["teacher"], None)] if found["teacher"]["folder"] else []
+    for by_seed in found["students"].values():
+        written += [save_record(ws.p.records_dir, r, teacher_sha) for r in by_seed.values() if r["folder"]]
+    return written
 
 
 def _summarise(records: list[dict], cases: list[str], voxel_ml: dict, labels: list[str]) -> dict:
@@ -510,28 +683,31 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
 
     cache = load_json(latency_cache_file) if latency_cache_file and isfile(latency_cache_file) else {}
 
-    def timed(key: str, folder: str) -> dict:
-        if key not in cache:
+    def timed(key: str, records: list[dict]) -> dict:
+        """Measured once per width, with a model of this workspace; a committed figure when none is here."""
+        folder = next((r["folder"] for r in records if r["folder"]), None)
+        if key not in cache and folder is not None:
             cache[key] = latency(ws, folder)
             if latency_cache_file:
+                os.makedirs(os.path.dirname(os.path.abspath(latency_cache_file)), exist_ok=True)
                 save_json(cache, latency_cache_file, sort_keys=False)
-        return cache[key]
+        return cache.get(key, {})
 
     rows = []
-    teacher_plans = load_json(join(teacher["folder"], "plans.json"))
+    teacher_plans = teacher["plans"]
     teacher_cost = network_cost(teacher_plans, dataset_json, p.configuration)
     rows.append({"model": "teacher", "method": "teacher", "width": 1.0, "seeds": [p.teacher_seed],
                  "parameters": teacher_cost["parameters"], "flops_per_patch": teacher_cost["flops_per_patch"],
-                 "latency": timed("teacher", teacher["folder"]),
+                 "latency": timed("teacher", [teacher]),
                  **_summarise([teacher], cases, voxel_ml, labels)})
     for (method, width), by_seed in sorted(found["students"].items(), key=lambda kv: _row_order(kv[0])):
         seeds = sorted(by_seed)
         records = [by_seed[s] for s in seeds]
-        plans = load_json(join(records[0]["folder"], "plans.json"))
+        plans = records[0]["plans"]
         cost = network_cost(plans, dataset_json, p.configuration)
         rows.append({"model": LABELS[method], "method": method, "width": width, "seeds": seeds,
                      "parameters": cost["parameters"], "flops_per_patch": cost["flops_per_patch"],
-                     "latency": timed(f"width {width}", records[0]["folder"]),
+                     "latency": timed(f"width {width}", records),
                      **_summarise(records, cases, voxel_ml, labels)})
 
     teacher_dice = _dice_matrix([teacher], cases)
@@ -657,10 +833,10 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
     teacher = next(r for r in rows if r["method"] == "teacher")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, x_of, xlabel in ((axes[0], lambda r: r["parameters"], "parameters (log)"),
-                             (axes[1], lambda r: r["latency"]["threads_1"]["median_s"],
+                             (axes[1], lambda r: r["latency"].get("threads_1", {}).get("median_s"),
                               "latency of one test volume, 1 CPU thread, median s (log)")):
         for (name, srs), marker, color in zip(series.items(), ("o", "s"), ("tab:blue", "tab:red")):
-            srs = sorted(srs, key=x_of)
+            srs = sorted((r for r in srs if x_of(r) is not None), key=x_of)
             if not srs:
                 continue
             x = [x_of(r) for r in srs]  # true positions: an offset would misstate the latency
@@ -675,10 +851,11 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
                     f"{r['method']}, {len(r['seeds'])} seed(s)"
                 ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, -16) if marker == "o" else (0, 10),
                             fontsize=7, color=color, ha="center")
-        ax.errorbar([x_of(teacher)], [teacher["test_mean_dice"]],
-                    yerr=[[teacher["test_mean_dice"] - teacher["test_mean_dice_ci95"][0]],
-                          [teacher["test_mean_dice_ci95"][1] - teacher["test_mean_dice"]]],
-                    marker="*", markersize=12, color="black", capsize=3, linestyle="none", label="teacher")
+        if x_of(teacher) is not None:
+            ax.errorbar([x_of(teacher)], [teacher["test_mean_dice"]],
+                        yerr=[[teacher["test_mean_dice"] - teacher["test_mean_dice_ci95"][0]],
+                              [teacher["test_mean_dice_ci95"][1] - teacher["test_mean_dice"]]],
+                        marker="*", markersize=12, color="black", capsize=3, linestyle="none", label="teacher")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel("test mean foreground Dice", fontsize=9)

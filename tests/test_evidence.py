@@ -163,3 +163,114 @@ def test_label_teacher_logits_ignore_masked_voxels_and_handle_regions():
     regions = torch.tensor([[[[0, 1]], [[1, 1]]]])
     region_logits = label_teacher_logits(regions, 2, temperature=2.0, region_based=True)
     assert torch.allclose(torch.sigmoid(region_logits / 2.0), regions.float(), atol=2e-6)
+
+
+# ---------------------------------------------------------------------------- across sessions: archive and records
+def fake_model_folder(root, name: str, plans: dict, fold: int = 0, weight: float = 1.0) -> str:
+    """A finished, evaluated nnU-Net model folder as the protocol reads it (checkpoint with optimiser state, the two
+    evaluation summaries, the case record)."""
+    folder = join(str(root), name)
+    for sub in ("validation", "test_predictions"):
+        os.makedirs(join(folder, f"fold_{fold}", sub))
+    torch.save({"network_weights": {"w": torch.full((3,), weight)}, "optimizer_state": {"state": {0: torch.ones(3)}},
+                "grad_scaler_state": None, "trainer_name": "nnUNetTrainer", "init_args": {},
+                "logging": {"ema_fg_dice": [0.5, 0.6], "dice_per_class_or_region": [[0.4, 0.6], [0.6, 0.6]]}},
+               join(folder, f"fold_{fold}", "checkpoint_final.pth"))
+    for rel, content in (("plans.json", plans), ("dataset.json", {"labels": {"background": 0, "a": 1}}),
+                         ("dataset_fingerprint.json", {}), (f"fold_{fold}/training_cases.json", ["case_000"]),
+                         (f"fold_{fold}/validation/summary.json", {"foreground_mean": {"Dice": 0.7}}),
+                         (f"fold_{fold}/test_predictions/summary.json", {
+                             "mean": {"1": {"Dice": weight / 2}}, "foreground_mean": {"Dice": weight / 2},
+                             "metric_per_case": [{"reference_file": "/x/case_010.nii.gz", "prediction_file":
+                                                  "/y/case_010.nii.gz", "metrics": {"1": {"Dice": weight / 2, "FP": 1, "FN": 2, "TP": 3, "n_ref": 5, "n_pred": 4}}}]})):
+        with open(join(folder, rel), "w") as f:
+            json.dump(content, f)
+    return folder
+
+
+def test_the_archived_teacher_restores_into_a_fresh_workspace_without_optimiser_state(tmp_path):
+    from nnunet_kd.evidence import EvidenceError, archive_teacher, restore_teacher
+    from nnunet_kd.teacher import load_nnunet_checkpoint
+
+    plans = {"plans_name": "teacher", "kd": {"2d": {"training": {"num_epochs": 5}}}}
+    teacher = fake_model_folder(tmp_path / "ws1", "nnUNetTrainerBudget__teacher__2d", plans)
+    archive = join(str(tmp_path), "repo", "teachers", "Dataset777_Fake-2d")
+    written = archive_teacher(teacher, archive, 0, {"teacher_epochs": 5})
+    assert join(archive, "manifest.json") in written and join(archive, "fold_0", "checkpoint_final.pth") in written
+    archived = load_nnunet_checkpoint(join(archive, "fold_0", "checkpoint_final.pth"))
+    assert "optimizer_state" not in archived and torch.equal(archived["network_weights"]["w"], torch.ones(3))
+    assert archived["logging"]["ema_fg_dice"] == [0.5, 0.6]  # the curves the report reads survive
+    assert archive_teacher(teacher, archive, 0, {}) == []  # written once, never replaced
+
+    plans_file = join(str(tmp_path), "teacher.json")
+    with open(plans_file, "w") as f:
+        json.dump(plans, f)
+    fresh = join(str(tmp_path), "ws2", "nnUNetTrainerBudget__teacher__2d")
+    assert restore_teacher(archive, fresh, 0, plans_file)
+    checkpoint = join(fresh, "fold_0", "checkpoint_final.pth")
+    assert torch.equal(load_nnunet_checkpoint(checkpoint)["network_weights"]["w"], torch.ones(3))
+    for summary in ("validation", "test_predictions"):  # newer than the checkpoint: not predicted again
+        assert os.path.getmtime(join(fresh, "fold_0", summary, "summary.json")) > os.path.getmtime(checkpoint)
+    assert not restore_teacher(archive, fresh, 0, plans_file)  # a workspace with a teacher keeps it
+
+    other_plans = join(str(tmp_path), "longer.json")
+    with open(other_plans, "w") as f:
+        json.dump({"plans_name": "teacher", "kd": {"2d": {"training": {"num_epochs": 50}}}}, f)
+    with pytest.raises(EvidenceError, match="other plans"):
+        restore_teacher(archive, join(str(tmp_path), "ws3", "t"), 0, other_plans)
+    assert not os.path.exists(join(str(tmp_path), "ws3"))  # refused before copying anything
+
+    with open(join(archive, "fold_0", "training_cases.json"), "w") as f:
+        json.dump(["case_000", "case_010"], f)  # an edited archive
+    with pytest.raises(EvidenceError, match="training_cases.json does not match its SHA-256"):
+        restore_teacher(archive, join(str(tmp_path), "ws4", "t"), 0, plans_file)
+
+
+class _RecordWorkspace:
+    """What collect() reads of a Workspace: its protocol, its results folder and the teacher's folder name."""
+
+    def __init__(self, results: str, records_dir: str):
+        from nnunet_kd.evidence import Protocol
+
+        self.results = results
+        self.p = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="",
+                          configuration="2d", runs=[], seeds=[0], teacher_epochs=5, student_epochs=4,
+                          iterations_per_epoch=10, records_dir=records_dir)
+
+    def folder(self, trainer: str, plans: str) -> str:
+        return join(self.results, f"{trainer}__{plans}__2d")
+
+
+def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_budget(tmp_path):
+    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, collect, load_records, save_workspace_records,
+                                    sha256_of)
+
+    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10}}}}
+    session1, session2 = join(str(tmp_path), "s1"), join(str(tmp_path), "s2")
+    records = join(str(tmp_path), "records")
+    fake_model_folder(session1, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {})
+    fake_model_folder(session1, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", budget, weight=1.2)
+    fake_model_folder(session1, f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.25, 0)}__2d", budget, weight=1.6)
+    first = _RecordWorkspace(session1, records)
+    found = collect(first)
+    assert sorted(found["students"]) == [("adaptive", 0.25), ("plain", 0.25)]
+    assert all(r["folder"] for by_seed in found["students"].values() for r in by_seed.values())
+    assert len(save_workspace_records(first, found)) == 3
+    teacher_sha = found["teacher"]["checkpoint_sha256"]
+    assert {r["teacher_checkpoint_sha256"] for r in load_records(records).values()} == {None, teacher_sha}
+
+    # A later session on a fresh machine: the same (restored) teacher, seed 1 trained there, seed 0 from the records.
+    teacher2 = fake_model_folder(session2, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {})
+    assert sha256_of(join(teacher2, "fold_0", "checkpoint_final.pth")) == teacher_sha  # the same checkpoint bytes
+    fake_model_folder(session2, f"nnUNetTrainerBudget__{student_plans_name(0.25, 1)}__2d", budget, weight=1.0)
+    found = collect(_RecordWorkspace(session2, records))
+    plain = found["students"][("plain", 0.25)]
+    assert sorted(plain) == [0, 1] and plain[0]["folder"] is None and plain[1]["folder"] is not None
+    assert plain[0]["test"]["case_010"]["1"]["Dice"] == pytest.approx(0.6)
+    assert sorted(found["students"][("adaptive", 0.25)]) == [0]
+
+    # Another teacher: the committed students learned from a different one and are left out, with a reason.
+    fake_model_folder(join(str(tmp_path), "s3"), f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {}, weight=2.0)
+    found = collect(_RecordWorkspace(join(str(tmp_path), "s3"), records))
+    assert found["students"] == {}
+    assert len(found["skipped"]) == 2 and all("another teacher" in s for s in found["skipped"])
