@@ -31,8 +31,8 @@ def main(argv=None) -> None:
     import torch
 
     from nnunet_kd.compare import device_label
-    from nnunet_kd.evidence import (Protocol, Workspace, build_report, collect, parse_runs, run_protocol,
-                                    save_workspace_records, write_report)
+    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, Protocol, Workspace, _model_record, build_report,
+                                    collect, parse_runs, run_protocol, save_workspace_records, write_report)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -97,7 +97,11 @@ def main(argv=None) -> None:
                             f"{len(result['models'])} model rows", "--"] + paths, check=False)
 
     if args.report_only:
-        report(Workspace(protocol))
+        ws = Workspace(protocol)
+        teacher = ws.folder(TEACHER_TRAINER, TEACHER_PLANS)
+        if _model_record(ws, teacher) is not None:  # a finished, evaluated teacher is committed here too
+            ws.archive_teacher(teacher)
+        report(ws)
     else:
         run_protocol(protocol, report)
 
