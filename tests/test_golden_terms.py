@@ -479,7 +479,24 @@ def test_the_trainer_keeps_every_term_value_on_one_fixed_nnunet_batch(workspace,
     golden = GOLDEN_TRAINER_TERMS[case]
     assert sorted(measured) == sorted(golden)
     for key, expected in golden.items():
-        assert measured[key] == pytest.approx(expected, rel=TRAINER_REL, abs=TRAINER_ABS), key
+        if key.endswith("_grad") and expected:
+            assert_gradient_digest_close(measured[key], expected, key)
+        else:
+            assert measured[key] == pytest.approx(expected, rel=TRAINER_REL, abs=TRAINER_ABS), key
+
+
+def assert_gradient_digest_close(measured: list, expected: list, key: str) -> None:
+    """A digest [sum, L1 norm, probe dot] of a whole network's gradient, compared at the gradient's scale (its L1
+    norm): the signed sums cancel to a small fraction of it, and the student's gradient runs through nnU-Net's
+    convolution and normalisation kernels, whose float32 summation order depends on the CPU (oneDNN picks AVX2 or
+    AVX-512 kernels). Measured on an AVX2 AMD EPYC against these values recorded on another CPU: plain_seg_weight,
+    which has no distillation at all, sum 0.03352 against 0.03406 for an L1 norm of 14.75 (3.7e-5 of it);
+    adaptive 3.2e-5. A changed loss or a missing gradient path moves the L1 norm itself by far more than TRAINER_REL."""
+    scale = abs(expected[1])
+    assert measured[1] == pytest.approx(expected[1], rel=TRAINER_REL), f"{key}: L1 norm"
+    for i, part in ((0, "sum"), (2, "probe dot")):
+        assert abs(measured[i] - expected[i]) <= TRAINER_REL * scale, \
+            f"{key}: {part} {measured[i]} against {expected[i]} (allowed {TRAINER_REL * scale:.2g}: {TRAINER_REL} of the L1 norm)"
 
 
 if __name__ == "__main__":

@@ -98,13 +98,13 @@ def test_training_cases_that_are_validation_cases_are_refused_before_training(wo
 
 @pytest.fixture(scope="module")
 def subset_teachers(workspace):
-    """Two teachers, each trained (briefly) on one half of fold 0's training cases."""
+    """Three teachers, each trained (briefly) on one third of fold 0's training cases."""
     import os
     ws = workspace
     saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     os.environ.update({k: ws.env[k] for k in saved})
     try:
-        written = plan_subset_teachers(str(DATASET_ID), CONFIGURATION, 0, 2, "nnUNetPlans_routesubset", num_epochs=1,
+        written = plan_subset_teachers(str(DATASET_ID), CONFIGURATION, 0, 3, "nnUNetPlans_routesubset", num_epochs=1,
                                        iterations_per_epoch=2, val_iterations_per_epoch=1, seed=0, overwrite=True)
     finally:
         for k, v in saved.items():
@@ -133,20 +133,22 @@ def test_the_multi_teacher_student_mixes_its_subset_teachers_and_never_asks_one_
     recipe = trainer.kd_recipe
     assert (recipe.teacher_aggregation, recipe.teacher_routing) == ("adaptive", True)
     trainer.initialize()
-    assert trainer.teacher_trained_on == {"teacher0": frozenset(written[0]["training_cases"]),
-                                          "teacher1": frozenset(written[1]["training_cases"])}
+    names = ["teacher0", "teacher1", "teacher2"]
+    assert trainer.teacher_trained_on == {n: frozenset(w["training_cases"]) for n, w in zip(names, written)}
     batch = _batch(trainer)
     batch["keys"] = [written[0]["training_cases"][0], written[1]["training_cases"][0]]
     with torch.no_grad():
         step = trainer.distillation_step(batch["data"], trainer.network(batch["data"]), batch["target"], batch["keys"])
-    w0, w1 = step.teacher_weights["teacher0"][0], step.teacher_weights["teacher1"][0]
-    assert (w0[0] == 0).all() and (w1[0] == 1).all()  # case of subset 1: only teacher 1 teaches it
-    assert (w1[1] == 0).all() and (w0[1] == 1).all()
+    w0, w1, w2 = (step.teacher_weights[n][0] for n in names)
+    # A case of subset 0 is taught by teachers 1 and 2 only, one of subset 1 by teachers 0 and 2 only; the adaptive
+    # weights of the teachers that may teach a voxel sum to 1 there.
+    assert (w0[0] == 0).all() and torch.allclose(w1[0] + w2[0], torch.ones_like(w1[0]))
+    assert (w1[1] == 0).all() and torch.allclose(w0[1] + w2[1], torch.ones_like(w0[1]))
     assert len(step.mixture.outputs) == len(step.student_outputs)
     out = trainer.train_step(batch)
-    assert {"kl", "feature", "feature_teacher0", "feature_teacher1", "teacher_weight_teacher0",
-            "teacher_weight_teacher1"} <= set(out["terms"]) and "kl_teacher0" not in out["terms"]
-    assert out["terms"]["teacher_weight_teacher0"].item() == pytest.approx(0.5)
+    assert {"kl", "feature", *(f"feature_{n}" for n in names), *(f"teacher_weight_{n}" for n in names)} \
+        <= set(out["terms"]) and "kl_teacher0" not in out["terms"]
+    assert sum(out["terms"][f"teacher_weight_{n}"].item() for n in names) == pytest.approx(1.0)
     trainer.on_train_epoch_end([out])
     assert set(trainer.logged_terms) == set(out["terms"])
 
@@ -156,7 +158,15 @@ def test_the_multi_teacher_student_mixes_its_subset_teachers_and_never_asks_one_
     folder = workspace.student_folder("nnUNetTrainerKD_MultiTeacher", "nnUNetPlans_multiteacher")
     from nnunet_kd.teacher import load_nnunet_checkpoint
     logging = load_nnunet_checkpoint(join(folder, "fold_0", "checkpoint_final.pth"))["logging"]
-    assert len(logging["kd_teacher_weight_teacher0"]) == 1
+    assert all(len(logging[f"kd_teacher_weight_{n}"]) == 1 for n in names)
+
+    # its export is a plain nnU-Net model: nnU-Net's trainer name, the student's weights only, no recipe
+    exported = join(workspace.root, "multiteacher_exported")
+    workspace.run("nnUNetv2_kd_export", "-i", folder, "-o", exported)
+    vanilla = load_nnunet_checkpoint(join(exported, "fold_0", "checkpoint_final.pth"))
+    assert vanilla["trainer_name"] == "nnUNetTrainer" and not any(k.startswith("kd_") for k in vanilla)
+    assert vanilla["network_weights"].keys() == \
+        load_nnunet_checkpoint(join(folder, "fold_0", "checkpoint_final.pth"))["network_weights"].keys()
 
 
 def test_a_labelled_fraction_gives_the_kd_student_and_its_plain_baseline_the_same_seeded_cases(workspace, monkeypatch):

@@ -61,19 +61,18 @@ def _lovasz_flat(probabilities: torch.Tensor, foreground: torch.Tensor, valid: O
 
 def _descending_order(errors: torch.Tensor) -> torch.Tensor:
     """Indices sorting each row of errors (C, N) in decreasing order, negative values (invalid voxels) last.
-
     The sort is the Lovasz loss's only costly step. Non-negative float32 numbers order exactly like their bit
-    patterns read as integers, so the rows are sorted as one flat array of int64 keys (row index in the high
-    bits, reversed error bits in the low ones): integer keys take the radix sort, 2.4x faster on the CPU than
-    the comparison sort of floats per row (measured: 4.9 ms against 11.7 ms for 3 x 73,728 voxels). The order
-    is the float sort's up to ties, which do not change the loss value."""
-    rows, n = errors.shape
+    patterns read as integers, so each row is sorted by an int32 key (minus the error's bits; invalid voxels 1):
+    integer keys take the radix sort, and 32-bit keys need half the passes of the 64-bit keys that sorting all rows
+    as one flat array would (measured, Hippocampus 2d batch 32 x 56 x 40, 3 classes: 2.1 ms against 4.9 ms, and
+    11.7 ms for the comparison sort of floats). The order is the float sort's up to ties, which do not change the
+    loss value; the sort is stable, so ties keep the voxel order."""
     with torch.no_grad():
-        bits = errors.detach().float().clamp(min=0).view(torch.int32).long()
-        key = torch.where(errors.detach() < 0, torch.full_like(bits, 2 ** 31), (2 ** 31 - 1) - bits)
-        row_offset = torch.arange(rows, device=errors.device).view(rows, 1)
-        flat_order = torch.sort((key + (row_offset << 32)).reshape(-1), stable=True).indices
-        return flat_order.view(rows, n) - row_offset * n
+        errors = errors.detach().float()
+        bits = errors.clamp(min=0).view(torch.int32)
+        key = torch.where(errors < 0, torch.ones_like(bits), -bits)
+        # one 1-D sort per row: torch sorts a 1-D integer tensor with its radix sort, a 2-D one by comparisons
+        return torch.stack([torch.sort(row, stable=True).indices for row in key.unbind(0)])
 
 
 def _flatten(values: torch.Tensor) -> torch.Tensor:
