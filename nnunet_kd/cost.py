@@ -130,7 +130,8 @@ def make_predictor(model_folder: str, fold: Union[int, str], checkpoint_name: st
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_kd.teacher import TeacherError, build_trained_network, load_nnunet_checkpoint, strip_wrapper_prefixes
+    from nnunet_kd.teacher import (TeacherError, build_trained_network, load_nnunet_checkpoint, segmentation_part,
+                                   strip_wrapper_prefixes)
 
     device = torch.device(device)
     checkpoint_file = join(model_folder, f"fold_{fold}", checkpoint_name)
@@ -145,7 +146,8 @@ def make_predictor(model_folder: str, fold: Union[int, str], checkpoint_name: st
                            f"does not define. The model folder is inconsistent: copy the whole folder nnUNetv2_train "
                            f"wrote.")
     configuration_manager = plans_manager.get_configuration(configuration)
-    weights = strip_wrapper_prefixes(checkpoint["network_weights"])
+    # a multi-task teacher predicts (and is costed) through its segmentation network, without its auxiliary head
+    trainer_name, weights = segmentation_part(trainer_name, strip_wrapper_prefixes(checkpoint["network_weights"]))
     network = build_trained_network(trainer_name, plans_manager, configuration_manager, dataset_json, weights,
                                     checkpoint_file, plans_file, deep_supervision=False)
 

@@ -271,6 +271,11 @@ def test_multitask_teacher_to_partial_label_student_to_export_with_nnunet_comman
     assert any(k.startswith("reconstruction_head.") for k in teacher_checkpoint["network_weights"])
     teacher_log = open(sorted(glob.glob(join(teacher, "fold_0", "training_log_*.txt")))[-1]).read()
     assert "reconstruction MSE (unweighted, training mean)" in teacher_log
+    # the benchmark's and the evidence runner's predictor deploy (and cost) its segmentation network, without the head
+    from nnunet_kd.cost import make_predictor
+    predictor = make_predictor(teacher, 0, device=torch.device("cpu"))
+    assert set(predictor.network.state_dict()) == {k for k in teacher_checkpoint["network_weights"]
+                                                   if not k.startswith("reconstruction_head.")}
 
     ws.run("nnUNetv2_kd_plan_student", "-d", str(DATASET_ID), "-c", CONFIGURATION, "--teacher", teacher,
            "--width", "0.25", "--labelled-fraction", "0.5", "--unlabelled-images", join(ws.raw, "imagesTs"),
