@@ -78,9 +78,9 @@ def main(argv=None) -> None:
     command = "python benchmarks/run_evidence.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
     json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout.json")
-    # Latency is measured once per width; with records it is committed beside them (a later session on a fresh machine
-    # may hold no model of a width it reports).
-    latency_cache = join(protocol.records_dir or protocol.workdir, "latency.json")
+    # Latency is measured once per width on this machine and kept in the workspace, never committed: it is a figure of
+    # the machine (and of its load), so a row whose models all come from committed records has none.
+    latency_cache = join(protocol.workdir, "latency.json")
 
     def report(ws: Workspace) -> None:
         records = save_workspace_records(ws, collect(ws))
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
         print(f"\n{result['table']}\n\nwritten: {', '.join(written)}"
               + (f"; {len(records)} model records in {protocol.records_dir}" if records else ""), flush=True)
         if args.commit:
-            paths = written + [protocol.split_file] + records + [p for p in (latency_cache, protocol.teacher_archive)
+            paths = written + [protocol.split_file] + records + [p for p in (protocol.teacher_archive,)
                                                                 if p and os.path.exists(p)]
             repo = dirname(HERE)
             subprocess.run(["git", "-C", repo, "add", "--"] + paths, check=False)

@@ -320,8 +320,10 @@ class Workspace:
                                         self.p.teacher_epochs, self.p.iterations_per_epoch,
                                         self.p.val_iterations_per_epoch, seed=self.p.teacher_seed,
                                         max_batch_size=self.p.max_batch_size)
+        expected = {"dataset": self.p.dataset_name, "configuration": self.p.configuration,
+                    "split_sha256": sha256_of(self.p.split_file)}
         if self.p.teacher_archive and restore_teacher(self.p.teacher_archive, self.folder(TEACHER_TRAINER, TEACHER_PLANS),
-                                                      self.p.fold, plans_file):
+                                                      self.p.fold, plans_file, expected):
             print(f"  restored the archived teacher {self.p.teacher_archive}", flush=True)
         return self.train(TEACHER_TRAINER, TEACHER_PLANS)
 
@@ -419,6 +421,21 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def network_weights_sha256(checkpoint_file: str) -> str:
+    """A model's identity: the SHA-256 of its network weights (sorted names, shapes, dtypes and bytes). Unlike the
+    file's hash it survives re-saving, and the archive drops the optimiser state."""
+    import hashlib
+
+    from nnunet_kd.teacher import load_nnunet_checkpoint
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_nnunet_checkpoint(checkpoint_file)["network_weights"].items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _archived_files(fold: int) -> list[str]:
     """What a restored teacher needs: nnU-Net's model files (predictor, student planner, leakage guard) and the two
     evaluations the report reads (so a restored teacher is not predicted again)."""
@@ -439,10 +456,14 @@ def archive_teacher(folder: str, archive: str, fold: int, description: dict) -> 
     if isdir(staging):
         shutil.rmtree(staging)
     files = {}
+    missing = [rel for rel in _archived_files(fold) if not isfile(join(folder, rel))]
+    if missing:
+        raise EvidenceError(f"The teacher {folder} lacks {missing}: only a finished, evaluated teacher is archived.")
+    if os.path.exists(archive):
+        raise EvidenceError(f"{archive} exists but holds no {TEACHER_MANIFEST} (an interrupted archive or another "
+                            f"folder): move it away, then run again.")
     for rel in _archived_files(fold):
         source, target = join(folder, rel), join(staging, rel)
-        if not isfile(source):
-            continue
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if rel.endswith("checkpoint_final.pth"):
             checkpoint = load_nnunet_checkpoint(source)
@@ -459,16 +480,22 @@ def archive_teacher(folder: str, archive: str, fold: int, description: dict) -> 
     return [join(archive, rel) for rel in (*files, TEACHER_MANIFEST)]
 
 
-def restore_teacher(archive: str, folder: str, fold: int, plans_file: str) -> bool:
-    """Copy the archived teacher into this workspace when the workspace has no finished teacher. Refuses an archive
-    whose files do not match its manifest, or that was trained with other plans (budget, batch size, seed) than
-    ``plans_file``, before copying anything. Returns whether it restored."""
+def restore_teacher(archive: str, folder: str, fold: int, plans_file: str, expected: dict | None = None) -> bool:
+    """Copy the archived teacher into this workspace when the workspace has no finished teacher. Refuses, before
+    copying anything, an archive whose files do not match its manifest, whose manifest disagrees with ``expected``
+    (dataset, configuration, the split file's SHA-256: a teacher of another split may have trained on today's test
+    cases) or the fold, or that was trained with other plans (budget, batch size, seed) than ``plans_file``.
+    Returns whether it restored."""
     manifest_file = join(archive, TEACHER_MANIFEST)
     if not isfile(manifest_file) or isfile(join(folder, f"fold_{fold}", "checkpoint_final.pth")):
         return False
     manifest = load_json(manifest_file)
-    if manifest.get("fold") != fold:
-        return False
+    for key, value in {"fold": fold, **(expected or {})}.items():
+        if manifest.get(key) != value:
+            raise EvidenceError(f"The archived teacher {archive} was made for {key} {manifest.get(key)!r}, this "
+                                f"protocol has {value!r} ({manifest_file}): restore the split file and settings it "
+                                f"was made with, or pass --no-teacher-archive (and --no-records) to train another "
+                                f"teacher in the workspace.")
     for rel, digest in manifest["files"].items():
         path = join(archive, rel)
         if not isfile(path) or sha256_of(path) != digest:
@@ -495,8 +522,9 @@ def save_record(records_dir: str, record: dict, teacher_sha256: str | None) -> s
     student learned from (None for the teacher itself)."""
     folder = record["folder"]
     document = {"model": basename(folder.rstrip("/")), "plans": load_json(join(folder, "plans.json")),
-                "checkpoint_sha256": record["checkpoint_sha256"], "teacher_checkpoint_sha256": teacher_sha256,
-                **{k: v for k, v in record.items() if k not in ("folder", "checkpoint_sha256")}}
+                "network_weights_sha256": record["network_weights_sha256"],
+                "teacher_network_weights_sha256": teacher_sha256,
+                **{k: v for k, v in record.items() if k not in ("folder", "network_weights_sha256")}}
     os.makedirs(records_dir, exist_ok=True)
     path = join(records_dir, document["model"] + ".json")
     tmp = path + ".tmp"
@@ -546,7 +574,7 @@ def _model_record(ws: "Workspace", folder: str) -> dict | None:
     return {"folder": folder, "test": per_case_metrics(summary),
             "validation_mean_dice": float(load_json(validation)["foreground_mean"]["Dice"]),
             "curves": _curves(folder, fold), "plans": load_json(join(folder, "plans.json")),
-            "checkpoint_sha256": sha256_of(join(folder, f"fold_{fold}", "checkpoint_final.pth"))}
+            "network_weights_sha256": network_weights_sha256(join(folder, f"fold_{fold}", "checkpoint_final.pth"))}
 
 
 def _dice_matrix(records: list[dict], cases: list[str]) -> np.ndarray:
@@ -612,7 +640,7 @@ def collect(ws: "Workspace") -> dict:
     committed = load_records(p.records_dir)
     teacher_folder = ws.folder(TEACHER_TRAINER, TEACHER_PLANS)
     teacher = _model_record(ws, teacher_folder) or committed.get(basename(teacher_folder))
-    teacher_sha = teacher["checkpoint_sha256"] if teacher else None
+    teacher_sha = teacher["network_weights_sha256"] if teacher else None
     local = {name: join(ws.results, name) for name in os.listdir(ws.results)} if isdir(ws.results) else {}
     students, skipped = {}, []
     for name in sorted(set(local) | set(committed)):
@@ -622,8 +650,8 @@ def collect(ws: "Workspace") -> dict:
         record = _model_record(ws, local[name]) if name in local else None
         if record is None and name in committed:
             record = committed[name]
-            if record.get("teacher_checkpoint_sha256") != teacher_sha:
-                skipped.append(f"{name}: committed record of a student of another teacher checkpoint")
+            if record.get("teacher_network_weights_sha256") != teacher_sha:
+                skipped.append(f"{name}: committed record of a student of another teacher (other network weights)")
                 continue
         if record is None:
             continue
@@ -642,7 +670,13 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
     """A record (Protocol.records_dir) of every model of ``found`` that is in this workspace; returns the files."""
     if not ws.p.records_dir or found["teacher"] is None:
         return []
-    teacher_sha = found["teacher"]["checkpoint_sha256"]
+    teacher_sha = found["teacher"]["network_weights_sha256"]
+    committed = load_records(ws.p.records_dir).get(basename(ws.folder(TEACHER_TRAINER, TEACHER_PLANS)))
+    if committed is not None and committed["network_weights_sha256"] != teacher_sha:
+        raise EvidenceError(
+            f"This workspace's teacher is not the one of the committed records in {ws.p.records_dir} (other network "
+            f"weights): its students' records would be mixed with those of another teacher. Restore the archived "
+            f"teacher (run without --no-teacher-archive in a new --workdir), or pass --no-records.")
     written = [save_record(ws.p.records_dir, found["teacher"], None)] if found["teacher"]["folder"] else []
     for by_seed in found["students"].values():
         written += [save_record(ws.p.records_dir, r, teacher_sha) for r in by_seed.values() if r["folder"]]

@@ -242,13 +242,14 @@ class _RecordWorkspace:
 
 
 def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_budget(tmp_path):
-    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, collect, load_records, save_workspace_records,
-                                    sha256_of)
+    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, archive_teacher, collect,
+                                    load_records, restore_teacher, save_workspace_records)
 
     budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10}}}}
     session1, session2 = join(str(tmp_path), "s1"), join(str(tmp_path), "s2")
-    records = join(str(tmp_path), "records")
-    fake_model_folder(session1, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {})
+    records, archive = join(str(tmp_path), "records"), join(str(tmp_path), "teachers", "t")
+    teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
+    teacher1 = fake_model_folder(session1, teacher_name, {"plans_name": TEACHER_PLANS})
     fake_model_folder(session1, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", budget, weight=1.2)
     fake_model_folder(session1, f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.25, 0)}__2d", budget, weight=1.6)
     first = _RecordWorkspace(session1, records)
@@ -256,21 +257,54 @@ def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_b
     assert sorted(found["students"]) == [("adaptive", 0.25), ("plain", 0.25)]
     assert all(r["folder"] for by_seed in found["students"].values() for r in by_seed.values())
     assert len(save_workspace_records(first, found)) == 3
-    teacher_sha = found["teacher"]["checkpoint_sha256"]
-    assert {r["teacher_checkpoint_sha256"] for r in load_records(records).values()} == {None, teacher_sha}
+    teacher_sha = found["teacher"]["network_weights_sha256"]
+    assert {r["teacher_network_weights_sha256"] for r in load_records(records).values()} == {None, teacher_sha}
+    archive_teacher(teacher1, archive, 0, {})
 
-    # A later session on a fresh machine: the same (restored) teacher, seed 1 trained there, seed 0 from the records.
-    teacher2 = fake_model_folder(session2, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {})
-    assert sha256_of(join(teacher2, "fold_0", "checkpoint_final.pth")) == teacher_sha  # the same checkpoint bytes
+    # A later session on a fresh machine: the archived teacher restored (a re-saved checkpoint without optimiser
+    # state: other file bytes, the same network weights), seed 1 trained there, seed 0 from the records.
+    plans_file = join(str(tmp_path), "teacher_plans.json")
+    with open(plans_file, "w") as f:
+        json.dump({"plans_name": TEACHER_PLANS}, f)
+    assert restore_teacher(archive, join(session2, teacher_name), 0, plans_file)
     fake_model_folder(session2, f"nnUNetTrainerBudget__{student_plans_name(0.25, 1)}__2d", budget, weight=1.0)
-    found = collect(_RecordWorkspace(session2, records))
+    second = _RecordWorkspace(session2, records)
+    found = collect(second)
+    assert found["skipped"] == []
     plain = found["students"][("plain", 0.25)]
     assert sorted(plain) == [0, 1] and plain[0]["folder"] is None and plain[1]["folder"] is not None
     assert plain[0]["test"]["case_010"]["1"]["Dice"] == pytest.approx(0.6)
     assert sorted(found["students"][("adaptive", 0.25)]) == [0]
+    assert len(save_workspace_records(second, found)) == 2  # the restored teacher and seed 1
 
-    # Another teacher: the committed students learned from a different one and are left out, with a reason.
-    fake_model_folder(join(str(tmp_path), "s3"), f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {}, weight=2.0)
-    found = collect(_RecordWorkspace(join(str(tmp_path), "s3"), records))
+    # Another teacher: the committed students learned from a different one and are left out, with a reason, and its
+    # workspace may not write records beside theirs.
+    fake_model_folder(join(str(tmp_path), "s3"), teacher_name, {}, weight=2.0)
+    third = _RecordWorkspace(join(str(tmp_path), "s3"), records)
+    found = collect(third)
     assert found["students"] == {}
-    assert len(found["skipped"]) == 2 and all("another teacher" in s for s in found["skipped"])
+    assert len(found["skipped"]) == 3 and all("another teacher" in s for s in found["skipped"])
+    with pytest.raises(EvidenceError, match="--no-records"):
+        save_workspace_records(third, found)
+
+
+def test_a_teacher_archive_of_another_split_or_fold_is_refused(tmp_path):
+    from nnunet_kd.evidence import EvidenceError, archive_teacher, restore_teacher
+
+    teacher = fake_model_folder(tmp_path / "ws", "t", {"plans_name": "p"})
+    archive = join(str(tmp_path), "archive")
+    archive_teacher(teacher, archive, 0, {"dataset": "Dataset777_Fake", "split_sha256": "aaa"})
+    plans_file = join(str(tmp_path), "p.json")
+    with open(plans_file, "w") as f:
+        json.dump({"plans_name": "p"}, f)
+    with pytest.raises(EvidenceError, match="split_sha256 'aaa'"):
+        restore_teacher(archive, join(str(tmp_path), "fresh"), 0, plans_file,
+                        {"dataset": "Dataset777_Fake", "split_sha256": "bbb"})
+    with pytest.raises(EvidenceError, match="fold 0"):
+        restore_teacher(archive, join(str(tmp_path), "fresh"), 1, plans_file)
+    assert not os.path.exists(join(str(tmp_path), "fresh"))
+    assert restore_teacher(archive, join(str(tmp_path), "fresh"), 0, plans_file,
+                           {"dataset": "Dataset777_Fake", "split_sha256": "aaa"})
+    os.makedirs(join(str(tmp_path), "stale"))
+    with pytest.raises(EvidenceError, match="holds no manifest.json"):
+        archive_teacher(teacher, join(str(tmp_path), "stale"), 0, {})
