@@ -38,8 +38,8 @@ from nnunet_kd.progress import KDLocalLogger, term_key
 from nnunet_kd.provenance import record_training_cases
 from nnunet_kd.recipe import parse_recipe, plans_file_path
 from nnunet_kd.teacher import TeacherError
-from nnunet_kd.unlabelled import (CombinedDataset, labelled_samples, pseudo_labels_for_unlabelled,
-                                  segmentation_loss_on_labelled)
+from nnunet_kd.unlabelled import (CombinedDataset, WithoutClassLocations, empty_class_locations, labelled_samples,
+                                  pseudo_labels_for_unlabelled, segmentation_loss_on_labelled)
 
 # Checkpoint keys of our own, next to nnU-Net's. nnU-Net's predictor reads only 'network_weights', so the
 # student checkpoint stays loadable by plain nnU-Net; nnUNetv2_kd_export removes these keys altogether.
@@ -152,8 +152,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
         extra = set(self.kd_recipe.unlabelled_images["cases"]) if self.kd_recipe.unlabelled_images else set()
         rest = sorted(self.unlabelled_keys - extra)
         datasets = [dataset_tr]
-        if rest:
-            datasets.append(self.dataset_class(self.preprocessed_dataset_folder, rest))
+        if rest:  # their labels stay unread: no foreground oversampling from them either
+            datasets.append(WithoutClassLocations(self.dataset_class(self.preprocessed_dataset_folder, rest),
+                                                  empty_class_locations(self.label_manager)))
         if extra:
             folder = join(self.preprocessed_dataset_folder_base, self.kd_recipe.unlabelled_images["folder"])
             datasets.append(infer_dataset_class(folder)(folder, sorted(extra)))

@@ -163,6 +163,33 @@ class CombinedDataset(nnUNetBaseDataset):
         raise NotImplementedError("CombinedDataset is built from datasets, not from a folder")
 
 
+class WithoutClassLocations(nnUNetBaseDataset):
+    """One nnU-Net dataset whose cases are served with no ``class_locations``: the fold's training cases that train
+    without their labels must not steer nnU-Net's foreground oversampling (its data loader crops a third of the patches
+    around locations read from the ground truth), or their labels would leak into training that claims not to use
+    them. Such cases are then cropped at random, like the unlabelled images."""
+
+    def __init__(self, dataset: nnUNetBaseDataset, class_locations: dict):
+        self.dataset = dataset
+        self.class_locations = class_locations
+        self.identifiers = list(dataset.identifiers)
+        self.source_folder = dataset.source_folder
+        self.folder_with_segs_from_previous_stage = getattr(dataset, "folder_with_segs_from_previous_stage", None)
+
+    def load_case(self, identifier):
+        *arrays, properties = self.dataset.load_case(identifier)
+        properties = dict(properties, class_locations=self.class_locations)
+        return (*arrays, properties)
+
+    @staticmethod
+    def save_case(data, seg, properties, output_filename_truncated):
+        raise NotImplementedError("WithoutClassLocations only reads")
+
+    @staticmethod
+    def get_identifiers(folder: str):
+        raise NotImplementedError("WithoutClassLocations wraps a dataset, not a folder")
+
+
 # ------------------------------------------------------------------ training step
 def labelled_samples(keys, unlabelled_keys, device) -> Optional[torch.Tensor]:
     """(B,) bool, True where the batch's case is labelled; None when every case is (nothing to mask)."""

@@ -44,10 +44,11 @@ def test_the_preset_weighs_each_scale_and_the_scales_take_their_own_stages():
                      "student.json")
     with pytest.raises(RecipeError, match=r"student\.json.*bottleneck 'encoder\.-1'"):
         parse_recipe(_recipe(encoder_feature_stages=["encoder.-1"]), CONFIGURATION, METHOD, "student.json")
-    with pytest.raises(RecipeError, match=r"student\.json.*contrastive_max_voxels_per_class must be > 0"):
+    with pytest.raises(RecipeError, match=r"student\.json.*contrastive_max_voxels_per_class must be an integer >= 1"):
         parse_recipe(_recipe(contrastive_max_voxels_per_class=0), CONFIGURATION, METHOD, "student.json")
-    with pytest.raises(RecipeError, match=r"student\.json.*contrastive_queue_size must be an integer"):
-        parse_recipe(_recipe(contrastive_queue_size=10.5), CONFIGURATION, METHOD, "student.json")
+    for queue in (10.5, -1, True):  # refused when the recipe is read, not when the trainer builds its queues
+        with pytest.raises(RecipeError, match=r"student\.json.*contrastive_queue_size must be an integer"):
+            parse_recipe(_recipe(contrastive_queue_size=queue), CONFIGURATION, METHOD, "student.json")
 
 
 def test_unlabelled_samples_cannot_feed_a_term_that_reads_only_labels():
@@ -199,6 +200,12 @@ def test_the_labelled_subset_and_the_unlabelled_rest_reach_the_data_loader_and_t
     data, seg, _, properties = dataset_tr.load_case(extra[0])  # an extra image: nnU-Net's format, no label
     assert data.shape[0] == 1 and set(np.unique(seg[:])) <= {-1, 0}
     assert all(len(v) == 0 for v in properties["class_locations"].values())
+    # a fold case trained on without its labels: its labels do not steer the foreground oversampling either
+    rest = sorted(trainer.unlabelled_keys - set(extra))[0]
+    assert any(len(v) for v in trainer.dataset_class(trainer.preprocessed_dataset_folder, [rest])
+               .load_case(rest)[-1]["class_locations"].values())  # nnU-Net's own record has its foreground
+    assert all(len(v) == 0 for v in dataset_tr.load_case(rest)[-1]["class_locations"].values())
+    assert any(len(v) for v in dataset_tr.load_case(labelled[0])[-1]["class_locations"].values())
 
     baseline = make_trainer(ws, monkeypatch, plans, trainer="nnUNetTrainerBudget")
     baseline.dataset_class = trainer.dataset_class

@@ -41,6 +41,11 @@ class DenseContrastive(DistillationTerm):
 
     @classmethod
     def parse_settings(cls, section: dict) -> ContrastiveSettings:
+        for key, least in (("contrastive_queue_size", 0), ("contrastive_max_voxels_per_class", 1),
+                           ("contrastive_embedding_dim", 1)):
+            value = section[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise TermSettingsError(f"{key} must be an integer >= {least}, got {value!r}.")
         settings = ContrastiveSettings(stages=tuple(section["contrastive_stages"]),
                                        temperature=float(section["contrastive_temperature"]),
                                        queue_size=int(section["contrastive_queue_size"]),
