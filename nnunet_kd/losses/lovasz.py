@@ -64,9 +64,8 @@ def _descending_order(errors: torch.Tensor) -> torch.Tensor:
     The sort is the Lovasz loss's only costly step. Non-negative float32 numbers order exactly like their bit
     patterns read as integers, so each row is sorted by an int32 key (minus the error's bits; invalid voxels 1):
     integer keys take the radix sort, and 32-bit keys need half the passes of the 64-bit keys that sorting all rows
-    as one flat array would (measured, Hippocampus 2d batch 32 x 56 x 40, 3 classes: 2.1 ms against 4.9 ms, and
-    11.7 ms for the comparison sort of floats). The order is the float sort's up to ties, which do not change the
-    loss value; the sort is stable, so ties keep the voxel order."""
+    as one flat array would. The order is the float sort's up to ties, which do not change the loss value; the sort
+    is stable, so ties keep the voxel order."""
     with torch.no_grad():
         errors = errors.detach().float()
         bits = errors.clamp(min=0).view(torch.int32)
