@@ -134,7 +134,19 @@ def preprocess_unlabelled_images(cases: dict[str, list[str]], output_folder: str
 
 
 # ------------------------------------------------------------------ training data
-class CombinedDataset(nnUNetBaseDataset):
+class _DatasetView(nnUNetBaseDataset):
+    """A read-only view of nnU-Net datasets, built from datasets rather than from a folder."""
+
+    @classmethod
+    def save_case(cls, data, seg, properties, output_filename_truncated):
+        raise NotImplementedError(f"{cls.__name__} only reads")
+
+    @classmethod
+    def get_identifiers(cls, folder: str):
+        raise NotImplementedError(f"{cls.__name__} is built from datasets, not from a folder")
+
+
+class CombinedDataset(_DatasetView):
     """Several nnU-Net datasets (each its own folder and format) served as one: ``identifiers`` is their union, and
     ``load_case`` reads a case from the dataset that holds it."""
 
@@ -154,16 +166,8 @@ class CombinedDataset(nnUNetBaseDataset):
     def load_case(self, identifier):
         return self.owner[identifier].load_case(identifier)
 
-    @staticmethod
-    def save_case(data, seg, properties, output_filename_truncated):
-        raise NotImplementedError("CombinedDataset only reads")
 
-    @staticmethod
-    def get_identifiers(folder: str):
-        raise NotImplementedError("CombinedDataset is built from datasets, not from a folder")
-
-
-class WithoutClassLocations(nnUNetBaseDataset):
+class WithoutClassLocations(_DatasetView):
     """One nnU-Net dataset whose cases are served with no ``class_locations``: the fold's training cases that train
     without their labels must not steer nnU-Net's foreground oversampling (its data loader crops a third of the patches
     around locations read from the ground truth), or their labels would leak into training that claims not to use
@@ -180,14 +184,6 @@ class WithoutClassLocations(nnUNetBaseDataset):
         *arrays, properties = self.dataset.load_case(identifier)
         properties = dict(properties, class_locations=self.class_locations)
         return (*arrays, properties)
-
-    @staticmethod
-    def save_case(data, seg, properties, output_filename_truncated):
-        raise NotImplementedError("WithoutClassLocations only reads")
-
-    @staticmethod
-    def get_identifiers(folder: str):
-        raise NotImplementedError("WithoutClassLocations wraps a dataset, not a folder")
 
 
 # ------------------------------------------------------------------ training step
