@@ -396,14 +396,16 @@ def run_protocol(protocol: Protocol, report=None) -> None:
 
 # ------------------------------------------------------------------------------------------- across sessions
 # A working session ends after a few hours and the next one may run on a fresh machine where the workspace is gone;
-# on a 2-core CPU one session trains the teacher and a seed or two. Two things are therefore committed, so that later
-# sessions add seeds and widths to the same evidence instead of starting over:
-# * the teacher (Protocol.teacher_archive): its nnU-Net model folder without optimiser state, with a manifest of every
-#   file's SHA-256; a fresh workspace restores it instead of training another teacher (whose soft targets would
-#   differ: a CPU run is repeatable on one machine, not across machines);
-# * one record per finished, evaluated model (Protocol.records_dir/<model folder>.json): per-case test metrics,
-#   validation Dice, curves, the plans it trained with and the SHA-256 of the teacher checkpoint it learned from. The
-#   report pools the workspace's models with the records of the models it does not hold (same budget, same teacher).
+# on a 2-core CPU one session trains the teacher and a seed or two. Two things therefore outlive the workspace, so that
+# later runs add seeds and widths to the same evidence instead of starting over:
+# * the teacher (Protocol.teacher_archive, a folder outside the repository: its checkpoint exceeds the project's limit
+#   on tracked files): its nnU-Net model folder without optimiser state, with a manifest of every file's SHA-256; a
+#   fresh workspace restores it instead of training another teacher (whose soft targets would differ: a CPU run is
+#   repeatable on one machine, not across machines);
+# * one committed record per finished, evaluated model (Protocol.records_dir/<model folder>.json): per-case test
+#   metrics, validation Dice, curves, the plans it trained with and the SHA-256 of the network weights of the teacher
+#   it learned from. The report pools the workspace's models with the records of the models it does not hold (same
+#   budget, same teacher weights).
 TEACHER_MANIFEST = "manifest.json"
 
 
