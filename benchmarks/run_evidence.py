@@ -88,8 +88,9 @@ def main(argv=None) -> None:
     latency_cache = join(protocol.workdir, "latency.json")
 
     def report(ws: Workspace) -> None:
-        records = save_workspace_records(ws, collect(ws))
-        result = build_report(ws, command, latency_cache)
+        found = collect(ws)
+        records = save_workspace_records(ws, found)
+        result = build_report(ws, command, latency_cache, found)
         written = write_report(result, json_path)
         print(f"\n{result['table']}\n\nwritten: {', '.join(written)}"
               + (f"; {len(records)} model records in {protocol.records_dir}" if records else ""), flush=True)

@@ -697,7 +697,8 @@ def _summarise(records: list[dict], cases: list[str], voxel_ml: dict, labels: li
             "test_mean_dice_per_seed": [float(v) for v in np.nanmean(dice, axis=1)]}
 
 
-def build_report(ws: "Workspace", command: str, latency_cache_file: str | None = None) -> dict:
+def build_report(ws: "Workspace", command: str, latency_cache_file: str | None = None,
+                 found: dict | None = None) -> dict:
     """The results document: protocol, one row per model (mean over seeds and test cases), paired comparisons,
     plateau of the plain students, latency per width, best KD per width (chosen on validation)."""
     import platform
@@ -706,7 +707,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
     from nnunet_kd.compare import device_label
     from nnunet_kd.cost import network_cost
 
-    p, found = ws.p, collect(ws)
+    p, found = ws.p, found if found is not None else collect(ws)  # collect() reads and hashes every model
     teacher = found["teacher"]
     if teacher is None:
         raise RuntimeError("The teacher is not trained and evaluated yet: nothing to report.")
