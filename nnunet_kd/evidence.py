@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from os.path import basename, isdir, isfile, join
 
@@ -428,13 +429,14 @@ def network_weights_sha256(checkpoint_file: str) -> str:
     file's hash it survives re-saving, and the archive drops the optimiser state."""
     import hashlib
 
+    import torch
     from nnunet_kd.teacher import load_nnunet_checkpoint
 
     digest = hashlib.sha256()
     for name, tensor in sorted(load_nnunet_checkpoint(checkpoint_file)["network_weights"].items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -512,7 +514,7 @@ def restore_teacher(archive: str, folder: str, fold: int, plans_file: str, expec
     for rel in manifest["files"]:
         os.makedirs(os.path.dirname(join(folder, rel)), exist_ok=True)
         shutil.copyfile(join(archive, rel), join(folder, rel))
-    now = __import__("time").time() + 1  # the evaluations are newer than the checkpoint: evaluate_on_test reuses them
+    now = time.time() + 1  # the evaluations are newer than the checkpoint: evaluate_on_test reuses them
     for rel in manifest["files"]:
         if rel.endswith("summary.json"):
             os.utime(join(folder, rel), (now, now))
