@@ -54,6 +54,15 @@ def main(argv=None) -> None:
     parser.add_argument("--val-iterations-per-epoch", type=int, default=10)
     parser.add_argument("--max-batch-size", type=int, default=None, help="Cap on nnU-Net's planned batch size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--labelled-fraction", type=float, default=None,
+                        help="Every student (plain and KD) trains with labels on this seeded fraction of the fold's "
+                             "training cases, e.g. 0.5; the report adds the plain students of the same budget trained "
+                             "on all labels. Results go to a file of their own (...-heldout-labelled0p5.json)")
+    parser.add_argument("--labelled-fraction-seed", type=int, default=0,
+                        help="Seed of that fraction: one draw for every training seed, so that seeds pair")
+    parser.add_argument("--unlabelled-images", default=None, metavar="FOLDER",
+                        help="Extra images without labels for methods with train_on_unlabelled (nnU-Net raw naming, "
+                             "e.g. PROMISE12's imagesTs; only read); needs --labelled-fraction")
     parser.add_argument("--report-only", action="store_true", help="Train nothing; rewrite the results files")
     parser.add_argument("--commit", action="store_true",
                         help="git commit the results files every time they are rewritten (long runs across sessions)")
@@ -66,6 +75,14 @@ def main(argv=None) -> None:
     parser.add_argument("--no-teacher-archive", action="store_true",
                         help="Neither restore nor write the teacher archive: train the teacher in the workspace")
     args = parser.parse_args(argv)
+    if args.labelled_fraction is not None and not 0 < args.labelled_fraction < 1:
+        parser.error(f"--labelled-fraction {args.labelled_fraction}: expected a fraction in (0, 1), e.g. 0.5 (leave it "
+                     f"out to train on all labels).")
+    if args.unlabelled_images is not None:
+        if args.labelled_fraction is None:
+            parser.error("--unlabelled-images needs --labelled-fraction (the protocol of students on part of the labels).")
+        if not os.path.isdir(args.unlabelled_images):
+            parser.error(f"--unlabelled-images {args.unlabelled_images}: not a folder.")
 
     dataset = basename(os.path.normpath(args.raw_dataset))
     protocol = Protocol(
@@ -75,14 +92,18 @@ def main(argv=None) -> None:
         configuration=args.configuration, runs=parse_runs(args.runs), seeds=args.seeds,
         teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
-        max_batch_size=args.max_batch_size, device=args.device,
+        max_batch_size=args.max_batch_size, device=args.device, labelled_fraction=args.labelled_fraction,
+        labelled_fraction_seed=args.labelled_fraction_seed,
+        unlabelled_images=abspath(args.unlabelled_images) if args.unlabelled_images else None,
         records_dir=None if args.no_records else join(RECORDS, f"{dataset}-{args.configuration}"),
         teacher_archive=None if args.no_teacher_archive else join(expanduser(args.teacher_archive_root),
                                                                   f"{dataset}-{args.configuration}"))
     # The command that reproduces the results: --report-only and --commit change nothing that is measured.
     command = "python benchmarks/run_evidence.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
-    json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout.json")
+    labels = "" if args.labelled_fraction is None else \
+        f"-labelled{args.labelled_fraction:g}".replace(".", "p") + ("-extra-unlabelled" if args.unlabelled_images else "")
+    json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout{labels}.json")
     # Latency is measured once per width on this machine and kept in the workspace, never committed: it is a figure of
     # the machine (and of its load), so a row whose models all come from committed records has none.
     latency_cache = join(protocol.workdir, "latency.json")

@@ -128,7 +128,12 @@ TRAINERS = {
     "mskd": "nnUNetTrainerMSKD",
     "plain_seg_weight": "nnUNetTrainerKD_PlainSegWeight",
     "label_teacher": "nnUNetTrainerKD_LabelTeacher",
+    "multiscale_contrastive": "nnUNetTrainerKD_MultiScaleContrastive",
 }
+# A protocol with a labelled fraction (Protocol.labelled_fraction) also reports the plain students of the same widths
+# trained on all labels (same teacher and budget, from the workspace or the records): what the missing labels cost and
+# whether a method recovers it.
+ALL_LABELS_PLAIN = "plain_all_labels"
 LABELS = {
     "teacher": "teacher",
     "plain": "plain student",
@@ -137,10 +142,13 @@ LABELS = {
     "mskd": "MSKD",
     "plain_seg_weight": "control: plain, segmentation x0.7",
     "label_teacher": "control: label teacher",
+    "multiscale_contrastive": "multi-scale contrastive KD",
+    ALL_LABELS_PLAIN: "plain student, all labels",
 }
 # One colour per method in every plot (the plain student is blue everywhere).
 COLORS = {"plain": "tab:blue", "adaptive": "tab:red", "logit": "tab:green", "mskd": "tab:purple",
-          "plain_seg_weight": "tab:gray", "label_teacher": "tab:orange"}
+          "plain_seg_weight": "tab:gray", "label_teacher": "tab:orange", "multiscale_contrastive": "tab:brown",
+          ALL_LABELS_PLAIN: "tab:cyan"}
 # Controls are compared with the plain student like the methods, but are not candidates for "best KD".
 CONTROLS = ("plain_seg_weight", "label_teacher")
 
@@ -148,12 +156,20 @@ CONTROLS = ("plain_seg_weight", "label_teacher")
 def _row_order(key: tuple) -> tuple:
     """Widest first; within a width the plain student, then the methods, then the controls."""
     method, width = key
-    return -width, (0 if method == "plain" else 2 if method in CONTROLS else 1), method
+    return -width, (-1 if method == ALL_LABELS_PLAIN else 0 if method == "plain" else 2 if method in CONTROLS else 1), \
+        method
 
 
-def student_plans_name(width: float, seed: int) -> str:
-    """One student plans file per (width, seed): every method of that width and seed trains from it."""
-    return f"nnUNetPlans_evidence_w{str(width).replace('.', 'p')}_s{seed}"
+def _number_tag(value: float) -> str:
+    return str(value).replace(".", "p")
+
+
+def student_plans_name(width: float, seed: int, labelled_fraction: float | None = None,
+                       unlabelled_images: bool = False) -> str:
+    """One student plans file per (width, labelled fraction, extra unlabelled images or not, seed): every method of
+    those trains from it. 'x' marks plans with extra unlabelled images."""
+    fraction = "" if labelled_fraction is None else f"_f{_number_tag(labelled_fraction)}{'x' if unlabelled_images else ''}"
+    return f"nnUNetPlans_evidence_w{_number_tag(width)}{fraction}_s{seed}"
 
 
 def parse_runs(specs: list[str]) -> list[tuple[str, float]]:
@@ -247,6 +263,13 @@ class Protocol:
     iterations_per_epoch: int
     val_iterations_per_epoch: int = 10
     max_batch_size: int | None = None
+    # Students on part of the labels (issue: multi-scale contrastive KD): every student of this protocol, plain and KD,
+    # trains with labels on the same seeded fraction of the fold's training cases (one draw, seed
+    # labelled_fraction_seed, for every training seed, so that seeds pair); methods with train_on_unlabelled also see
+    # the rest of them, and the images of unlabelled_images (a folder, e.g. PROMISE12's imagesTs), without labels.
+    labelled_fraction: float | None = None
+    labelled_fraction_seed: int = 0
+    unlabelled_images: str | None = None
     teacher_seed: int = 0
     fold: int = 0
     device: str = "cpu"
@@ -349,8 +372,12 @@ class Workspace:
                      overrides: list[str] = ()) -> str:
         """Student plans at this protocol's budget; ``overrides``: the planner's --set KEY=VALUE (a recipe sweep's
         variant)."""
-        name = plans_name or student_plans_name(width, seed)
-        self.command("nnUNetv2_kd_plan_student", [
+        name = plans_name or student_plans_name(width, seed, self.p.labelled_fraction, self.p.unlabelled_images is not None)
+        labels = [] if self.p.labelled_fraction is None else \
+            ["--labelled-fraction", self.p.labelled_fraction, "--labelled-fraction-seed", self.p.labelled_fraction_seed]
+        if self.p.unlabelled_images is not None:
+            labels += ["--unlabelled-images", self.p.unlabelled_images]
+        self.command("nnUNetv2_kd_plan_student", labels + [
             "-d", self.p.dataset_id, "-c", self.p.configuration, "--teacher", teacher_folder, "--width", width,
             "-o", name, "--epochs", self.p.student_epochs, "--iterations-per-epoch", self.p.iterations_per_epoch,
             "--val-iterations-per-epoch", self.p.val_iterations_per_epoch, "--seed", seed, "--overwrite"]
@@ -621,8 +648,10 @@ def _preprocess(predictor, image_files: list[str]):
     return torch.from_numpy(data), None, properties
 
 
-def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, int] | None:
-    """'<trainer>__nnUNetPlans_evidence_w0p25_s1__<cfg>' -> (method, 0.25, 1); None for anything else."""
+def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, int, float | None] | None:
+    """'<trainer>__nnUNetPlans_evidence_w0p25_s1__<cfg>' -> (method, 0.25, 1, None) and
+    '<trainer>__nnUNetPlans_evidence_w0p25_f0p5_s1__<cfg>' -> (method, 0.25, 1, 0.5) (labelled fraction); None for
+    anything else."""
     parts = name.split("__")
     if len(parts) != 3 or parts[2] != configuration or not parts[1].startswith("nnUNetPlans_evidence_w"):
         return None
@@ -633,13 +662,20 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
     if parts[0] not in methods:
         return None
     width, _, seed = parts[1][len("nnUNetPlans_evidence_w"):].partition("_s")
-    return methods[parts[0]], float(width.replace("p", ".")), int(seed)
+    width, _, fraction = width.partition("_f")
+    fraction = fraction[:-1] if fraction.endswith("x") else fraction  # extra unlabelled images: collect() checks plans
+    try:
+        return (methods[parts[0]], float(width.replace("p", ".")), int(seed),
+                float(fraction.replace("p", ".")) if fraction else None)
+    except ValueError:  # another plans name that happens to share the prefix
+        return None
 
 
 def collect(ws: "Workspace") -> dict:
     """Every finished, evaluated model trained on this protocol's student budget: the workspace's, and the committed
     records (Protocol.records_dir) of models the workspace does not hold, when they learned from the same teacher
-    checkpoint. A record's ``folder`` is None when the model is not in this workspace."""
+    checkpoint. A record's ``folder`` is None when the model is not in this workspace. With a labelled fraction, the
+    plain students of the same budget trained on all labels come as method ALL_LABELS_PLAIN."""
     p = ws.p
     committed = load_records(p.records_dir)
     teacher_folder = ws.folder(TEACHER_TRAINER, TEACHER_PLANS)
@@ -651,6 +687,11 @@ def collect(ws: "Workspace") -> dict:
         parsed = _parse_student_folder(name, p.configuration)
         if parsed is None:
             continue
+        method, width, seed, fraction = parsed
+        if fraction != p.labelled_fraction:
+            if p.labelled_fraction is None or fraction is not None or method != "plain":
+                continue  # a model of a protocol with another labelled fraction: reported in that one's results file
+            method = ALL_LABELS_PLAIN
         record = _model_record(ws, local[name]) if name in local else None
         if record is None and name in committed:
             record = committed[name]
@@ -665,7 +706,15 @@ def collect(ws: "Workspace") -> dict:
             skipped.append(f"{name}: trained for {training.get('num_epochs')} x "
                            f"{training.get('num_iterations_per_epoch')} iterations, not this protocol's budget")
             continue
-        method, width, seed = parsed
+        labels = (training.get("labelled_fraction"), training.get("labelled_fraction_seed", 0),
+                  (training.get("unlabelled_images") or {}).get("source"))
+        wanted = (None, 0, None) if method == ALL_LABELS_PLAIN else \
+            (p.labelled_fraction, p.labelled_fraction_seed if p.labelled_fraction is not None else 0,
+             p.unlabelled_images)
+        if labels != wanted:
+            skipped.append(f"{name}: trained with (labelled fraction, its seed, unlabelled images) {labels}, not this "
+                           f"protocol's {wanted}")
+            continue
         students.setdefault((method, width), {})[seed] = record
     return {"teacher": teacher, "students": students, "skipped": skipped}
 
@@ -685,6 +734,39 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
     for by_seed in found["students"].values():
         written += [save_record(ws.p.records_dir, r, teacher_sha) for r in by_seed.values() if r["folder"]]
     return written
+
+
+def baselines_of(method: str, labelled_fraction: bool) -> list[str]:
+    """What a row is compared with (besides the teacher): KD methods with the plain student and with each control
+    (what the teacher adds beyond the control's re-weighting); controls with the plain student; with a labelled
+    fraction, the plain student and the methods also with the plain student on all labels (what the missing labels
+    cost, and how much of it a method recovers)."""
+    if method == ALL_LABELS_PLAIN:
+        return []
+    baselines = [] if method == "plain" else ["plain"] if method in CONTROLS else ["plain", *CONTROLS]
+    return baselines + ([ALL_LABELS_PLAIN] if labelled_fraction and method not in CONTROLS else [])
+
+
+def paired_comparisons(students: dict, teacher: dict, cases: list[str], labelled_fraction: bool) -> list[dict]:
+    """Paired per-case (and per-seed) Dice differences of every row with its baselines (seeds both have) and with the
+    teacher; bootstrap CIs."""
+    teacher_dice = _dice_matrix([teacher], cases)
+    comparisons = []
+    for (method, width), by_seed in sorted(students.items(), key=lambda kv: _row_order(kv[0])):
+        if method == ALL_LABELS_PLAIN:
+            continue  # a reference row
+        for baseline in baselines_of(method, labelled_fraction):
+            other = students.get((baseline, width), {})
+            seeds = sorted(set(by_seed) & set(other))
+            if seeds:
+                diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - _dice_matrix([other[s] for s in seeds], cases)
+                comparisons.append({"method": method, "baseline": baseline, "width": width, "seeds": seeds,
+                                    **paired_bootstrap(diffs)})
+        seeds = sorted(by_seed)
+        diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - teacher_dice
+        comparisons.append({"method": method, "baseline": "teacher", "width": width, "seeds": seeds,
+                            **paired_bootstrap(diffs)})
+    return comparisons
 
 
 def _summarise(records: list[dict], cases: list[str], voxel_ml: dict, labels: list[str]) -> dict:
@@ -749,23 +831,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                      "latency": timed(f"width {width}", records),
                      **_summarise(records, cases, voxel_ml, labels)})
 
-    teacher_dice = _dice_matrix([teacher], cases)
-    comparisons = []
-    for (method, width), by_seed in sorted(found["students"].items(), key=lambda kv: _row_order(kv[0])):
-        # KD methods against the plain student and against each control (what the teacher adds beyond the control's
-        # re-weighting); controls against the plain student.
-        baselines = [] if method == "plain" else ["plain"] if method in CONTROLS else ["plain", *CONTROLS]
-        for baseline in baselines:
-            other = found["students"].get((baseline, width), {})
-            seeds = sorted(set(by_seed) & set(other))
-            if seeds:
-                diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - _dice_matrix([other[s] for s in seeds], cases)
-                comparisons.append({"method": method, "baseline": baseline, "width": width, "seeds": seeds,
-                                    **paired_bootstrap(diffs)})
-        seeds = sorted(by_seed)
-        diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - teacher_dice
-        comparisons.append({"method": method, "baseline": "teacher", "width": width, "seeds": seeds,
-                            **paired_bootstrap(diffs)})
+    comparisons = paired_comparisons(found["students"], teacher, cases, p.labelled_fraction is not None)
 
     plateaus = {}
     for (method, width), by_seed in found["students"].items():
@@ -782,7 +848,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                                     "ema_gain_over_last_fifth": ema_check["gain_over_last_fifth"]}
     best = {}
     for (method, width) in found["students"]:
-        if method in ("plain",) + CONTROLS:
+        if method in ("plain", ALL_LABELS_PLAIN) + CONTROLS:
             continue
         row = next(r for r in rows if r["method"] == method and r["width"] == width)
         if str(width) not in best or row["validation_mean_dice"] > best[str(width)]["validation_mean_dice"]:
@@ -795,6 +861,14 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
         "n_train": len(ws.split["train"]), "n_test": len(cases),
         "n_fold_train": len(ws.split["crossval"][p.fold]["train"]), "n_validation": len(ws.split["crossval"][p.fold]["val"]),
         "seeds": sorted({s for v in found["students"].values() for s in v}), "teacher_seed": p.teacher_seed,
+        "labelled_fraction": p.labelled_fraction,
+        **({"labelled_fraction_seed": p.labelled_fraction_seed,
+            "labels": f"every student of this file except '{LABELS[ALL_LABELS_PLAIN]}' trains with labels on the same "
+                      f"seeded fraction {p.labelled_fraction:g} of the fold's training cases (one draw, seed "
+                      f"{p.labelled_fraction_seed}); methods with train_on_unlabelled also train on the rest of them "
+                      f"{'and on the unlabelled images' if p.unlabelled_images else ''} without labels; validation and "
+                      f"test cases are never trained on",
+            "unlabelled_images": p.unlabelled_images} if p.labelled_fraction is not None else {}),
         "budgets": {"teacher_iterations": p.teacher_epochs * p.iterations_per_epoch,
                     "teacher_epochs": p.teacher_epochs, "student_iterations": p.student_epochs * p.iterations_per_epoch,
                     "student_epochs": p.student_epochs, "iterations_per_epoch": p.iterations_per_epoch,
@@ -902,7 +976,9 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
     axes[0].legend(fontsize=8, loc="lower right")
     pr = result["protocol"]
     fig.suptitle(f"{pr['dataset']} {pr['configuration']}: {pr['n_test']} held-out test cases, "
-                 f"{pr['budgets']['student_iterations']} student iterations, 95% CI over cases and seeds "
+                 f"{pr['budgets']['student_iterations']} student iterations"
+                 + (f", students on {pr['labelled_fraction']:g} of the labels" if pr.get("labelled_fraction") else "")
+                 + ", 95% CI over cases and seeds "
                  f"({pr['device_name']})", fontsize=9)
     fig.tight_layout()
     paths = [out_prefix + "_width_sweep.png"]

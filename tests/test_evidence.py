@@ -106,12 +106,18 @@ def test_runs_and_folder_names_round_trip():
         with pytest.raises(ValueError):
             parse_runs([bad])
     name = f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.125, 2)}__2d"
-    assert _parse_student_folder(name, "2d") == ("adaptive", 0.125, 2)
+    assert _parse_student_folder(name, "2d") == ("adaptive", 0.125, 2, None)
     assert _parse_student_folder(name, "3d_fullres") is None
     assert _parse_student_folder("nnUNetTrainer__nnUNetPlans__2d", "2d") is None
     # The plain student: nnUNetTrainerBudget now, nnUNetTrainerKD_NoKD in workspaces made by older versions.
     for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerKD_NoKD"):
-        assert _parse_student_folder(f"{trainer}__{student_plans_name(0.25, 0)}__2d", "2d") == ("plain", 0.25, 0)
+        assert _parse_student_folder(f"{trainer}__{student_plans_name(0.25, 0)}__2d", "2d") == ("plain", 0.25, 0, None)
+    # Students on part of the labels (with or without extra unlabelled images) carry the fraction in the plans name.
+    for extra in (False, True):
+        name = f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 1, 0.5, extra)}__2d"
+        assert _parse_student_folder(name, "2d") == ("multiscale_contrastive", 0.25, 1, 0.5)
+    assert student_plans_name(0.25, 1, 0.5) != student_plans_name(0.25, 1, 0.5, True) != student_plans_name(0.25, 1)
+    assert parse_runs(["multiscale_contrastive@0.25"]) == [("multiscale_contrastive", 0.25)]
 
 
 def test_per_case_metrics_read_nnunets_evaluation(tmp_path):
@@ -229,13 +235,13 @@ def test_the_archived_teacher_restores_into_a_fresh_workspace_without_optimiser_
 class _RecordWorkspace:
     """What collect() reads of a Workspace: its protocol, its results folder and the teacher's folder name."""
 
-    def __init__(self, results: str, records_dir: str):
+    def __init__(self, results: str, records_dir: str, labelled_fraction: float | None = None):
         from nnunet_kd.evidence import Protocol
 
         self.results = results
         self.p = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="",
                           configuration="2d", runs=[], seeds=[0], teacher_epochs=5, student_epochs=4,
-                          iterations_per_epoch=10, records_dir=records_dir)
+                          iterations_per_epoch=10, records_dir=records_dir, labelled_fraction=labelled_fraction)
 
     def folder(self, trainer: str, plans: str) -> str:
         return join(self.results, f"{trainer}__{plans}__2d")
@@ -286,6 +292,47 @@ def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_b
     assert len(found["skipped"]) == 3 and all("another teacher" in s for s in found["skipped"])
     with pytest.raises(EvidenceError, match="--no-records"):
         save_workspace_records(third, found)
+
+
+def test_a_labelled_fraction_protocol_reports_its_students_and_the_plain_students_on_all_labels(tmp_path):
+    from nnunet_kd.evidence import ALL_LABELS_PLAIN, TEACHER_PLANS, TEACHER_TRAINER, collect
+
+    def budget(fraction=None, seed=0):
+        training = {"num_epochs": 4, "num_iterations_per_epoch": 10}
+        if fraction is not None:
+            training.update(labelled_fraction=fraction, labelled_fraction_seed=seed)
+        return {"kd": {"2d": {"training": training}}}
+
+    ws = join(str(tmp_path), "ws")
+    fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})
+    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", budget(), weight=1.6)
+    fake_model_folder(ws, f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.25, 0)}__2d", budget(), weight=1.7)
+    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0, 0.5)}__2d", budget(0.5), weight=1.2)
+    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, 0.5)}__2d",
+                      budget(0.5), weight=1.4)
+    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0, 0.25)}__2d", budget(0.25), weight=1.0)
+    # A model whose plans name and plans disagree (another fraction seed) is left out, with the reason.
+    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 1, 0.5)}__2d", budget(0.5, seed=3))
+
+    half = collect(_RecordWorkspace(ws, None, labelled_fraction=0.5))
+    assert sorted(half["students"]) == [("multiscale_contrastive", 0.25), ("plain", 0.25), (ALL_LABELS_PLAIN, 0.25)]
+    assert half["students"][("plain", 0.25)][0]["test"]["case_010"]["1"]["Dice"] == pytest.approx(0.6)
+    assert half["students"][(ALL_LABELS_PLAIN, 0.25)][0]["test"]["case_010"]["1"]["Dice"] == pytest.approx(0.8)
+    assert len(half["skipped"]) == 1 and "labelled fraction" in half["skipped"][0]
+    # Each row is paired with its baselines on the seeds both have: the method with the plain student on the same
+    # labels and with the plain student on all labels; the plain student with the one on all labels.
+    from nnunet_kd.evidence import paired_comparisons
+    comparisons = {(c["method"], c["baseline"]): c for c in
+                   paired_comparisons(half["students"], half["teacher"], ["case_010"], labelled_fraction=True)}
+    assert set(comparisons) == {("multiscale_contrastive", "plain"), ("multiscale_contrastive", ALL_LABELS_PLAIN),
+                                ("multiscale_contrastive", "teacher"), ("plain", ALL_LABELS_PLAIN), ("plain", "teacher")}
+    assert comparisons[("multiscale_contrastive", "plain")]["mean_diff"] == pytest.approx(0.7 - 0.6)
+    assert comparisons[("multiscale_contrastive", ALL_LABELS_PLAIN)]["mean_diff"] == pytest.approx(0.7 - 0.8)
+    assert comparisons[("plain", "teacher")]["mean_diff"] == pytest.approx(0.6 - 0.5)
+    # The all-labels protocol never sees the students on part of the labels.
+    full = collect(_RecordWorkspace(ws, None))
+    assert sorted(full["students"]) == [("adaptive", 0.25), ("plain", 0.25)]
+    assert full["students"][("plain", 0.25)][0]["test"]["case_010"]["1"]["Dice"] == pytest.approx(0.8)
 
 
 def test_a_teacher_archive_of_another_split_or_fold_is_refused(tmp_path):
