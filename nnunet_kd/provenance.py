@@ -5,7 +5,10 @@ Today's ``splits_final.json`` cannot tell: it may have been edited after the tea
 about which dataset a copied teacher came from. So every trainer of this project writes
 ``fold_X/training_cases.json`` from ``on_train_start``: the dataset's name, a hash of its
 ``dataset_fingerprint.json`` (nnU-Net's summary of every case's shape, spacing and intensities: another dataset, or
-the same name with other images, has another one), and the fold's training and validation case identifiers.
+the same name with other images, has another one), and the fold's training and validation case identifiers. A
+student trained on part of the labels (recipe train_on_unlabelled) also saw the rest of the fold's training cases
+without their labels (``unlabelled_training_cases``: the guard counts them as seen, since a teacher that saw an image
+may have memorised it) and extra images from outside the dataset (``unlabelled_images``: source folder and names).
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ def read_training_cases(fold_folder: str) -> dict | None:
             and all(isinstance(c, str) for c in record["training_cases"])):
         raise ProvenanceError(f"{path} is not a training-case record (it needs 'dataset_name' and a list of "
                               f"'training_cases'). {fix}")
+    if not (isinstance(record.get("unlabelled_training_cases", []), list)
+            and all(isinstance(c, str) for c in record.get("unlabelled_training_cases", []))):
+        raise ProvenanceError(f"{path}: 'unlabelled_training_cases' is not a list of case identifiers. {fix}")
     return record
 
 
@@ -77,9 +83,14 @@ def record_training_cases(trainer) -> str | None:
     training, validation = trainer.do_split()
     path = join(trainer.output_folder, TRAINING_CASES_FILE)
     cases = set(training)
+    recipe = getattr(trainer, "kd_recipe", None)
+    extra_images = (getattr(recipe, "unlabelled_images", None) or {}) if getattr(trainer, "unlabelled_keys", None) else {}
+    extra = set(extra_images.get("cases", ()))
+    unlabelled = set(getattr(trainer, "unlabelled_keys", ())) - extra
     earlier = read_training_cases(trainer.output_folder) if trainer.current_epoch > 0 else None
     if earlier is not None:
         cases |= set(earlier["training_cases"])
+        unlabelled |= set(earlier.get("unlabelled_training_cases", ()))
     record = {
         "format": RECORD_FORMAT,
         "description": "The cases this fold was trained on, written by nnunet-kd when its training started (the "
@@ -92,7 +103,12 @@ def record_training_cases(trainer) -> str | None:
         "training_cases": sorted(cases),
         "validation_cases": sorted(validation),
     }
+    if unlabelled or extra:
+        record["unlabelled_training_cases"] = sorted(unlabelled - cases)
+        record["unlabelled_images"] = {"source": extra_images.get("source"), "cases": sorted(extra)}
     os.makedirs(trainer.output_folder, exist_ok=True)
     _write_json_atomically(record, path)
-    trainer.print_to_log_file(f"Recorded the {len(cases)} training cases of fold {trainer.fold} in {path}.")
+    trainer.print_to_log_file(f"Recorded the {len(cases)} training cases of fold {trainer.fold}"
+                              + (f" (and {len(unlabelled - cases)} of its cases and {len(extra)} extra images trained "
+                                 f"on without labels)" if unlabelled or extra else "") + f" in {path}.")
     return path

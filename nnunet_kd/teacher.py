@@ -337,8 +337,8 @@ def teacher_training_cases(teacher: TeacherModel, preprocessed_root: str | None 
                 f"kd.<configuration>.teachers; nnUNetv2_kd_plan_student --allow-validation-overlap).")
         log(f"WARNING: {other} Accepted because allow_validation_overlap is set.")
         return set()
-    if record is not None:
-        return set(record["training_cases"])
+    if record is not None:  # an image seen without its label counts too: the teacher may have memorised it
+        return set(record["training_cases"]) | set(record.get("unlabelled_training_cases", ()))
 
     splits_file = join(student_dataset_folder, "splits_final.json")
     log(f"WARNING: {fold_folder} has no training_cases.json (the teacher was trained with nnU-Net's own trainer, or "

@@ -207,6 +207,17 @@ def test_the_labelled_subset_and_the_unlabelled_rest_reach_the_data_loader_and_t
     assert all(len(v) == 0 for v in dataset_tr.load_case(rest)[-1]["class_locations"].values())
     assert any(len(v) for v in dataset_tr.load_case(labelled[0])[-1]["class_locations"].values())
 
+    # The fold's record says what it saw without labels; the leakage guard of a later student counts those cases.
+    from types import SimpleNamespace
+    from nnunet_kd.provenance import read_training_cases, record_training_cases
+    from nnunet_kd.teacher import teacher_training_cases
+    record = read_training_cases(os.path.dirname(record_training_cases(trainer)))
+    assert record["training_cases"] == sorted(labelled)
+    assert record["unlabelled_training_cases"] == sorted(trainer.unlabelled_keys - set(extra))
+    assert record["unlabelled_images"] == {"source": join(ws.raw, "imagesTs"), "cases": extra}
+    as_teacher = SimpleNamespace(model_folder=trainer.output_folder_base, fold=0, plans={"dataset_name": DATASET_NAME})
+    assert teacher_training_cases(as_teacher, student_dataset_folder=ws.preprocessed) == set(fold_train)
+
     baseline = make_trainer(ws, monkeypatch, plans, trainer="nnUNetTrainerBudget")
     baseline.dataset_class = trainer.dataset_class
     assert baseline.get_tr_and_val_datasets()[0].identifiers == sorted(labelled)
