@@ -22,12 +22,17 @@ setup(
         "numpy>=1.24",
         "acvl-utils>=0.2",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # nnUNetv2_kd_export --onnx / nnUNetv2_kd_predict_onnx; versions measured together with torch 2.14.1.
+        "onnx": ["onnxruntime==1.32.0", "onnx==1.23.2"],
+    },
     entry_points={
         "console_scripts": [
             "nnUNetv2_kd_trainers_dir=nnunet_kd.resources:print_trainers_dir",
             "nnUNetv2_kd_plan_student=nnunet_kd.resources:plan_student_main",  # planning.main + nnUNet_extTrainer check
             "nnUNetv2_kd_export=nnunet_kd.export:main",
+            "nnUNetv2_kd_predict_onnx=nnunet_kd.onnx_predict:main",
             "nnUNetv2_kd_demo=nnunet_kd.demo:main",
             "nnUNetv2_kd_benchmark=nnunet_kd.benchmark:main",
             "nnUNetv2_kd_plan_subset_teachers=nnunet_kd.subsets:main",

@@ -58,7 +58,9 @@ def vanilla_checkpoint(checkpoint: dict) -> dict:
 
 
 def check_loads_in_plain_nnunet(plans: dict, dataset_json: dict, configuration: str, weights: dict, where: str):
-    """Strict load into the network plain nnU-Net builds for inference: what nnUNetv2_predict will do."""
+    """Strict load into the network plain nnU-Net builds for inference: what nnUNetv2_predict will do.
+
+    Returns that network (weights loaded) and the number of input channels."""
     manager = PlansManager(plans)
     cfg = manager.get_configuration(configuration)
     network = nnUNetTrainer.build_network_architecture(
@@ -69,6 +71,7 @@ def check_loads_in_plain_nnunet(plans: dict, dataset_json: dict, configuration: 
     except RuntimeError as e:
         raise ExportError(f"{where}: the student's weights do not load into plain nnU-Net's network "
                           f"({str(e).splitlines()[0]}).") from e
+    return network.eval(), determine_num_input_channels(manager, cfg, dataset_json)
 
 
 def default_output_folder(student_folder: str, plans: dict, configuration: str) -> str:
@@ -78,7 +81,15 @@ def default_output_folder(student_folder: str, plans: dict, configuration: str) 
 
 
 def export_student(student_folder: str, output_folder: str | None = None, folds=None,
-                   checkpoints=("checkpoint_final.pth", "checkpoint_best.pth"), overwrite: bool = False) -> str:
+                   checkpoints=("checkpoint_final.pth", "checkpoint_best.pth"), overwrite: bool = False,
+                   onnx: bool = False, int8: bool = False, int8_calibration_folder: str | None = None) -> str:
+    """Write a plain nnU-Net model folder; with ``onnx`` also ``fold_X/model.onnx`` (+ ``model.int8.onnx`` with
+    ``int8``) of each fold's first exported checkpoint (``checkpoints`` order: the final one by default).
+
+    int8 calibrates on patches of the preprocessed training data: ``int8_calibration_folder`` or
+    ``$nnUNet_preprocessed/<dataset>/<the configuration's data_identifier>``."""
+    if int8 and not onnx:
+        raise ExportError("--int8 quantises the ONNX export: pass --onnx too.")
     for name in ("plans.json", "dataset.json"):
         if not isfile(join(student_folder, name)):
             raise ExportError(f"{join(student_folder, name)} not found: -i must be a trained student's model folder "
@@ -112,6 +123,23 @@ def export_student(student_folder: str, output_folder: str | None = None, folds=
                 f"teacher and the recipe's weights, and retrain the student (or export an intact checkpoint with "
                 f"--checkpoints / -f).")
         check_loads_in_plain_nnunet(plans_out, dataset_json, configuration, checkpoint["network_weights"], src)
+    if onnx:
+        try:
+            import onnxruntime  # noqa: F401  (checked before anything is written)
+        except ImportError as e:
+            raise ExportError("--onnx needs onnxruntime and onnx: pip install 'nnunet-kd[onnx]' (or onnxruntime "
+                              "onnx). Nothing was exported.") from e
+    calibration = None
+    if int8:
+        from nnunet_kd.onnx_export import calibration_patches
+        cfg = PlansManager(plans_out).get_configuration(configuration)
+        folder = int8_calibration_folder or join(os.environ.get("nnUNet_preprocessed", "$nnUNet_preprocessed"),
+                                                 plans["dataset_name"], cfg.data_identifier)
+        if not isdir(folder) or not os.listdir(folder):
+            raise ExportError(f"--int8 calibrates activation ranges on the preprocessed training data, and {folder} "
+                              f"is not there: set nnUNet_preprocessed as for training, or name the folder with "
+                              f"--int8-calibration. Nothing was exported.")
+        calibration = calibration_patches(folder, cfg.patch_size)
 
     output_folder = output_folder or default_output_folder(student_folder, plans, configuration)
     if isdir(output_folder) and os.listdir(output_folder) and not overwrite:
@@ -133,6 +161,24 @@ def export_student(student_folder: str, output_folder: str | None = None, folds=
         if isfile(summary):
             maybe_mkdir_p(join(output_folder, fold_dir, "validation"))
             shutil.copyfile(summary, join(output_folder, fold_dir, "validation", "summary.json"))
+    if onnx:
+        from nnunet_kd.onnx_export import export_fold_onnx
+        patch_size = PlansManager(plans_out).get_configuration(configuration).patch_size
+        exported = set()
+        for src, fold_dir, name, checkpoint in work:
+            if fold_dir in exported:
+                continue
+            exported.add(fold_dir)
+            network, channels = check_loads_in_plain_nnunet(plans_out, dataset_json, configuration,
+                                                            checkpoint["network_weights"], src)
+            record = export_fold_onnx(network, patch_size, channels, join(output_folder, fold_dir),
+                                      configuration=configuration, checkpoint_name=name,
+                                      mirroring_axes=checkpoint.get("inference_allowed_mirroring_axes"),
+                                      int8_calibration=calibration)
+            print(f"{fold_dir}: {record['onnx_file']} from {name}, ONNX Runtime vs PyTorch max |logit difference| "
+                  f"{record['parity']['max_abs_logit_difference']:.2g}"
+                  + (f"; int8 on calibration patches: "
+                     f"{record['int8']['max_abs_logit_difference_on_calibration_patches']:.2g}" if int8 else ""))
     print(f"Exported {len(work)} checkpoint(s) of {basename(os.path.abspath(student_folder))} as a plain nnU-Net "
           f"model: {output_folder}")
     return output_folder
@@ -146,9 +192,20 @@ def main(argv=None) -> None:
     parser.add_argument("-f", nargs="+", default=None, help="Folds to export (default: all present)")
     parser.add_argument("--checkpoints", nargs="+", default=["checkpoint_final.pth", "checkpoint_best.pth"])
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--onnx", action="store_true",
+                        help="Also write fold_X/model.onnx (dynamic batch and spatial axes, parity-checked against "
+                             "PyTorch) for nnUNetv2_kd_predict_onnx; needs onnxruntime and onnx")
+    parser.add_argument("--int8", action="store_true",
+                        help="With --onnx, also write fold_X/model.int8.onnx (ONNX Runtime static int8 quantisation, "
+                             "calibrated on preprocessed training patches); the predictor uses it only with --int8. "
+                             "See the README for its measured Dice change and speed")
+    parser.add_argument("--int8-calibration", default=None,
+                        help="Preprocessed data folder to calibrate int8 on (default: $nnUNet_preprocessed/<dataset>/"
+                             "<data_identifier> of the student's configuration)")
     args = parser.parse_args(argv)
     try:
-        export_student(args.i, args.o, args.f, tuple(args.checkpoints), args.overwrite)
+        export_student(args.i, args.o, args.f, tuple(args.checkpoints), args.overwrite, onnx=args.onnx, int8=args.int8,
+                       int8_calibration_folder=args.int8_calibration)
     except (ExportError, RuntimeError) as e:
         print(f"nnUNetv2_kd_export: error: {e}", file=sys.stderr)
         sys.exit(2)
