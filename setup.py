@@ -1,5 +1,8 @@
 from setuptools import setup
 
+# nnUNetv2_kd_export --onnx / nnUNetv2_kd_predict_onnx; versions measured together with torch 2.14.1.
+ONNX_REQUIRES = ["onnxruntime==1.32.0", "onnx==1.23.2"]
+
 setup(
     name="nnunet-kd",
     version="0.1.0",
@@ -23,9 +26,9 @@ setup(
         "acvl-utils>=0.2",
     ],
     extras_require={
-        "test": ["pytest>=7"],
-        # nnUNetv2_kd_export --onnx / nnUNetv2_kd_predict_onnx; versions measured together with torch 2.14.1.
-        "onnx": ["onnxruntime==1.32.0", "onnx==1.23.2"],
+        # The suite tests the ONNX export and predictor too.
+        "test": ["pytest>=7"] + ONNX_REQUIRES,
+        "onnx": ONNX_REQUIRES,
     },
     entry_points={
         "console_scripts": [
