@@ -46,10 +46,16 @@ def main(argv=None) -> None:
     parser.add_argument("--val-iterations-per-epoch", type=int, default=10)
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--labelled-fraction", type=float, default=None,
+                        help="Students on this seeded fraction of the fold's training labels (run_evidence.py's "
+                             "protocol); the plain student gets the same subset")
+    parser.add_argument("--labelled-fraction-seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--commit", action="store_true", help="git commit the results files after every model")
     parser.add_argument("--out", default=join(HERE, "results"))
     args = parser.parse_args(argv)
+    if args.labelled_fraction is not None and not 0 < args.labelled_fraction < 1:
+        parser.error(f"--labelled-fraction {args.labelled_fraction}: expected a fraction in (0, 1), e.g. 0.5")
 
     sweep = load_sweep(args.sweep)
     variants = args.variants or list(sweep.variants)
@@ -64,11 +70,13 @@ def main(argv=None) -> None:
         configuration=args.configuration, runs=[], seeds=args.seeds, teacher_epochs=args.teacher_epochs,
         student_epochs=args.student_epochs, iterations_per_epoch=args.iterations_per_epoch,
         val_iterations_per_epoch=args.val_iterations_per_epoch, max_batch_size=args.max_batch_size,
-        device=args.device)
+        device=args.device, labelled_fraction=args.labelled_fraction,
+        labelled_fraction_seed=args.labelled_fraction_seed)
     command = "python benchmarks/run_recipe_sweep.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
+    fraction = "" if args.labelled_fraction is None else f"-labelled{str(args.labelled_fraction).replace('.', 'p')}"
     json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-{sweep.method}-sweep-"
-                               f"{args.student_epochs * args.iterations_per_epoch}it.json")
+                               f"{args.student_epochs * args.iterations_per_epoch}it{fraction}.json")
     ws = Workspace(protocol)
 
     def report() -> None:

@@ -69,8 +69,11 @@ def load_sweep(path: str) -> Sweep:
     return Sweep(file=path, method=method, baseline=baseline, variants=dict(variants), base=tuple(base))
 
 
-def sweep_plans_name(method: str, variant: str, width: float, seed: int, epochs: int) -> str:
-    return f"nnUNetPlans_sweep_{method}_{variant}_w{str(width).replace('.', 'p')}_s{seed}_e{epochs}"
+def sweep_plans_name(method: str, variant: str, width: float, seed: int, epochs: int,
+                     labelled_fraction: float | None = None) -> str:
+    """One plans file per model; a sweep of students on part of the labels (Protocol.labelled_fraction) has its own."""
+    fraction = "" if labelled_fraction is None else f"_f{str(labelled_fraction).replace('.', 'p')}"
+    return f"nnUNetPlans_sweep_{method}_{variant}_w{str(width).replace('.', 'p')}{fraction}_s{seed}_e{epochs}"
 
 
 def run_sweep(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], variants: list[str], report=None) -> None:
@@ -80,7 +83,7 @@ def run_sweep(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], varia
     for seed in seeds:
         for variant in [None] + variants:  # None: the plain student (trained from the baseline variant's plans)
             name = variant or sweep.baseline
-            plans = sweep_plans_name(sweep.method, name, width, seed, ws.p.student_epochs)
+            plans = sweep_plans_name(sweep.method, name, width, seed, ws.p.student_epochs, ws.p.labelled_fraction)
             ws.plan_student(teacher, width, seed, plans_name=plans, overrides=sweep.overrides(name))
             before = ws.commands_run
             ws.train(TRAINERS["plain" if variant is None else sweep.method], plans)
@@ -109,7 +112,8 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
         for variant in [None] + variants:
             name = variant or sweep.baseline
             trainer = TRAINERS["plain" if variant is None else sweep.method]
-            folder = ws.folder(trainer, sweep_plans_name(sweep.method, name, width, seed, p.student_epochs))
+            folder = ws.folder(trainer, sweep_plans_name(sweep.method, name, width, seed, p.student_epochs,
+                                                         p.labelled_fraction))
             record = _validation_record(folder, fold)
             if record is not None:
                 models.setdefault(variant or "plain", {})[seed] = record

@@ -34,9 +34,9 @@ def test_every_variant_of_a_shipped_sweep_is_a_valid_recipe_that_changes_the_pre
 
 
 def test_sweep_models_have_their_own_plans_names_that_the_held_out_report_ignores():
-    names = {sweep_plans_name("adaptive", v, 0.25, s, e) for v in ("default", "noKL") for s in (0, 1)
-             for e in (30, 60)}
-    assert len(names) == 8
+    names = {sweep_plans_name("adaptive", v, 0.25, s, e, f) for v in ("default", "noKL") for s in (0, 1)
+             for e in (30, 60) for f in (None, 0.5)}
+    assert len(names) == 16  # students on half the labels have their own plans
     for name in names:
         _check_plans_name(name)
         assert _parse_student_folder(f"nnUNetTrainerKD_BalancedHints__{name}__2d", "2d") is None
