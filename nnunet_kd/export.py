@@ -114,7 +114,8 @@ def export_student(student_folder: str, output_folder: str | None = None, folds=
                           f"(or name the checkpoint with --checkpoints).")
     configuration = work[0][3]["init_args"]["configuration"]
     plans_out = vanilla_plans(plans)
-    for src, _, _, checkpoint in work:
+    onnx_networks = {}  # fold_dir -> (checkpoint file, (network, input channels))
+    for src, fold_dir, _, checkpoint in work:
         bad = nonfinite_tensors(checkpoint["network_weights"])
         if bad:
             raise ExportError(
@@ -122,7 +123,9 @@ def export_student(student_folder: str, output_folder: str | None = None, folds=
                 f"its training diverged and it would predict nothing useful. Nothing was exported. Check the "
                 f"teacher and the recipe's weights, and retrain the student (or export an intact checkpoint with "
                 f"--checkpoints / -f).")
-        check_loads_in_plain_nnunet(plans_out, dataset_json, configuration, checkpoint["network_weights"], src)
+        loaded = check_loads_in_plain_nnunet(plans_out, dataset_json, configuration, checkpoint["network_weights"], src)
+        if onnx:  # each fold's first checkpoint goes to ONNX: keep its network rather than build it again
+            onnx_networks.setdefault(fold_dir, (src, loaded))
     if onnx:
         try:
             import onnxruntime  # noqa: F401  (checked before anything is written)
@@ -164,13 +167,10 @@ def export_student(student_folder: str, output_folder: str | None = None, folds=
     if onnx:
         from nnunet_kd.onnx_export import export_fold_onnx
         patch_size = PlansManager(plans_out).get_configuration(configuration).patch_size
-        exported = set()
         for src, fold_dir, name, checkpoint in work:
-            if fold_dir in exported:
+            if onnx_networks[fold_dir][0] != src:
                 continue
-            exported.add(fold_dir)
-            network, channels = check_loads_in_plain_nnunet(plans_out, dataset_json, configuration,
-                                                            checkpoint["network_weights"], src)
+            network, channels = onnx_networks[fold_dir][1]
             record = export_fold_onnx(network, patch_size, channels, join(output_folder, fold_dir),
                                       configuration=configuration, checkpoint_name=name,
                                       mirroring_axes=checkpoint.get("inference_allowed_mirroring_axes"),

@@ -19,7 +19,7 @@ from os.path import isfile, join
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_kd.evidence import (TRAINERS, Workspace, _fmt_ci, _voxel_volume_ml, mean_foreground_dice,
+from nnunet_kd.evidence import (TRAINERS, Workspace, _fmt_ci, _number_tag, _voxel_volume_ml, mean_foreground_dice,
                                 paired_bootstrap, per_case_metrics, plateau)
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9]+$")
@@ -72,8 +72,8 @@ def load_sweep(path: str) -> Sweep:
 def sweep_plans_name(method: str, variant: str, width: float, seed: int, epochs: int,
                      labelled_fraction: float | None = None) -> str:
     """One plans file per model; a sweep of students on part of the labels (Protocol.labelled_fraction) has its own."""
-    fraction = "" if labelled_fraction is None else f"_f{str(labelled_fraction).replace('.', 'p')}"
-    return f"nnUNetPlans_sweep_{method}_{variant}_w{str(width).replace('.', 'p')}{fraction}_s{seed}_e{epochs}"
+    fraction = "" if labelled_fraction is None else f"_f{_number_tag(labelled_fraction)}"
+    return f"nnUNetPlans_sweep_{method}_{variant}_w{_number_tag(width)}{fraction}_s{seed}_e{epochs}"
 
 
 def run_sweep(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], variants: list[str], report=None) -> None:
