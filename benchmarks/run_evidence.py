@@ -63,6 +63,9 @@ def main(argv=None) -> None:
     parser.add_argument("--unlabelled-images", default=None, metavar="FOLDER",
                         help="Extra images without labels for methods with train_on_unlabelled (nnU-Net raw naming, "
                              "e.g. PROMISE12's imagesTs; only read); needs --labelled-fraction")
+    parser.add_argument("--subset-teachers", type=int, default=3, metavar="K",
+                        help="For multi_teacher runs: K teachers, each trained at the teacher's budget on one of K "
+                             "disjoint seeded subsets of the fold's training cases")
     parser.add_argument("--report-only", action="store_true", help="Train nothing; rewrite the results files")
     parser.add_argument("--commit", action="store_true",
                         help="git commit the results files every time they are rewritten (long runs across sessions)")
@@ -78,6 +81,8 @@ def main(argv=None) -> None:
     if args.labelled_fraction is not None and not 0 < args.labelled_fraction < 1:
         parser.error(f"--labelled-fraction {args.labelled_fraction}: expected a fraction in (0, 1), e.g. 0.5 (leave it "
                      f"out to train on all labels).")
+    if args.subset_teachers < 2:
+        parser.error(f"--subset-teachers {args.subset_teachers}: expected at least 2 teachers.")
     if args.unlabelled_images is not None:
         if args.labelled_fraction is None:
             parser.error("--unlabelled-images needs --labelled-fraction (the protocol of students on part of the labels).")
@@ -93,6 +98,7 @@ def main(argv=None) -> None:
         teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
         max_batch_size=args.max_batch_size, device=args.device, labelled_fraction=args.labelled_fraction,
+        subset_teachers=args.subset_teachers,
         labelled_fraction_seed=args.labelled_fraction_seed,
         unlabelled_images=abspath(args.unlabelled_images) if args.unlabelled_images else None,
         records_dir=None if args.no_records else join(RECORDS, f"{dataset}-{args.configuration}"),

@@ -27,7 +27,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
-from os.path import basename, isdir, isfile, join
+from os.path import basename, dirname, isdir, isfile, join
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
@@ -129,6 +129,7 @@ TRAINERS = {
     "plain_seg_weight": "nnUNetTrainerKD_PlainSegWeight",
     "label_teacher": "nnUNetTrainerKD_LabelTeacher",
     "multiscale_contrastive": "nnUNetTrainerKD_MultiScaleContrastive",
+    "multi_teacher": "nnUNetTrainerKD_MultiTeacher",
 }
 # A protocol with a labelled fraction (Protocol.labelled_fraction) also reports the plain students of the same widths
 # trained on all labels (same teacher and budget, from the workspace or the records): what the missing labels cost and
@@ -143,11 +144,15 @@ LABELS = {
     "plain_seg_weight": "control: plain, segmentation x0.7",
     "label_teacher": "control: label teacher",
     "multiscale_contrastive": "multi-scale contrastive KD",
+    "multi_teacher": "multi-teacher KD (subset teachers)",
     ALL_LABELS_PLAIN: "plain student, all labels",
+    "subset_teacher": "subset teacher",
+    "subset_teachers_ensemble": "ensemble of the subset teachers",
 }
 # One colour per method in every plot (the plain student is blue everywhere).
 COLORS = {"plain": "tab:blue", "adaptive": "tab:red", "logit": "tab:green", "mskd": "tab:purple",
           "plain_seg_weight": "tab:gray", "label_teacher": "tab:orange", "multiscale_contrastive": "tab:brown",
+          "multi_teacher": "tab:olive",
           ALL_LABELS_PLAIN: "tab:cyan"}
 # Controls are compared with the plain student like the methods, but are not candidates for "best KD".
 CONTROLS = ("plain_seg_weight", "label_teacher")
@@ -165,11 +170,13 @@ def _number_tag(value: float) -> str:
 
 
 def student_plans_name(width: float, seed: int, labelled_fraction: float | None = None,
-                       unlabelled_images: bool = False) -> str:
-    """One student plans file per (width, labelled fraction, extra unlabelled images or not, seed): every method of
-    those trains from it. 'x' marks plans with extra unlabelled images."""
+                       unlabelled_images: bool = False, subset_teachers: int | None = None) -> str:
+    """One student plans file per (width, labelled fraction, extra unlabelled images or not, seed): every one-teacher
+    method of those trains from it. 'x' marks plans with extra unlabelled images; '_k3' the plans of a student of 3
+    subset teachers (their recipe lists those teachers instead of the protocol's teacher)."""
     fraction = "" if labelled_fraction is None else f"_f{_number_tag(labelled_fraction)}{'x' if unlabelled_images else ''}"
-    return f"nnUNetPlans_evidence_w{_number_tag(width)}{fraction}_s{seed}"
+    teachers = "" if subset_teachers is None else f"_k{subset_teachers}"
+    return f"nnUNetPlans_evidence_w{_number_tag(width)}{fraction}{teachers}_s{seed}"
 
 
 def parse_runs(specs: list[str]) -> list[tuple[str, float]]:
@@ -271,6 +278,9 @@ class Protocol:
     labelled_fraction_seed: int = 0
     unlabelled_images: str | None = None
     teacher_seed: int = 0
+    # Multi-teacher KD: this many teachers, each trained on one of as many disjoint seeded subsets of the fold's
+    # training cases, at the teacher's budget (the student still learns from the fold's training cases).
+    subset_teachers: int = 3
     fold: int = 0
     device: str = "cpu"
     latency_repeats: int = 5
@@ -289,6 +299,10 @@ class Protocol:
 
 TEACHER_PLANS = "nnUNetPlans_evidence_teacher"
 TEACHER_TRAINER = "nnUNetTrainerBudget"
+# Subset teachers (multi-teacher KD): nnUNetv2_kd_plan_subset_teachers splits the fold's training cases into
+# Protocol.subset_teachers disjoint seeded subsets; plans <SUBSET_TEACHER_PLANS><i>of<k>, the protocol teacher's budget.
+SUBSET_TEACHER_PLANS = "nnUNetPlans_evidence_subset"
+SUBSET_ENSEMBLE = "ensemble_of_subset_teachers"
 
 
 class Workspace:
@@ -368,35 +382,65 @@ class Workspace:
             "max_batch_size": p.max_batch_size, "teacher_seed": p.teacher_seed,
             "trained_on": {"device": device_label(p.device), "host": platform.node(), "torch": torch.__version__}})
 
-    def plan_student(self, teacher_folder: str, width: float, seed: int, plans_name: str | None = None,
+    def subset_teachers(self) -> list[str]:
+        """Protocol.subset_teachers teachers, each trained (teacher budget and seed) on one disjoint seeded subset of
+        the fold's training cases, each evaluated on the test cases with probabilities, and their ensemble (nnU-Net's
+        nnUNetv2_ensemble: the mean of their probabilities) evaluated; returns their model folders."""
+        p, k = self.p, self.p.subset_teachers
+        plan_env = {key: v for key, v in self.env.items() if key != "nnUNet_n_proc_DA"}  # see preprocess()
+        self.command("nnUNetv2_kd_plan_subset_teachers", [
+            "-d", p.dataset_id, "-c", p.configuration, "-f", p.fold, "-k", k, "-o", SUBSET_TEACHER_PLANS,
+            "--seed", 0, "--epochs", p.teacher_epochs, "--iterations-per-epoch", p.iterations_per_epoch,
+            "--val-iterations-per-epoch", p.val_iterations_per_epoch, "--training-seed", p.teacher_seed]
+            + (["--max-batch-size", p.max_batch_size] if p.max_batch_size else []) + ["--overwrite"], plan_env)
+        folders = [self.train(TEACHER_TRAINER, f"{SUBSET_TEACHER_PLANS}{i}of{k}") for i in range(1, k + 1)]
+        summaries = [self.evaluate_on_test(f, save_probabilities=True) for f in folders]
+        out = join(self.results, f"{SUBSET_ENSEMBLE}_k{k}__{p.configuration}", f"fold_{p.fold}", "test_predictions")
+        summary = join(out, "summary.json")
+        if not isfile(summary) or os.path.getmtime(summary) < max(os.path.getmtime(x) for x in summaries):
+            if isdir(out):
+                shutil.rmtree(out)
+            self.command("nnUNetv2_ensemble", ["-i"] + [dirname(x) for x in summaries] + ["-o", out, "-np", 1])
+            self.command("nnUNetv2_evaluate_folder", [self.test_labels, out, "-djfile", join(folders[0], "dataset.json"),
+                                                      "-pfile", join(folders[0], "plans.json"), "-o", summary, "-np", 1])
+        return folders
+
+    def plan_student(self, teacher_folder: str | list[str], width: float, seed: int, plans_name: str | None = None,
                      overrides: list[str] = ()) -> str:
-        """Student plans at this protocol's budget; ``overrides``: the planner's --set KEY=VALUE (a recipe sweep's
-        variant)."""
-        name = plans_name or student_plans_name(width, seed, self.p.labelled_fraction, self.p.unlabelled_images is not None)
+        """Student plans at this protocol's budget; ``teacher_folder``: one teacher, or a list (the student of those
+        teachers, with plans of its own); ``overrides``: the planner's --set KEY=VALUE (a recipe sweep's variant)."""
+        teachers = [teacher_folder] if isinstance(teacher_folder, str) else list(teacher_folder)
+        name = plans_name or student_plans_name(width, seed, self.p.labelled_fraction, self.p.unlabelled_images is not None,
+                                                len(teachers) if len(teachers) > 1 else None)
         labels = [] if self.p.labelled_fraction is None else \
             ["--labelled-fraction", self.p.labelled_fraction, "--labelled-fraction-seed", self.p.labelled_fraction_seed]
         if self.p.unlabelled_images is not None:
             labels += ["--unlabelled-images", self.p.unlabelled_images]
         self.command("nnUNetv2_kd_plan_student", labels + [
-            "-d", self.p.dataset_id, "-c", self.p.configuration, "--teacher", teacher_folder, "--width", width,
+            "-d", self.p.dataset_id, "-c", self.p.configuration, *[a for t in teachers for a in ("--teacher", t)],
+            "--width", width,
             "-o", name, "--epochs", self.p.student_epochs, "--iterations-per-epoch", self.p.iterations_per_epoch,
             "--val-iterations-per-epoch", self.p.val_iterations_per_epoch, "--seed", seed, "--overwrite"]
             + [arg for assignment in overrides for arg in ("--set", assignment)])
         return name
 
-    def evaluate_on_test(self, folder: str) -> str:
-        """nnUNetv2_predict on the held-out images, then nnU-Net's evaluation; returns the summary file."""
+    def evaluate_on_test(self, folder: str, save_probabilities: bool = False) -> str:
+        """nnUNetv2_predict on the held-out images, then nnU-Net's evaluation; returns the summary file.
+        ``save_probabilities``: keep nnU-Net's .npz probabilities too (for nnUNetv2_ensemble)."""
         out = join(folder, f"fold_{self.p.fold}", "test_predictions")
         summary = join(out, "summary.json")
         checkpoint = join(folder, f"fold_{self.p.fold}", "checkpoint_final.pth")
-        if isfile(summary) and os.path.getmtime(summary) > os.path.getmtime(checkpoint):
+        has_probabilities = isdir(out) and any(f.endswith(".npz") for f in os.listdir(out))
+        if isfile(summary) and os.path.getmtime(summary) > os.path.getmtime(checkpoint) and \
+                (has_probabilities or not save_probabilities):
             return summary
         trainer, plans, configuration = basename(folder).split("__")
         if isdir(out):  # a prediction interrupted earlier (or of another test set): never evaluate stale files
             shutil.rmtree(out)
         self.command("nnUNetv2_predict", ["-i", self.test_images, "-o", out, "-d", self.p.dataset_id, "-c",
                                           configuration, "-tr", trainer, "-p", plans, "-f", self.p.fold,
-                                          "-device", self.p.device, "-npp", 1, "-nps", 1, "--disable_tta"])
+                                          "-device", self.p.device, "-npp", 1, "-nps", 1, "--disable_tta"]
+                     + (["--save_probabilities"] if save_probabilities else []))
         # nnU-Net's own evaluation command (labels, regions and ignore label from the model's dataset.json/plans)
         self.command("nnUNetv2_evaluate_folder", [self.test_labels, out, "-djfile", join(folder, "dataset.json"),
                                                   "-pfile", join(folder, "plans.json"), "-o", summary, "-np", 1])
@@ -412,9 +456,12 @@ def run_protocol(protocol: Protocol, report=None) -> None:
     ws.archive_teacher(teacher)
     if report:
         report(ws)
+    subset_teachers = ws.subset_teachers() if any(m == "multi_teacher" for m, _ in protocol.runs) else None
+    if subset_teachers and report:
+        report(ws)
     for method, width in protocol.runs:
         for seed in protocol.seeds:
-            plans = ws.plan_student(teacher, width, seed)
+            plans = ws.plan_student(subset_teachers if method == "multi_teacher" else teacher, width, seed)
             before = ws.commands_run
             folder = ws.train(TRAINERS[method], plans)
             ws.evaluate_on_test(folder)
@@ -648,10 +695,11 @@ def _preprocess(predictor, image_files: list[str]):
     return torch.from_numpy(data), None, properties
 
 
-def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, int, float | None] | None:
-    """'<trainer>__nnUNetPlans_evidence_w0p25_s1__<cfg>' -> (method, 0.25, 1, None) and
-    '<trainer>__nnUNetPlans_evidence_w0p25_f0p5_s1__<cfg>' -> (method, 0.25, 1, 0.5) (labelled fraction); None for
-    anything else."""
+def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, int, float | None, int | None] | None:
+    """'<trainer>__nnUNetPlans_evidence_w0p25_s1__<cfg>' -> (method, 0.25, 1, None, None),
+    '<trainer>__nnUNetPlans_evidence_w0p25_f0p5_s1__<cfg>' -> (method, 0.25, 1, 0.5, None) (labelled fraction) and
+    'nnUNetTrainerKD_MultiTeacher__nnUNetPlans_evidence_w0p25_k3_s1__<cfg>' -> ('multi_teacher', 0.25, 1, None, 3)
+    (subset teachers); None for anything else."""
     parts = name.split("__")
     if len(parts) != 3 or parts[2] != configuration or not parts[1].startswith("nnUNetPlans_evidence_w"):
         return None
@@ -662,13 +710,20 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
     if parts[0] not in methods:
         return None
     width, _, seed = parts[1][len("nnUNetPlans_evidence_w"):].partition("_s")
+    width, _, teachers = width.partition("_k")
     width, _, fraction = width.partition("_f")
     fraction = fraction[:-1] if fraction.endswith("x") else fraction  # extra unlabelled images: collect() checks plans
+    if (methods[parts[0]] == "multi_teacher") != bool(teachers):
+        return None  # a multi-teacher student trains only from its own plans, and only it does
     try:
         return (methods[parts[0]], float(width.replace("p", ".")), int(seed),
-                float(fraction.replace("p", ".")) if fraction else None)
+                float(fraction.replace("p", ".")) if fraction else None, int(teachers) if teachers else None)
     except ValueError:  # another plans name that happens to share the prefix
         return None
+
+
+def _subset_teacher_names(configuration: str, k: int) -> list[str]:
+    return [f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}{i}of{k}__{configuration}" for i in range(1, k + 1)]
 
 
 def collect(ws: "Workspace") -> dict:
@@ -683,11 +738,14 @@ def collect(ws: "Workspace") -> dict:
     teacher_sha = teacher["network_weights_sha256"] if teacher else None
     local = {name: join(ws.results, name) for name in os.listdir(ws.results)} if isdir(ws.results) else {}
     students, skipped = {}, []
+    subset, subset_sha = _collect_subset_teachers(ws, local, committed, skipped)
     for name in sorted(set(local) | set(committed)):
         parsed = _parse_student_folder(name, p.configuration)
         if parsed is None:
             continue
-        method, width, seed, fraction = parsed
+        method, width, seed, fraction, n_teachers = parsed
+        if n_teachers is not None and n_teachers != p.subset_teachers:
+            continue  # a student of another number of subset teachers
         if fraction != p.labelled_fraction:
             if p.labelled_fraction is None or fraction is not None or method != "plain":
                 continue  # a model of a protocol with another labelled fraction: reported in that one's results file
@@ -695,7 +753,7 @@ def collect(ws: "Workspace") -> dict:
         record = _model_record(ws, local[name]) if name in local else None
         if record is None and name in committed:
             record = committed[name]
-            if record.get("teacher_network_weights_sha256") != teacher_sha:
+            if record.get("teacher_network_weights_sha256") != (subset_sha if n_teachers else teacher_sha):
                 skipped.append(f"{name}: committed record of a student of another teacher (other network weights)")
                 continue
         if record is None:
@@ -716,7 +774,36 @@ def collect(ws: "Workspace") -> dict:
                            f"protocol's {wanted}")
             continue
         students.setdefault((method, width), {})[seed] = record
-    return {"teacher": teacher, "students": students, "skipped": skipped}
+    return {"teacher": teacher, "students": students, "skipped": skipped, **subset}
+
+
+def _teachers_sha256(records: list[dict]) -> str:
+    """One identity for a set of teachers (a multi-teacher student's record names the set it learned from)."""
+    return "+".join(r["network_weights_sha256"] for r in records)
+
+
+def _collect_subset_teachers(ws: "Workspace", local: dict, committed: dict, skipped: list) -> tuple[dict, str | None]:
+    """({"subset_teachers": [record per teacher], "subset_ensemble": record or None} when all k subset teachers are
+    finished and evaluated (from the workspace or the records) and trained at the teacher's budget, else {}; and
+    their joint identity (_teachers_sha256)."""
+    p = ws.p
+    records = []
+    for name in _subset_teacher_names(p.configuration, p.subset_teachers):
+        record = _model_record(ws, local[name]) if name in local else committed.get(name)
+        if record is None:
+            return {}, None
+        training = record["plans"].get("kd", {}).get(p.configuration, {}).get("training", {})
+        if (training.get("num_epochs"), training.get("num_iterations_per_epoch")) != \
+                (p.teacher_epochs, p.iterations_per_epoch):
+            skipped.append(f"{name}: trained for {training.get('num_epochs')} x "
+                           f"{training.get('num_iterations_per_epoch')} iterations, not this protocol's teacher budget")
+            return {}, None
+        records.append(record)
+    ensemble = join(ws.results, f"{SUBSET_ENSEMBLE}_k{p.subset_teachers}__{p.configuration}", f"fold_{p.fold}",
+                    "test_predictions", "summary.json")
+    ensemble_record = {"folder": None, "test": per_case_metrics(ensemble), "validation_mean_dice": None,
+                       "curves": {}} if isfile(ensemble) else None
+    return {"subset_teachers": records, "subset_ensemble": ensemble_record}, _teachers_sha256(records)
 
 
 def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
@@ -731,8 +818,11 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
             f"weights): its students' records would be mixed with those of another teacher. Restore the archived "
             f"teacher (run without --no-teacher-archive in a new --workdir), or pass --no-records.")
     written = [save_record(ws.p.records_dir, found["teacher"], None)] if found["teacher"]["folder"] else []
-    for by_seed in found["students"].values():
-        written += [save_record(ws.p.records_dir, r, teacher_sha) for r in by_seed.values() if r["folder"]]
+    subset = found.get("subset_teachers") or []
+    written += [save_record(ws.p.records_dir, r, None) for r in subset if r["folder"]]
+    for (method, _), by_seed in found["students"].items():
+        sha = _teachers_sha256(subset) if method == "multi_teacher" else teacher_sha
+        written += [save_record(ws.p.records_dir, r, sha) for r in by_seed.values() if r["folder"]]
     return written
 
 
@@ -744,12 +834,15 @@ def baselines_of(method: str, labelled_fraction: bool) -> list[str]:
     if method == ALL_LABELS_PLAIN:
         return []
     baselines = [] if method == "plain" else ["plain"] if method in CONTROLS else ["plain", *CONTROLS]
+    if method == "multi_teacher":  # what k subset teachers give against one teacher trained on all of their cases
+        baselines.append("adaptive")
     return baselines + ([ALL_LABELS_PLAIN] if labelled_fraction and method not in CONTROLS else [])
 
 
-def paired_comparisons(students: dict, teacher: dict, cases: list[str], labelled_fraction: bool) -> list[dict]:
+def paired_comparisons(students: dict, teacher: dict, cases: list[str], labelled_fraction: bool,
+                       subset_ensemble: dict | None = None) -> list[dict]:
     """Paired per-case (and per-seed) Dice differences of every row with its baselines (seeds both have) and with the
-    teacher; bootstrap CIs."""
+    teacher (a multi-teacher student also with the ensemble of its subset teachers); bootstrap CIs."""
     teacher_dice = _dice_matrix([teacher], cases)
     comparisons = []
     for (method, width), by_seed in sorted(students.items(), key=lambda kv: _row_order(kv[0])):
@@ -766,6 +859,10 @@ def paired_comparisons(students: dict, teacher: dict, cases: list[str], labelled
         diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - teacher_dice
         comparisons.append({"method": method, "baseline": "teacher", "width": width, "seeds": seeds,
                             **paired_bootstrap(diffs)})
+        if method == "multi_teacher" and subset_ensemble is not None:
+            diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - _dice_matrix([subset_ensemble], cases)
+            comparisons.append({"method": method, "baseline": "subset_teachers_ensemble", "width": width,
+                                "seeds": seeds, **paired_bootstrap(diffs)})
     return comparisons
 
 
@@ -777,7 +874,8 @@ def _summarise(records: list[dict], cases: list[str], voxel_ml: dict, labels: li
     fn = {k: float(np.mean([[r["test"][c][k]["FN"] * voxel_ml[c] for c in cases] for r in records])) for k in labels}
     return {"test_mean_dice": ci["mean_diff"], "test_mean_dice_ci95": ci["ci95"], "test_dice_per_class": per_class,
             "fp_ml_per_case": fp, "fn_ml_per_case": fn,
-            "validation_mean_dice": float(np.mean([r["validation_mean_dice"] for r in records])),
+            "validation_mean_dice": None if any(r["validation_mean_dice"] is None for r in records) else  # ensemble
+            float(np.mean([r["validation_mean_dice"] for r in records])),
             "test_mean_dice_per_seed": [float(v) for v in np.nanmean(dice, axis=1)]}
 
 
@@ -821,6 +919,17 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                  "parameters": teacher_cost["parameters"], "flops_per_patch": teacher_cost["flops_per_patch"],
                  "latency": timed("teacher", [teacher]),
                  **_summarise([teacher], cases, voxel_ml, labels)})
+    k = len(found.get("subset_teachers") or [])
+    for i, record in enumerate(found.get("subset_teachers") or [], 1):
+        rows.append({"model": f"{LABELS['subset_teacher']} {i} of {k}", "method": "subset_teacher", "width": 1.0,
+                     "seeds": [p.teacher_seed], "parameters": teacher_cost["parameters"],
+                     "flops_per_patch": teacher_cost["flops_per_patch"], "latency": timed("teacher", [teacher]),
+                     **_summarise([record], cases, voxel_ml, labels)})
+    if found.get("subset_ensemble"):
+        rows.append({"model": f"{LABELS['subset_teachers_ensemble']} ({k})", "method": "subset_teachers_ensemble",
+                     "width": 1.0, "seeds": [p.teacher_seed], "parameters": k * teacher_cost["parameters"],
+                     "flops_per_patch": k * teacher_cost["flops_per_patch"], "latency": {},
+                     **_summarise([found["subset_ensemble"]], cases, voxel_ml, labels)})
     for (method, width), by_seed in sorted(found["students"].items(), key=lambda kv: _row_order(kv[0])):
         seeds = sorted(by_seed)
         records = [by_seed[s] for s in seeds]
@@ -831,7 +940,8 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                      "latency": timed(f"width {width}", records),
                      **_summarise(records, cases, voxel_ml, labels)})
 
-    comparisons = paired_comparisons(found["students"], teacher, cases, p.labelled_fraction is not None)
+    comparisons = paired_comparisons(found["students"], teacher, cases, p.labelled_fraction is not None,
+                                     found.get("subset_ensemble"))
 
     plateaus = {}
     for (method, width), by_seed in found["students"].items():
@@ -862,6 +972,10 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
         "n_fold_train": len(ws.split["crossval"][p.fold]["train"]), "n_validation": len(ws.split["crossval"][p.fold]["val"]),
         "seeds": sorted({s for v in found["students"].values() for s in v}), "teacher_seed": p.teacher_seed,
         "labelled_fraction": p.labelled_fraction,
+        **({"subset_teachers": f"{k} teachers, each trained at the teacher's budget and seed on one of {k} disjoint "
+                               f"seeded subsets of the fold's training cases (nnUNetv2_kd_plan_subset_teachers -k {k} "
+                               f"--seed 0); the ensemble row is nnUNetv2_ensemble of their test probabilities"}
+           if k else {}),
         **({"labelled_fraction_seed": p.labelled_fraction_seed,
             "labels": f"every student of this file except '{LABELS[ALL_LABELS_PLAIN]}' trains with labels on the same "
                       f"seeded fraction {p.labelled_fraction:g} of the fold's training cases (one draw, seed "
@@ -911,7 +1025,7 @@ def format_tables(result: dict) -> str:
                   _fmt_ci(r["test_mean_dice"], r["test_mean_dice_ci95"])]
                  + [f"{r['test_dice_per_class'][k]:.4f}" for k in labels]
                  + [f"{r['fp_ml_per_case'][k]:.4f}" for k in labels] + [f"{r['fn_ml_per_case'][k]:.4f}" for k in labels]
-                 + [f"{r['validation_mean_dice']:.4f}"])
+                 + ["" if r["validation_mean_dice"] is None else f"{r['validation_mean_dice']:.4f}"])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| method | baseline | width | seeds | cases | mean paired diff (Dice) | 95% CI | CI above 0 |",
               "|---|---|---|---|---|---|---|---|"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from os.path import join
 
 import numpy as np
@@ -106,18 +107,25 @@ def test_runs_and_folder_names_round_trip():
         with pytest.raises(ValueError):
             parse_runs([bad])
     name = f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.125, 2)}__2d"
-    assert _parse_student_folder(name, "2d") == ("adaptive", 0.125, 2, None)
+    assert _parse_student_folder(name, "2d") == ("adaptive", 0.125, 2, None, None)
     assert _parse_student_folder(name, "3d_fullres") is None
     assert _parse_student_folder("nnUNetTrainer__nnUNetPlans__2d", "2d") is None
     # The plain student: nnUNetTrainerBudget now, nnUNetTrainerKD_NoKD in workspaces made by older versions.
     for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerKD_NoKD"):
-        assert _parse_student_folder(f"{trainer}__{student_plans_name(0.25, 0)}__2d", "2d") == ("plain", 0.25, 0, None)
+        assert _parse_student_folder(f"{trainer}__{student_plans_name(0.25, 0)}__2d", "2d") == ("plain", 0.25, 0, None, None)
     # Students on part of the labels (with or without extra unlabelled images) carry the fraction in the plans name.
     for extra in (False, True):
         name = f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 1, 0.5, extra)}__2d"
-        assert _parse_student_folder(name, "2d") == ("multiscale_contrastive", 0.25, 1, 0.5)
+        assert _parse_student_folder(name, "2d") == ("multiscale_contrastive", 0.25, 1, 0.5, None)
     assert student_plans_name(0.25, 1, 0.5) != student_plans_name(0.25, 1, 0.5, True) != student_plans_name(0.25, 1)
     assert parse_runs(["multiscale_contrastive@0.25"]) == [("multiscale_contrastive", 0.25)]
+    # A student of k subset teachers has plans of its own (its recipe lists those teachers), and only it uses them.
+    name = f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 1, subset_teachers=3)}__2d"
+    assert _parse_student_folder(name, "2d") == ("multi_teacher", 0.25, 1, None, 3)
+    assert _parse_student_folder(f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 1)}__2d", "2d") is None
+    assert _parse_student_folder(f"nnUNetTrainerBudget__{student_plans_name(0.25, 1, subset_teachers=3)}__2d", "2d") is None
+    assert _parse_student_folder(f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.5, 0, 0.5, True, 2)}__2d",
+                                 "2d") == ("multi_teacher", 0.5, 0, 0.5, 2)
 
 
 def test_per_case_metrics_read_nnunets_evaluation(tmp_path):
@@ -355,3 +363,62 @@ def test_a_teacher_archive_of_another_split_or_fold_is_refused(tmp_path):
     os.makedirs(join(str(tmp_path), "stale"))
     with pytest.raises(EvidenceError, match="holds no manifest.json"):
         archive_teacher(teacher, join(str(tmp_path), "stale"), 0, {})
+
+
+def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_ensemble_and_one_teacher(tmp_path):
+    from nnunet_kd.evidence import (SUBSET_ENSEMBLE, SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, collect,
+                                    load_records, paired_comparisons, save_workspace_records)
+
+    student_budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10}}}}
+    teacher_budget = {"kd": {"2d": {"training": {"num_epochs": 5, "num_iterations_per_epoch": 10}}}}
+    ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
+    fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", teacher_budget, weight=1.8)
+    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", student_budget, weight=1.2)
+    fake_model_folder(ws, f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.25, 0)}__2d", student_budget, weight=1.4)
+    subset = [fake_model_folder(ws, f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}{i}of2__2d", teacher_budget,
+                                weight=1.0 + i / 10) for i in (1, 2)]
+    fake_model_folder(ws, f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 0, subset_teachers=2)}__2d",
+                      student_budget, weight=1.5)
+    workspace = _RecordWorkspace(ws, records)
+    workspace.p.subset_teachers = 2
+    workspace.p.teacher_epochs = 5
+
+    # Without the ensemble's evaluation the subset teachers are reported, the ensemble row is absent.
+    found = collect(workspace)
+    assert [r["folder"] for r in found["subset_teachers"]] == subset and found["subset_ensemble"] is None
+    ensemble = join(ws, f"{SUBSET_ENSEMBLE}_k2__2d", "fold_0", "test_predictions")
+    os.makedirs(ensemble)
+    shutil.copy(join(subset[1], "fold_0", "test_predictions", "summary.json"), ensemble)
+    found = collect(workspace)
+    assert sorted(found["students"]) == [("adaptive", 0.25), ("multi_teacher", 0.25), ("plain", 0.25)]
+    assert found["subset_ensemble"]["test"]["case_010"]["1"]["Dice"] == pytest.approx(0.6)
+
+    # The student of the subset teachers is compared with the plain student, with the student of one teacher trained
+    # on all their cases, with the teacher and with the ensemble of the teachers it learned from.
+    comparisons = {(c["method"], c["baseline"]): c["mean_diff"] for c in paired_comparisons(
+        found["students"], found["teacher"], ["case_010"], False, found["subset_ensemble"])}
+    assert comparisons[("multi_teacher", "plain")] == pytest.approx(0.75 - 0.6)
+    assert comparisons[("multi_teacher", "adaptive")] == pytest.approx(0.75 - 0.7)
+    assert comparisons[("multi_teacher", "teacher")] == pytest.approx(0.75 - 0.9)
+    assert comparisons[("multi_teacher", "subset_teachers_ensemble")] == pytest.approx(0.75 - 0.6)
+    assert ("adaptive", "subset_teachers_ensemble") not in comparisons
+
+    # Records: the multi-teacher student names the set of teachers it learned from, the others the protocol teacher;
+    # a fresh workspace pools them.
+    save_workspace_records(workspace, found)
+    committed = load_records(records)
+    subset_shas = "+".join(r["network_weights_sha256"] for r in found["subset_teachers"])
+    multi = f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 0, subset_teachers=2)}__2d"
+    assert committed[multi]["teacher_network_weights_sha256"] == subset_shas
+    assert committed[f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.25, 0)}__2d"][
+        "teacher_network_weights_sha256"] == found["teacher"]["network_weights_sha256"]
+    fresh = join(str(tmp_path), "fresh")
+    shutil.copytree(join(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"), join(fresh, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"))
+    again = _RecordWorkspace(fresh, records)
+    again.p.subset_teachers, again.p.teacher_epochs = 2, 5
+    pooled = collect(again)
+    assert sorted(pooled["students"]) == [("adaptive", 0.25), ("multi_teacher", 0.25), ("plain", 0.25)]
+    assert pooled["skipped"] == [] and len(pooled["subset_teachers"]) == 2
+    # Another number of subset teachers: neither those teachers nor their student belong to this protocol.
+    again.p.subset_teachers = 3
+    assert "subset_teachers" not in collect(again) and ("multi_teacher", 0.25) not in collect(again)["students"]
