@@ -50,12 +50,16 @@ def main(argv=None) -> None:
                         help="Students on this seeded fraction of the fold's training labels (run_evidence.py's "
                              "protocol); the plain student gets the same subset")
     parser.add_argument("--labelled-fraction-seed", type=int, default=0)
+    parser.add_argument("--subset-teachers", type=int, default=3, metavar="K",
+                        help="A multi_teacher sweep: its students learn from K subset teachers (run_evidence.py's)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--commit", action="store_true", help="git commit the results files after every model")
     parser.add_argument("--out", default=join(HERE, "results"))
     args = parser.parse_args(argv)
     if args.labelled_fraction is not None and not 0 < args.labelled_fraction < 1:
         parser.error(f"--labelled-fraction {args.labelled_fraction}: expected a fraction in (0, 1), e.g. 0.5")
+    if args.subset_teachers < 2:
+        parser.error(f"--subset-teachers {args.subset_teachers}: expected at least 2 teachers.")
 
     sweep = load_sweep(args.sweep)
     variants = args.variants or list(sweep.variants)
@@ -71,7 +75,7 @@ def main(argv=None) -> None:
         student_epochs=args.student_epochs, iterations_per_epoch=args.iterations_per_epoch,
         val_iterations_per_epoch=args.val_iterations_per_epoch, max_batch_size=args.max_batch_size,
         device=args.device, labelled_fraction=args.labelled_fraction,
-        labelled_fraction_seed=args.labelled_fraction_seed)
+        labelled_fraction_seed=args.labelled_fraction_seed, subset_teachers=args.subset_teachers)
     command = "python benchmarks/run_recipe_sweep.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
     fraction = "" if args.labelled_fraction is None else f"-labelled{str(args.labelled_fraction).replace('.', 'p')}"

@@ -100,6 +100,14 @@ def apply_training_budget(trainer, budget) -> None:
     trainer.num_epochs = budget.num_epochs
     trainer.num_iterations_per_epoch = budget.num_iterations_per_epoch
     trainer.num_val_iterations_per_epoch = budget.num_val_iterations_per_epoch
+    trainer.save_every = checkpoint_interval(budget.num_epochs)
+
+
+def checkpoint_interval(num_epochs: int, nnunet_default: int = 50) -> int:
+    """Epochs between two ``checkpoint_latest.pth`` writes: a tenth of the budget, at most nnU-Net's 50. nnU-Net's
+    fixed 50 means a short budget run that is stopped (a session ends, a machine is taken back) resumes with ``--c``
+    from its start or from ``checkpoint_best``; this way it loses at most a tenth of its epochs."""
+    return max(1, min(nnunet_default, num_epochs // 10))
 
 
 def trainer_plans_file(plans: dict) -> str:

@@ -79,7 +79,8 @@ def sweep_plans_name(method: str, variant: str, width: float, seed: int, epochs:
 def run_sweep(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], variants: list[str], report=None) -> None:
     """Train what is missing: the teacher, then per seed the plain student and every variant (in sweep order)."""
     ws.preprocess()
-    teacher = ws.teacher()
+    # multi-teacher KD learns from the protocol's subset teachers (each variant plans the same ones)
+    teacher = ws.subset_teachers() if sweep.method == "multi_teacher" else ws.teacher()
     for seed in seeds:
         for variant in [None] + variants:  # None: the plain student (trained from the baseline variant's plans)
             name = variant or sweep.baseline

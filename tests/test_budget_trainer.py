@@ -56,6 +56,8 @@ def test_budget_and_seed_come_from_teacher_and_student_plans(workspace, monkeypa
     assert plain.budget.seed == 3
     plain.initialize()
     kd = make_trainer(ws, monkeypatch, name, trainer="nnUNetTrainerKD_Adaptive")
+    # a stopped 7-epoch run resumes (--c) from its last epoch, not from nnU-Net's every-50-epochs checkpoint
+    assert plain.save_every == kd.save_every == 1
     kd.initialize()
     kd_weights = kd.network.state_dict()
     for key, value in plain.network.state_dict().items():
@@ -176,3 +178,9 @@ def test_budget_plans_command_writes_plans_the_trainer_reads_and_replaces_only_i
         main(["-d", str(DATASET_ID), "-c", CONFIGURATION, "--epochs", "0", "-o", "nnUNetPlans_cli_never"])
     assert "training.num_epochs must be an integer >= 1" in capsys.readouterr().err
     assert not isfile(join(ws.preprocessed, "nnUNetPlans_cli_never.json"))
+
+
+def test_a_budget_run_writes_checkpoint_latest_every_tenth_of_its_epochs_at_most_every_50():
+    from nnunet_kd.budget import checkpoint_interval
+
+    assert [checkpoint_interval(n) for n in (1, 9, 10, 60, 500, 1000, 4000)] == [1, 1, 1, 6, 50, 50, 50]

@@ -58,3 +58,36 @@ def test_a_malformed_sweep_file_is_refused_naming_it(tmp_path, edit, message):
     with pytest.raises(SweepError, match=message) as info:
         load_sweep(str(path))
     assert str(path) in str(info.value)
+
+
+def test_a_multi_teacher_sweep_plans_every_variant_and_its_plain_student_from_the_subset_teachers():
+    from types import SimpleNamespace
+
+    from nnunet_kd.sweep import run_sweep
+
+    planned, trained = [], []
+
+    class RecordingWorkspace:
+        p = SimpleNamespace(student_epochs=30, labelled_fraction=None)
+        commands_run = 0
+
+        def preprocess(self):
+            pass
+
+        def teacher(self):
+            raise AssertionError("a multi-teacher sweep must not learn from the one teacher on all cases")
+
+        def subset_teachers(self):
+            return ["/subset1", "/subset2", "/subset3"]
+
+        def plan_student(self, teachers, width, seed, plans_name, overrides):
+            planned.append((teachers, plans_name, tuple(overrides)))
+
+        def train(self, trainer, plans):
+            trained.append(trainer)
+
+    sweep = load_sweep(str(next(p for p in SWEEPS if p.name == "multi_teacher.json")))
+    run_sweep(RecordingWorkspace(), sweep, 0.25, [0], list(sweep.variants))
+    assert [t for t, _, _ in planned] == [["/subset1", "/subset2", "/subset3"]] * (1 + len(sweep.variants))
+    assert trained == ["nnUNetTrainerBudget"] + ["nnUNetTrainerKD_MultiTeacher"] * len(sweep.variants)
+    assert ("methods.multi_teacher.teacher_routing=false",) in [o for _, _, o in planned]
