@@ -38,6 +38,78 @@ def feature_mse(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
         return masked_voxel_mean(per_voxel, mask)
 
 
+# Adapter outputs of at least this many elements are not materialised (adapted_feature_mse): beyond it the hint's time
+# is memory traffic through the adapter's output and its gradient; below it the direct form's fewer kernel calls win.
+EXPANDED_HINT_MIN_ELEMENTS = 1 << 20
+
+
+def adapted_feature_mse(adapter: "FeatureAdapter", student_feature: torch.Tensor, teacher_feature: torch.Tensor,
+                        mask: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``feature_mse(adapter(student_feature), teacher_feature, mask, weight)``, the same value and gradients.
+
+    Without mask and weight, a large adapter output (full resolution: 8 student channels mapped to 32 teacher
+    channels) is never built: the error is expanded (``expanded_adapter_mse``) into sums over the student's few
+    channels, which is what makes the full-resolution hint cheap (the KD step's speed budget)."""
+    out_elements = student_feature.numel() // max(1, student_feature.shape[1]) * adapter.teacher_channels
+    if mask is None and weight is None and out_elements >= EXPANDED_HINT_MIN_ELEMENTS \
+            and student_feature.shape[2:] == teacher_feature.shape[2:] \
+            and teacher_feature.shape[:2] == (student_feature.shape[0], adapter.teacher_channels):
+        return expanded_adapter_mse(adapter, student_feature, teacher_feature)
+    return feature_mse(adapter(student_feature), teacher_feature, mask, weight)
+
+
+def expanded_adapter_mse(adapter: "FeatureAdapter", student_feature: torch.Tensor,
+                         teacher_feature: torch.Tensor) -> torch.Tensor:
+    """Mean over voxels v and teacher channels of (W s_v + b - t_v)^2 for the 1x1 adapter (W, b), without building
+    W s + b: see _ExpandedAdapterMSE."""
+    with float32_region(student_feature.device):
+        batch, student_channels = student_feature.shape[:2]
+        s = student_feature.float().reshape(batch, student_channels, -1)
+        t = teacher_feature.detach().float().reshape(batch, teacher_feature.shape[1], -1)
+        return _ExpandedAdapterMSE.apply(s, t, adapter.proj.weight.flatten(1).float(), adapter.proj.bias.float())
+
+
+class _ExpandedAdapterMSE(torch.autograd.Function):
+    """s (B, Cs, N) student, t (B, Ct, N) teacher, W (Ct, Cs), b (Ct,); n = B N voxels. The error expands as
+
+        sum_v |W s_v + b - t_v|^2 = <W^T W, G> + 2 b.W s_sum + n |b|^2 - 2 <W, C> - 2 b.t_sum + sum_v |t_v|^2
+
+    with G = sum_v s_v s_v^T (Cs x Cs) and C = sum_v t_v s_v^T (Ct x Cs), so the forward pass reads s and t, and writes
+    nothing of their size. The gradients are written out (autograd through the batched products and their sum over
+    images would take several times longer on the CPU): with k = 2 / (n Ct),
+        d/ds_v = k (W^T W s_v + W^T b - W^T t_v),  d/dW = k (W G + b s_sum^T - C),  d/db = k (W s_sum + n b - t_sum).
+    Sums run in float32, per image (the batched products), then over images."""
+
+    @staticmethod
+    def forward(ctx, s, t, weight, bias):
+        n, teacher_channels = s.shape[0] * s.shape[2], t.shape[1]
+        gram = torch.bmm(s, s.transpose(1, 2)).sum(0)
+        cross = torch.bmm(t, s.transpose(1, 2)).sum(0)
+        student_sum, teacher_sum = s.sum((0, 2)), t.sum((0, 2))
+        rows = t.reshape(-1, 1, t.shape[2])
+        teacher_square = torch.bmm(rows, rows.transpose(1, 2)).sum()
+        total = ((weight @ gram) * weight).sum() + 2 * bias @ (weight @ student_sum) + n * (bias @ bias) \
+            - 2 * ((cross * weight).sum() + bias @ teacher_sum) + teacher_square
+        ctx.save_for_backward(s, t, weight, bias, gram, cross, student_sum, teacher_sum)
+        return total / (n * teacher_channels)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        s, t, weight, bias, gram, cross, student_sum, teacher_sum = ctx.saved_tensors
+        n = s.shape[0] * s.shape[2]
+        k = grad_output * 2.0 / (n * t.shape[1])
+        grad_s = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            wt, batch = weight.t() * k, s.shape[0]
+            grad_s = torch.baddbmm((wt @ bias).view(1, -1, 1), (wt @ weight).expand(batch, -1, -1), s)
+            grad_s = torch.baddbmm(grad_s, wt.expand(batch, -1, -1), t, alpha=-1.0)
+        if ctx.needs_input_grad[2]:
+            grad_weight = (weight @ gram + torch.outer(bias, student_sum) - cross) * k
+        if ctx.needs_input_grad[3]:
+            grad_bias = (weight @ student_sum + n * bias - teacher_sum) * k
+        return grad_s, None, grad_weight, grad_bias
+
+
 class FeatureAdapter(nn.Module):
     """1x1 convolution from the student's channel count to the teacher's at one stage (2D or 3D)."""
 
