@@ -140,21 +140,25 @@ def test_export_onnx_and_the_light_predictor_write_what_nnunet_predicts(workspac
 
     torch_segs, onnx_segs = _read(torch_pred, ".nii.gz"), _read(onnx_pred, ".nii.gz")
     assert len(torch_segs) == 2 and torch_segs.keys() == onnx_segs.keys() == _read(int8_pred, ".nii.gz").keys()
+    # A softmax moves by at most half the largest logit change. The logits differ by the export's stated tolerance
+    # plus nnU-Net's float16 sliding-window accumulator, which rounds each to a step of 2^(exponent - 10): a 3e-5
+    # difference can land on two sides of a step.
+    fp16_step = 2.0 ** (np.floor(np.log2(record["parity"]["max_abs_logit"])) - 10)
+    probability_bound = 0.5 * (record["parity"]["tolerance"] + 2 * fp16_step)
     for name in torch_segs:
         a, b = (sitk.ReadImage(d[name]) for d in (torch_segs, onnx_segs))
         assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
-        # nnU-Net accumulates logits in float16 (below): a voxel whose classes tie within a step may flip.
-        differing = np.mean(sitk.GetArrayFromImage(a) != sitk.GetArrayFromImage(b))
-        assert differing <= 1e-3, differing
-    for name in _read(torch_pred, ".npz"):
-        p_torch = np.load(join(torch_pred, name))["probabilities"]
-        p_onnx = np.load(join(onnx_pred, name))["probabilities"]
-        # A softmax moves by at most half the largest logit change. The logits differ by the export's stated tolerance
-        # plus nnU-Net's float16 sliding-window accumulator, which rounds each to a step of 2^(exponent - 10): a
-        # 3e-5 difference can land on two sides of a step.
-        fp16_step = 2.0 ** (np.floor(np.log2(record["parity"]["max_abs_logit"])) - 10)
+        p_torch = np.load(join(torch_pred, name.replace(".nii.gz", ".npz")))["probabilities"]
+        p_onnx = np.load(join(onnx_pred, name.replace(".nii.gz", ".npz")))["probabilities"]
+        assert p_torch.shape == p_onnx.shape and p_torch.shape[1:] == sitk.GetArrayFromImage(a).shape
         worst = float(np.abs(p_torch - p_onnx).max())
-        assert worst <= 0.5 * (record["parity"]["tolerance"] + 2 * fp16_step), (worst, record["parity"])
+        assert worst <= probability_bound, (worst, record["parity"])
+        # A voxel's class may differ only where its two most likely classes are closer than the probabilities can
+        # move (the briefly trained teacher has many such near ties; with them the count of flips is luck).
+        top_two = np.sort(p_torch, axis=0)[-2:]
+        differing = sitk.GetArrayFromImage(a) != sitk.GetArrayFromImage(b)
+        assert np.all(top_two[1][differing] - top_two[0][differing] <= 2 * probability_bound), \
+            (int(differing.sum()), float((top_two[1] - top_two[0])[differing].max()))
 
 
 def test_onnx_predictor_names_the_missing_export_and_int8_needs_onnx(workspace, tmp_path):
