@@ -189,6 +189,13 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
     teacher_folders = [teacher_folder] if isinstance(teacher_folder, str) else list(teacher_folder)
     if not teacher_folders:
         raise PlanningError("Give at least one --teacher model folder.")
+    seen = {}
+    for folder in teacher_folders:  # the same model twice would count its vote twice in every mixture and mean
+        key = os.path.realpath(folder)
+        if key in seen:
+            raise PlanningError(f"--teacher {folder} is given twice (also as {seen[key]}): give each teacher model "
+                                f"folder once.")
+        seen[key] = folder
     teacher_folder = teacher_folders[0]
     if not nnUNet_preprocessed.is_set():
         raise PlanningError("nnUNet_preprocessed is not set. Export it as for any nnU-Net command.")

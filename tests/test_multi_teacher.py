@@ -3,11 +3,14 @@ each teacher with its own taps and adapters (keyed term, teacher, stage), logs e
 from an old one-teacher checkpoint's 'kd_adapters'."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
 from conftest import CONFIGURATION, DATASET_ID
-from nnunet_kd.planning import plan_student
+from nnunet_kd.planning import PlanningError, plan_student
 from nnunet_kd.trainer import ADAPTERS_KEY, MODULES_KEY
 from test_teacher_and_bad_inputs import make_trainer
 
@@ -20,11 +23,29 @@ def _batch(trainer):
     return {"data": torch.randn(2, 1, *patch), "target": target}
 
 
+def _teacher_copy(ws) -> str:
+    """The session's teacher in a second model folder (same name, another parent): a second teacher with the same
+    weights, so both must give the same soft targets."""
+    copy = os.path.join(ws.root, "teacher_copy", os.path.basename(ws.teacher_folder))
+    if not os.path.isdir(copy):
+        shutil.copytree(ws.teacher_folder, copy)
+    return copy
+
+
+def test_the_same_teacher_folder_twice_is_refused_before_anything_is_written(workspace, monkeypatch):
+    ws = workspace
+    ws.set_env(monkeypatch)
+    with pytest.raises(PlanningError, match=r"--teacher .* is given twice .*give each teacher model folder once"):
+        plan_student(str(DATASET_ID), CONFIGURATION, [ws.teacher_folder, ws.teacher_folder + "/"],
+                     "nnUNetPlans_sameteachertwice", width=0.25, verbose=False)
+    assert not os.path.exists(os.path.join(ws.preprocessed, "nnUNetPlans_sameteachertwice.json"))
+
+
 def test_two_teachers_plan_train_and_log_each_share(workspace, monkeypatch):
     ws = workspace
     ws.set_env(monkeypatch)
     name = "nnUNetPlans_twoteachers"
-    plan_student(str(DATASET_ID), CONFIGURATION, [ws.teacher_folder, ws.teacher_folder], name, width=0.25,
+    plan_student(str(DATASET_ID), CONFIGURATION, [ws.teacher_folder, _teacher_copy(ws)], name, width=0.25,
                  verbose=False)
     trainer = make_trainer(ws, monkeypatch, name, trainer="nnUNetTrainerKD_BalancedHints")
     recipe = trainer.kd_recipe
@@ -78,7 +99,7 @@ def test_the_benchmark_loads_times_and_costs_every_teacher_of_the_recipe(workspa
     ws = workspace
     ws.set_env(monkeypatch)
     name = "nnUNetPlans_twoteachers_bench"
-    plan_student(str(DATASET_ID), CONFIGURATION, [ws.teacher_folder, ws.teacher_folder], name, width=0.25,
+    plan_student(str(DATASET_ID), CONFIGURATION, [ws.teacher_folder, _teacher_copy(ws)], name, width=0.25,
                  verbose=False, overwrite=True)
     res = run_benchmark(str(DATASET_ID), CONFIGURATION, "0", student_plans=name, device="cpu", steps=1, warmup=0,
                         inference_repeats=1, inference_warmup=0, output=str(tmp_path / "two.json"), verbose=False)
