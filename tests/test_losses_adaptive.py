@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from nnunet_kd.losses.feature import (EXPANDED_HINT_MIN_ELEMENTS, FeatureAdapter, FeatureDistillationLoss,
-                                     adapted_feature_mse, expanded_adapter_mse, feature_mse)
+from nnunet_kd.losses.feature import FeatureAdapter, FeatureDistillationLoss, feature_mse
 from nnunet_kd.losses.kl import (LogitKLLoss, class_balanced_mean, region_balanced_mean, sigmoid_kl, softmax_kl,
                                  softmax_kl_map)
 from nnunet_kd.losses.lovasz import LovaszSoftmaxLoss, lovasz_grad, lovasz_sigmoid, lovasz_softmax
@@ -273,50 +272,6 @@ def test_feature_adapter_is_the_1x1_convolution_of_its_weights(dims):
     expected = conv(features, adapter.proj.weight, adapter.proj.bias)
     torch.testing.assert_close(adapter(features), expected, rtol=1e-5, atol=1e-6)
     assert set(adapter.state_dict()) == {"proj.weight", "proj.bias"}  # checkpoints keep nn.Conv's layout
-
-
-@pytest.mark.parametrize("dims", [2, 3])
-def test_the_expanded_hint_has_the_direct_hints_value_and_gradients_for_student_and_adapter_not_teacher(dims):
-    torch.manual_seed(0)
-    adapter = FeatureAdapter(3, 7, dims)
-    student = torch.randn(2, 3, *([5] * dims), requires_grad=True)
-    teacher = (torch.randn(2, 7, *([5] * dims)) + 0.5).requires_grad_()
-    direct = feature_mse(adapter(student), teacher)
-    direct_grads = torch.autograd.grad(direct, [student, adapter.proj.weight, adapter.proj.bias])
-    expanded = expanded_adapter_mse(adapter, student, teacher)
-    expanded_grads = torch.autograd.grad(expanded, [student, adapter.proj.weight, adapter.proj.bias],
-                                         retain_graph=True)
-    assert expanded.item() == pytest.approx(direct.item(), rel=1e-5)
-    for a, b in zip(expanded_grads, direct_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    expanded.backward()
-    assert teacher.grad is None
-
-
-@pytest.mark.parametrize("dims", [2, 3])
-def test_the_expanded_hint_is_zero_when_the_adapted_student_equals_the_teacher(dims):
-    adapter = FeatureAdapter(2, 4, dims)
-    student = torch.randn(3, 2, *([4] * dims))
-    with torch.no_grad():
-        teacher = adapter(student)
-    assert expanded_adapter_mse(adapter, student, teacher).item() == pytest.approx(0.0, abs=1e-5)
-
-
-def test_a_large_unmasked_hint_is_expanded_and_a_masked_or_small_one_is_direct(monkeypatch):
-    calls = []
-    monkeypatch.setattr("nnunet_kd.losses.feature.expanded_adapter_mse",
-                        lambda adapter, s, t: calls.append(tuple(s.shape)) or torch.zeros(()))
-    adapter = FeatureAdapter(2, 8, 2)
-    side = int((EXPANDED_HINT_MIN_ELEMENTS // 8) ** 0.5) + 1  # 8 adapted channels on side x side voxels: over the bound
-    large, teacher = torch.randn(1, 2, side, side), torch.randn(1, 8, side, side)
-    adapted_feature_mse(adapter, large, teacher)
-    assert calls == [(1, 2, side, side)]
-    mask = torch.ones(1, 1, side, side, dtype=torch.bool)
-    small = torch.randn(1, 2, 4, 4)
-    masked = adapted_feature_mse(adapter, large, teacher, mask)
-    assert masked.item() == pytest.approx(feature_mse(adapter(large), teacher).item(), rel=1e-6)
-    direct = adapted_feature_mse(adapter, small, torch.randn(1, 8, 4, 4))
-    assert calls == [(1, 2, side, side)] and direct.item() > 0
 
 
 def test_feature_distillation_names_missing_stage():

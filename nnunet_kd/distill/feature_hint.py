@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nnunet_kd.distill.base import DistillationTerm, mean_over_teachers, register_term
-from nnunet_kd.losses.feature import FeatureAdapter, adapted_feature_mse
+from nnunet_kd.losses.feature import FeatureAdapter, feature_mse
 from nnunet_kd.losses.teacher_mixture import weights_at
 
 
@@ -49,11 +49,10 @@ class FeatureHint(DistillationTerm):
         adapters, mask = self.adapters[name], step.kd_mask(0)
         value = 0.0
         for stage in self.resolved_stages:
-            student = step.student_features[stage]
+            student = adapters[module_key(stage)](step.student_features[stage])
             weight = None if step.teacher_weights is None else weights_at(step.teacher_weights[name][0],
                                                                            student.shape[2:])
-            value = value + adapted_feature_mse(adapters[module_key(stage)], student, teacher.features[stage], mask,
-                                                weight)
+            value = value + feature_mse(student, teacher.features[stage], mask, weight)
         return value
 
     def forward(self, step) -> dict:
