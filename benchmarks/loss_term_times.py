@@ -2,10 +2,9 @@
 demo's 3D one (batch 2, 3 classes, patch 16x48x48, stages of 8/16/32/64 channels against the teacher's
 32/64/128/256), or with ``--shapes hippocampus2d`` Hippocampus ``2d`` (batch 32, patch 56x40, last decoder stage 8
 against 32 channels, bottleneck 64 against 256 at 7x5); three deep-supervision outputs with nnU-Net's weights, the
-lowest at weight 0 and so skipped; feature hints at the last decoder stage and at the bottleneck, as the trainer
-computes them (``adapted_feature_mse``) and in the direct form (adapter output, then MSE). It shows where the KD
-step's time above (plain step + teacher forward) goes: `nnUNetv2_kd_benchmark` measures the whole step, this script
-its parts.
+lowest at weight 0 and so skipped; feature hints at the last decoder stage and at the bottleneck). It shows where
+the KD step's time above (plain step + teacher forward) goes: `nnUNetv2_kd_benchmark` measures the whole step, this
+script its parts.
 
     python benchmarks/loss_term_times.py [--shapes hippocampus2d]   # medians of 30 calls after 3 warm-up, ms, CPU
 """
@@ -17,7 +16,7 @@ import time
 
 import torch
 
-from nnunet_kd.losses.feature import FeatureAdapter, adapted_feature_mse, feature_mse
+from nnunet_kd.losses.feature import FeatureAdapter, feature_mse
 from nnunet_kd.losses.kl import LogitKLLoss
 from nnunet_kd.losses.lovasz import LovaszSoftmaxLoss
 
@@ -59,13 +58,11 @@ def main() -> None:
 
     lovasz = LovaszSoftmaxLoss()
 
-    def hint(student_channels, teacher_channels, shape, direct=False):
+    def hint(student_channels, teacher_channels, shape):
         adapter = FeatureAdapter(student_channels, teacher_channels, dim)
         f_s = torch.randn(batch, student_channels, *shape, requires_grad=True)
         f_t = torch.randn(batch, teacher_channels, *shape)
-        if direct:
-            return lambda: feature_mse(adapter(f_s), f_t).backward()
-        return lambda: adapted_feature_mse(adapter, f_s, f_t).backward()
+        return lambda: feature_mse(adapter(f_s), f_t).backward()
 
     full = "x".join(map(str, output_shapes[0]))
     low = "x".join(map(str, bottleneck))
@@ -74,7 +71,6 @@ def main() -> None:
         "KL, voxel mean, deep-supervision outputs": kl_on_all_outputs("voxel"),
         "Lovasz-softmax, full resolution": lambda: lovasz(student[0], labels[0], None).backward(),
         f"feature hint, last decoder stage (8 -> 32 ch, {full})": hint(8, 32, output_shapes[0]),
-        f"  the same in the direct form (adapter output, then MSE)": hint(8, 32, output_shapes[0], direct=True),
         f"feature hint, bottleneck (64 -> 256 ch, {low})": hint(64, 256, bottleneck),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward + backward, median ms")
