@@ -79,6 +79,8 @@ def main(argv=None) -> None:
     command = "python benchmarks/run_recipe_sweep.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
     fraction = "" if args.labelled_fraction is None else f"-labelled{str(args.labelled_fraction).replace('.', 'p')}"
+    if sweep.method == "multi_teacher":  # the students of another number of subset teachers have their own file
+        fraction += f"-k{args.subset_teachers}"
     json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-{sweep.method}-sweep-"
                                f"{args.student_epochs * args.iterations_per_epoch}it{fraction}.json")
     ws = Workspace(protocol)

@@ -382,10 +382,11 @@ class Workspace:
             "max_batch_size": p.max_batch_size, "teacher_seed": p.teacher_seed,
             "trained_on": {"device": device_label(p.device), "host": platform.node(), "torch": torch.__version__}})
 
-    def subset_teachers(self) -> list[str]:
+    def subset_teachers(self, evaluate: bool = True) -> list[str]:
         """Protocol.subset_teachers teachers, each trained (teacher budget and seed) on one disjoint seeded subset of
         the fold's training cases, each evaluated on the test cases with probabilities, and their ensemble (nnU-Net's
-        nnUNetv2_ensemble: the mean of their probabilities) evaluated; returns their model folders."""
+        nnUNetv2_ensemble: the mean of their probabilities) evaluated (not with ``evaluate=False``: a recipe sweep
+        never predicts the test cases); returns their model folders."""
         p, k = self.p, self.p.subset_teachers
         plan_env = {key: v for key, v in self.env.items() if key != "nnUNet_n_proc_DA"}  # see preprocess()
         self.command("nnUNetv2_kd_plan_subset_teachers", [
@@ -394,6 +395,8 @@ class Workspace:
             "--val-iterations-per-epoch", p.val_iterations_per_epoch, "--training-seed", p.teacher_seed]
             + (["--max-batch-size", p.max_batch_size] if p.max_batch_size else []) + ["--overwrite"], plan_env)
         folders = [self.train(TEACHER_TRAINER, f"{SUBSET_TEACHER_PLANS}{i}of{k}") for i in range(1, k + 1)]
+        if not evaluate:
+            return folders
         summaries = [self.evaluate_on_test(f, save_probabilities=True) for f in folders]
         out = join(self.results, f"{SUBSET_ENSEMBLE}_k{k}__{p.configuration}", f"fold_{p.fold}", "test_predictions")
         summary = join(out, "summary.json")
@@ -750,6 +753,10 @@ def collect(ws: "Workspace") -> dict:
             if p.labelled_fraction is None or fraction is not None or method != "plain":
                 continue  # a model of a protocol with another labelled fraction: reported in that one's results file
             method = ALL_LABELS_PLAIN
+        if n_teachers is not None and subset_sha is None:
+            skipped.append(f"{name}: its {n_teachers} subset teachers are not all finished and evaluated at this "
+                           f"protocol's teacher budget")
+            continue
         record = _model_record(ws, local[name]) if name in local else None
         if record is None and name in committed:
             record = committed[name]
@@ -787,9 +794,11 @@ def _collect_subset_teachers(ws: "Workspace", local: dict, committed: dict, skip
     finished and evaluated (from the workspace or the records) and trained at the teacher's budget, else {}; and
     their joint identity (_teachers_sha256)."""
     p = ws.p
-    records = []
-    for name in _subset_teacher_names(p.configuration, p.subset_teachers):
-        record = _model_record(ws, local[name]) if name in local else committed.get(name)
+    records, names = [], _subset_teacher_names(p.configuration, p.subset_teachers)
+    # all k from one source: teachers retrained here are never mixed with committed records of earlier ones
+    here = any(name in local for name in names)
+    for name in names:
+        record = (_model_record(ws, local[name]) if name in local else None) if here else committed.get(name)
         if record is None:
             return {}, None
         training = record["plans"].get("kd", {}).get(p.configuration, {}).get("training", {})
@@ -819,6 +828,14 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
             f"teacher (run without --no-teacher-archive in a new --workdir), or pass --no-records.")
     written = [save_record(ws.p.records_dir, found["teacher"], None)] if found["teacher"]["folder"] else []
     subset = found.get("subset_teachers") or []
+    records = load_records(ws.p.records_dir)
+    for r in subset:
+        earlier = records.get(basename(r["folder"])) if r["folder"] else None
+        if earlier is not None and earlier["network_weights_sha256"] != r["network_weights_sha256"]:
+            raise EvidenceError(
+                f"This workspace's subset teacher {basename(r['folder'])} is not the one of the committed records in "
+                f"{ws.p.records_dir} (other network weights): the multi-teacher students' records would be mixed "
+                f"with those of other teachers. Use the workspace that trained them, or pass --no-records.")
     written += [save_record(ws.p.records_dir, r, None) for r in subset if r["folder"]]
     for (method, _), by_seed in found["students"].items():
         sha = _teachers_sha256(subset) if method == "multi_teacher" else teacher_sha

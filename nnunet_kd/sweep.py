@@ -70,21 +70,25 @@ def load_sweep(path: str) -> Sweep:
 
 
 def sweep_plans_name(method: str, variant: str, width: float, seed: int, epochs: int,
-                     labelled_fraction: float | None = None) -> str:
-    """One plans file per model; a sweep of students on part of the labels (Protocol.labelled_fraction) has its own."""
+                     labelled_fraction: float | None = None, subset_teachers: int | None = None) -> str:
+    """One plans file per model; a sweep of students on part of the labels (Protocol.labelled_fraction) has its own,
+    and so has a multi-teacher sweep per number of subset teachers."""
     fraction = "" if labelled_fraction is None else f"_f{_number_tag(labelled_fraction)}"
-    return f"nnUNetPlans_sweep_{method}_{variant}_w{_number_tag(width)}{fraction}_s{seed}_e{epochs}"
+    teachers = f"_k{subset_teachers}" if method == "multi_teacher" and subset_teachers else ""
+    return f"nnUNetPlans_sweep_{method}_{variant}_w{_number_tag(width)}{fraction}{teachers}_s{seed}_e{epochs}"
 
 
 def run_sweep(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], variants: list[str], report=None) -> None:
     """Train what is missing: the teacher, then per seed the plain student and every variant (in sweep order)."""
     ws.preprocess()
-    # multi-teacher KD learns from the protocol's subset teachers (each variant plans the same ones)
-    teacher = ws.subset_teachers() if sweep.method == "multi_teacher" else ws.teacher()
+    # multi-teacher KD learns from the protocol's subset teachers (each variant plans the same ones); a sweep never
+    # predicts the test cases
+    teacher = ws.subset_teachers(evaluate=False) if sweep.method == "multi_teacher" else ws.teacher()
     for seed in seeds:
         for variant in [None] + variants:  # None: the plain student (trained from the baseline variant's plans)
             name = variant or sweep.baseline
-            plans = sweep_plans_name(sweep.method, name, width, seed, ws.p.student_epochs, ws.p.labelled_fraction)
+            plans = sweep_plans_name(sweep.method, name, width, seed, ws.p.student_epochs, ws.p.labelled_fraction,
+                                     ws.p.subset_teachers)
             ws.plan_student(teacher, width, seed, plans_name=plans, overrides=sweep.overrides(name))
             before = ws.commands_run
             ws.train(TRAINERS["plain" if variant is None else sweep.method], plans)
@@ -114,7 +118,7 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
             name = variant or sweep.baseline
             trainer = TRAINERS["plain" if variant is None else sweep.method]
             folder = ws.folder(trainer, sweep_plans_name(sweep.method, name, width, seed, p.student_epochs,
-                                                         p.labelled_fraction))
+                                                         p.labelled_fraction, p.subset_teachers))
             record = _validation_record(folder, fold)
             if record is not None:
                 models.setdefault(variant or "plain", {})[seed] = record

@@ -422,3 +422,18 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     # Another number of subset teachers: neither those teachers nor their student belong to this protocol.
     again.p.subset_teachers = 3
     assert "subset_teachers" not in collect(again) and ("multi_teacher", 0.25) not in collect(again)["students"]
+
+    # Subset teachers retrained in a fresh workspace are never mixed with the committed ones: with one of two
+    # retrained, the set is incomplete and the multi-teacher student is left out, saying why.
+    from nnunet_kd.evidence import EvidenceError
+    again.p.subset_teachers = 2
+    fake_model_folder(fresh, f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}1of2__2d", teacher_budget, weight=3.3)
+    partial = collect(again)
+    assert "subset_teachers" not in partial and ("multi_teacher", 0.25) not in partial["students"]
+    assert any("subset teachers are not all finished" in reason for reason in partial["skipped"])
+    # With both retrained (other weights), their records would replace the committed ones: refused.
+    fake_model_folder(fresh, f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}2of2__2d", teacher_budget, weight=3.4)
+    retrained = collect(again)
+    assert len(retrained["subset_teachers"]) == 2 and ("multi_teacher", 0.25) not in retrained["students"]
+    with pytest.raises(EvidenceError, match=r"subset teacher .*\(other network weights\)"):
+        save_workspace_records(again, retrained)

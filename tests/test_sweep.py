@@ -68,7 +68,7 @@ def test_a_multi_teacher_sweep_plans_every_variant_and_its_plain_student_from_th
     planned, trained = [], []
 
     class RecordingWorkspace:
-        p = SimpleNamespace(student_epochs=30, labelled_fraction=None)
+        p = SimpleNamespace(student_epochs=30, labelled_fraction=None, subset_teachers=3)
         commands_run = 0
 
         def preprocess(self):
@@ -77,7 +77,8 @@ def test_a_multi_teacher_sweep_plans_every_variant_and_its_plain_student_from_th
         def teacher(self):
             raise AssertionError("a multi-teacher sweep must not learn from the one teacher on all cases")
 
-        def subset_teachers(self):
+        def subset_teachers(self, evaluate=True):
+            assert not evaluate, "a sweep must not predict the test cases"
             return ["/subset1", "/subset2", "/subset3"]
 
         def plan_student(self, teachers, width, seed, plans_name, overrides):
@@ -91,3 +92,9 @@ def test_a_multi_teacher_sweep_plans_every_variant_and_its_plain_student_from_th
     assert [t for t, _, _ in planned] == [["/subset1", "/subset2", "/subset3"]] * (1 + len(sweep.variants))
     assert trained == ["nnUNetTrainerBudget"] + ["nnUNetTrainerKD_MultiTeacher"] * len(sweep.variants)
     assert ("methods.multi_teacher.teacher_routing=false",) in [o for _, _, o in planned]
+    # the students of another number of subset teachers have plans (and model folders) of their own
+    assert all("_k3_s0_" in name for _, name, _ in planned)
+    assert sweep_plans_name("multi_teacher", "default", 0.25, 0, 30, None, 4) != \
+        sweep_plans_name("multi_teacher", "default", 0.25, 0, 30, None, 3)
+    assert sweep_plans_name("adaptive", "default", 0.25, 0, 30, None, 3) == \
+        sweep_plans_name("adaptive", "default", 0.25, 0, 30)
