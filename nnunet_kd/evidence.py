@@ -1116,7 +1116,8 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    widths = sorted({r["width"] for r in rows if r["method"] != "teacher"}, reverse=True)
+    teachers = ("teacher", "subset_teacher", "subset_teachers_ensemble")  # teacher curves are drawn in every panel
+    widths = sorted({r["width"] for r in rows if r["method"] not in teachers}, reverse=True)
     fig, axes = plt.subplots(1, max(1, len(widths)), figsize=(5 * max(1, len(widths)), 4), squeeze=False)
     its = pr["budgets"]["iterations_per_epoch"]
     t_curve = np.mean([c["pseudo_dice"] for c in result["curves"]["teacher"].values()], axis=0)
