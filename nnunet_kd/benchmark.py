@@ -24,7 +24,10 @@ machine's speed touches all three alike; on CUDA the device is synchronised befo
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` (absolute peak, and its increase over what was allocated when
 the measurement started). On the CPU the process's resident set size (RSS), sampled every 5 ms from
 /proc/self/statm during the measurement, minus the RSS at its start (``resource.getrusage``'s lifetime maximum
-where /proc is missing); freed memory that the allocator keeps makes CPU numbers approximate lower bounds.
+where /proc is missing); freed memory that the allocator keeps makes CPU numbers approximate lower bounds. Memory
+is measured in the untimed calls only (the warm-up steps, at least one; the first warm-up prediction, one untimed
+prediction even with ``--inference-warmup 0``): the CPU sampler is a thread, and beside a timed call on a 2-core
+machine it would slow that call.
 
 Students: with ``--student-plans`` (plans written by nnUNetv2_kd_plan_student) the student is untrained; its
 inference time is measured with the trainer's in-memory network (weights do not change the time). With
@@ -164,22 +167,27 @@ def time_interleaved(measurements: dict, steps: int, warmup: int, device: torch.
 
     Interleaving is what makes the ratios trustworthy: a shared machine drifts in speed by 10% and more over a
     minute (measured here), and timed one after the other, whole blocks would land in slow or fast periods. The
-    device is synchronised before and after each timed call; memory is the peak over each measurement's calls
-    (warm-up included), each call measured from its own start.
+    device is synchronised before and after each timed call. Memory is the peak over the untimed warm-up rounds (at
+    least one, even with ``warmup=0``), each call measured from its own start, and never sampled while a call is
+    timed: on the CPU the sampler is a thread, which on a 2-core machine competes with the timed call for the cores
+    and the GIL, the more so the more Python-level work the call does.
     """
     times = {name: [] for name in measurements}
     memory = {name: [] for name in measurements}
-    for i in range(warmup + steps):
+    untimed = max(1, warmup)
+    for i in range(untimed + steps):
         for name, (fn, inputs) in measurements.items():
             _synchronize(device)
-            with PeakMemory(device) as peak:
-                t0 = time.perf_counter()
-                fn(inputs[i % len(inputs)])
-                _synchronize(device)
-                elapsed = time.perf_counter() - t0
-            memory[name].append(peak.result())
-            if i >= warmup:
-                times[name].append(elapsed)
+            if i < untimed:
+                with PeakMemory(device) as peak:
+                    fn(inputs[i % len(inputs)])
+                    _synchronize(device)
+                memory[name].append(peak.result())
+                continue
+            t0 = time.perf_counter()
+            fn(inputs[i % len(inputs)])
+            _synchronize(device)
+            times[name].append(time.perf_counter() - t0)
     return {name: {"median_s": float(statistics.median(times[name])), "all_s": [float(t) for t in times[name]],
                    "peak_memory_bytes": max(m["peak_memory_bytes"] for m in memory[name]),
                    "peak_memory_increase_bytes": max(m["peak_memory_increase_bytes"] for m in memory[name]),
@@ -599,9 +607,12 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
                     say(f"sliding-window inference, {who}, {mode.replace('_', ' ')} ({inference_warmup} warm-up + "
                         f"{inference_repeats} timed) on case {case} {list(volume.shape)}")
                     predictor.use_mirroring = mirroring
+                    # memory in the first (untimed) call, never while timing: see time_interleaved
                     with PeakMemory(device) as memory:
-                        timing = median_inference_seconds(predictor, volume, repeats=inference_repeats,
-                                                          warmup=inference_warmup)
+                        predictor.predict_sliding_window_return_logits(volume)
+                        _synchronize(device)
+                    timing = median_inference_seconds(predictor, volume, repeats=inference_repeats,
+                                                      warmup=max(0, inference_warmup - 1))
                     record[mode] = {**timing, **memory.result()}
             # "teacher": every teacher run in turn on the volume (one teacher: that teacher), as an ensemble of
             # them would be; its peak memory is the largest of theirs.

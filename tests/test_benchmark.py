@@ -133,3 +133,26 @@ def test_benchmark_refuses_a_poisoned_student_checkpoint_without_running_it(work
                       inference_repeats=1, inference_warmup=0, output=str(tmp_path / "b.json"), verbose=False)
     assert checkpoint in str(error.value) and "re-save the checkpoint" in str(error.value)
     assert not os.path.exists(marker) and not os.path.exists(tmp_path / "b.json")
+
+
+def test_memory_is_sampled_only_in_untimed_rounds_never_beside_a_timed_call(monkeypatch):
+    """The CPU's memory sampler is a thread: it must not run while a call is timed (it would slow that call)."""
+    from nnunet_kd import benchmark
+
+    sampling = []
+
+    class RecordingPeakMemory(benchmark.PeakMemory):
+        def __enter__(self):
+            sampling.append(True)
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            sampling.append(False)
+            return super().__exit__(*exc)
+
+    calls = []
+    monkeypatch.setattr(benchmark, "PeakMemory", RecordingPeakMemory)
+    out = benchmark.time_interleaved({"step": (lambda x: calls.append(bool(sampling) and sampling[-1]), [0])},
+                                     steps=3, warmup=0, device=torch.device("cpu"))
+    assert calls == [True, False, False, False]  # one untimed round with the sampler, then three timed without
+    assert len(out["step"]["all_s"]) == 3 and out["step"]["peak_memory_bytes"] > 0
