@@ -820,7 +820,8 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
     if not ws.p.records_dir or found["teacher"] is None:
         return []
     teacher_sha = found["teacher"]["network_weights_sha256"]
-    committed = load_records(ws.p.records_dir).get(basename(ws.folder(TEACHER_TRAINER, TEACHER_PLANS)))
+    records = load_records(ws.p.records_dir)
+    committed = records.get(basename(ws.folder(TEACHER_TRAINER, TEACHER_PLANS)))
     if committed is not None and committed["network_weights_sha256"] != teacher_sha:
         raise EvidenceError(
             f"This workspace's teacher is not the one of the committed records in {ws.p.records_dir} (other network "
@@ -828,7 +829,6 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
             f"teacher (run without --no-teacher-archive in a new --workdir), or pass --no-records.")
     written = [save_record(ws.p.records_dir, found["teacher"], None)] if found["teacher"]["folder"] else []
     subset = found.get("subset_teachers") or []
-    records = load_records(ws.p.records_dir)
     for r in subset:
         earlier = records.get(basename(r["folder"])) if r["folder"] else None
         if earlier is not None and earlier["network_weights_sha256"] != r["network_weights_sha256"]:
@@ -873,13 +873,12 @@ def paired_comparisons(students: dict, teacher: dict, cases: list[str], labelled
                 comparisons.append({"method": method, "baseline": baseline, "width": width, "seeds": seeds,
                                     **paired_bootstrap(diffs)})
         seeds = sorted(by_seed)
-        diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - teacher_dice
+        dice = _dice_matrix([by_seed[s] for s in seeds], cases)
         comparisons.append({"method": method, "baseline": "teacher", "width": width, "seeds": seeds,
-                            **paired_bootstrap(diffs)})
+                            **paired_bootstrap(dice - teacher_dice)})
         if method == "multi_teacher" and subset_ensemble is not None:
-            diffs = _dice_matrix([by_seed[s] for s in seeds], cases) - _dice_matrix([subset_ensemble], cases)
             comparisons.append({"method": method, "baseline": "subset_teachers_ensemble", "width": width,
-                                "seeds": seeds, **paired_bootstrap(diffs)})
+                                "seeds": seeds, **paired_bootstrap(dice - _dice_matrix([subset_ensemble], cases))})
     return comparisons
 
 
