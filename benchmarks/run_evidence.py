@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--subset-teachers", type=int, default=3, metavar="K",
                         help="For multi_teacher runs: K teachers, each trained at the teacher's budget on one of K "
                              "disjoint seeded subsets of the fold's training cases")
+    parser.add_argument("--subset-teacher-epochs", type=int, default=None, metavar="EPOCHS",
+                        help="For multi_teacher runs: each subset teacher's epochs (default: --teacher-epochs)")
     parser.add_argument("--report-only", action="store_true", help="Train nothing; rewrite the results files")
     parser.add_argument("--commit", action="store_true",
                         help="git commit the results files every time they are rewritten (long runs across sessions)")
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
         teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
         max_batch_size=args.max_batch_size, device=args.device, labelled_fraction=args.labelled_fraction,
-        subset_teachers=args.subset_teachers,
+        subset_teachers=args.subset_teachers, subset_teacher_epochs=args.subset_teacher_epochs,
         labelled_fraction_seed=args.labelled_fraction_seed,
         unlabelled_images=abspath(args.unlabelled_images) if args.unlabelled_images else None,
         records_dir=None if args.no_records else join(RECORDS, f"{dataset}-{args.configuration}"),

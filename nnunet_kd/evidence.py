@@ -279,14 +279,20 @@ class Protocol:
     unlabelled_images: str | None = None
     teacher_seed: int = 0
     # Multi-teacher KD: this many teachers, each trained on one of as many disjoint seeded subsets of the fold's
-    # training cases, at the teacher's budget (the student still learns from the fold's training cases).
+    # training cases (the student still learns from the fold's training cases), for subset_teacher_epochs (None: the
+    # teacher's budget; k teachers at the full budget cost k teachers' training, more than a 2-core CPU session holds).
     subset_teachers: int = 3
+    subset_teacher_epochs: int | None = None
     fold: int = 0
     device: str = "cpu"
     latency_repeats: int = 5
     # What outlives the session (committed; see "Across sessions" below). None: the workspace only.
     records_dir: str | None = None       # one record per finished model
     teacher_archive: str | None = None   # the teacher, as a plain nnU-Net model folder
+
+    @property
+    def subset_teacher_budget(self) -> int:
+        return self.teacher_epochs if self.subset_teacher_epochs is None else self.subset_teacher_epochs
 
     @property
     def dataset_name(self) -> str:
@@ -391,7 +397,7 @@ class Workspace:
         plan_env = {key: v for key, v in self.env.items() if key != "nnUNet_n_proc_DA"}  # see preprocess()
         self.command("nnUNetv2_kd_plan_subset_teachers", [
             "-d", p.dataset_id, "-c", p.configuration, "-f", p.fold, "-k", k, "-o", SUBSET_TEACHER_PLANS,
-            "--seed", 0, "--epochs", p.teacher_epochs, "--iterations-per-epoch", p.iterations_per_epoch,
+            "--seed", 0, "--epochs", p.subset_teacher_budget, "--iterations-per-epoch", p.iterations_per_epoch,
             "--val-iterations-per-epoch", p.val_iterations_per_epoch, "--training-seed", p.teacher_seed]
             + (["--max-batch-size", p.max_batch_size] if p.max_batch_size else []) + ["--overwrite"], plan_env)
         folders = [self.train(TEACHER_TRAINER, f"{SUBSET_TEACHER_PLANS}{i}of{k}") for i in range(1, k + 1)]
@@ -454,11 +460,15 @@ def run_protocol(protocol: Protocol, report=None) -> None:
     """Train and evaluate everything the protocol names that is not finished; ``report()`` after every model."""
     ws = Workspace(protocol)
     ws.preprocess()
-    teacher = ws.teacher()
-    ws.evaluate_on_test(teacher)
-    ws.archive_teacher(teacher)
-    if report:
-        report(ws)
+    teacher = None
+    # Multi-teacher students learn from the subset teachers only: the protocol's teacher is trained for them only
+    # when no committed record holds it (the report compares every student with it).
+    if any(m != "multi_teacher" for m, _ in protocol.runs) or not _teacher_is_committed(ws):
+        teacher = ws.teacher()
+        ws.evaluate_on_test(teacher)
+        ws.archive_teacher(teacher)
+        if report:
+            report(ws)
     subset_teachers = ws.subset_teachers() if any(m == "multi_teacher" for m, _ in protocol.runs) else None
     if subset_teachers and report:
         report(ws)
@@ -725,6 +735,10 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
         return None
 
 
+def _teacher_is_committed(ws: "Workspace") -> bool:
+    return basename(ws.folder(TEACHER_TRAINER, TEACHER_PLANS)) in load_records(ws.p.records_dir)
+
+
 def _subset_teacher_names(configuration: str, k: int) -> list[str]:
     return [f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}{i}of{k}__{configuration}" for i in range(1, k + 1)]
 
@@ -803,9 +817,10 @@ def _collect_subset_teachers(ws: "Workspace", local: dict, committed: dict, skip
             return {}, None
         training = record["plans"].get("kd", {}).get(p.configuration, {}).get("training", {})
         if (training.get("num_epochs"), training.get("num_iterations_per_epoch")) != \
-                (p.teacher_epochs, p.iterations_per_epoch):
+                (p.subset_teacher_budget, p.iterations_per_epoch):
             skipped.append(f"{name}: trained for {training.get('num_epochs')} x "
-                           f"{training.get('num_iterations_per_epoch')} iterations, not this protocol's teacher budget")
+                           f"{training.get('num_iterations_per_epoch')} iterations, not this protocol's subset-teacher "
+                           f"budget ({p.subset_teacher_budget} x {p.iterations_per_epoch})")
             return {}, None
         records.append(record)
     ensemble = join(ws.results, f"{SUBSET_ENSEMBLE}_k{p.subset_teachers}__{p.configuration}", f"fold_{p.fold}",
@@ -988,7 +1003,8 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
         "n_fold_train": len(ws.split["crossval"][p.fold]["train"]), "n_validation": len(ws.split["crossval"][p.fold]["val"]),
         "seeds": sorted({s for v in found["students"].values() for s in v}), "teacher_seed": p.teacher_seed,
         "labelled_fraction": p.labelled_fraction,
-        **({"subset_teachers": f"{k} teachers, each trained at the teacher's budget and seed on one of {k} disjoint "
+        **({"subset_teachers": f"{k} teachers, each trained for {p.subset_teacher_budget * p.iterations_per_epoch} "
+                               f"iterations ({p.subset_teacher_budget} epochs) with the teacher's seed on one of {k} disjoint "
                                f"seeded subsets of the fold's training cases (nnUNetv2_kd_plan_subset_teachers -k {k} "
                                f"--seed 0); the ensemble row is nnUNetv2_ensemble of their test probabilities"}
            if k else {}),
@@ -1000,7 +1016,10 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                       f"test cases are never trained on",
             "unlabelled_images": p.unlabelled_images} if p.labelled_fraction is not None else {}),
         "budgets": {"teacher_iterations": p.teacher_epochs * p.iterations_per_epoch,
-                    "teacher_epochs": p.teacher_epochs, "student_iterations": p.student_epochs * p.iterations_per_epoch,
+                    "teacher_epochs": p.teacher_epochs,
+                    **({"subset_teacher_iterations": p.subset_teacher_budget * p.iterations_per_epoch,
+                        "subset_teacher_epochs": p.subset_teacher_budget} if k else {}),
+                    "student_iterations": p.student_epochs * p.iterations_per_epoch,
                     "student_epochs": p.student_epochs, "iterations_per_epoch": p.iterations_per_epoch,
                     "val_iterations_per_epoch": p.val_iterations_per_epoch,
                     "batch_size": teacher_cfg["batch_size"], "patch_size": teacher_cfg["patch_size"]},
