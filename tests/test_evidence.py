@@ -437,3 +437,55 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     assert len(retrained["subset_teachers"]) == 2 and ("multi_teacher", 0.25) not in retrained["students"]
     with pytest.raises(EvidenceError, match=r"subset teacher .*\(other network weights\)"):
         save_workspace_records(again, retrained)
+
+
+def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teacher_when_its_record_is_committed(
+        tmp_path, monkeypatch):
+    from nnunet_kd import evidence
+    from nnunet_kd.evidence import SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, collect, run_protocol
+
+    ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
+    at_three = {"kd": {"2d": {"training": {"num_epochs": 3, "num_iterations_per_epoch": 10}}}}
+    for i in (1, 2):
+        fake_model_folder(ws, f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}{i}of2__2d", at_three, weight=1.0 + i / 10)
+    workspace = _RecordWorkspace(ws, records)
+    workspace.p.subset_teachers = 2  # teacher budget 5 epochs
+    # Subset teachers of 3 epochs are not those of a protocol whose subset teachers train at the teacher's 5...
+    found = collect(workspace)
+    assert "subset_teachers" not in found
+    assert any("not this protocol's subset-teacher budget (5 x 10)" in reason for reason in found["skipped"])
+    # ...and are those of a protocol that gives them 3.
+    workspace.p.subset_teacher_epochs = 3
+    assert len(collect(workspace)["subset_teachers"]) == 2
+
+    # run_protocol: multi-teacher students learn from the subset teachers only, so the protocol teacher is trained
+    # only when no committed record holds it.
+    calls = []
+
+    class Recorder:
+        def __init__(self, protocol):
+            self.p = protocol
+
+        def folder(self, trainer, plans):
+            return join(ws, f"{trainer}__{plans}__2d")
+
+        def __getattr__(self, name):
+            def record(*args, **kwargs):
+                calls.append(name)
+                return [] if name == "subset_teachers" else join(ws, name)
+            return record
+
+    monkeypatch.setattr(evidence, "Workspace", Recorder)
+    workspace.p.runs = [("multi_teacher", 0.25)]
+    run_protocol(workspace.p)
+    assert "teacher" in calls and "subset_teachers" in calls  # no record of the teacher yet
+    os.makedirs(records)
+    with open(join(records, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d.json"), "w") as f:
+        json.dump({"model": f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", "network_weights_sha256": "abc"}, f)
+    calls.clear()
+    run_protocol(workspace.p)
+    assert "teacher" not in calls and "subset_teachers" in calls
+    workspace.p.runs = [("multi_teacher", 0.25), ("plain", 0.25)]  # a student of the protocol teacher needs it
+    calls.clear()
+    run_protocol(workspace.p)
+    assert "teacher" in calls
