@@ -349,10 +349,10 @@ class nnUNetTrainerKD(nnUNetTrainer):
                 features = taps.pop() if taps else {}
                 if self.kd_recipe.teacher_mirroring:
                     teacher_out = self._mirror_averaged(teacher, data, teacher_out, taps)
-            # An inference tensor cannot be saved for the student's backward pass: the terms that compare features
-            # directly (the hint's MSE) would need one, so the features are copied. The logits only enter through
-            # new tensors (softened, divided by T), which are ordinary ones.
-            teachers[name] = TeacherOutputs(name, list(teacher_out), {k: v.clone() for k, v in features.items()},
+            # Inference tensors cannot be saved for the student's backward pass: TeacherFeatures copies a feature
+            # for the terms that would save it, on first read. The logits only enter through new tensors (softened,
+            # divided by T), which are ordinary ones.
+            teachers[name] = TeacherOutputs(name, list(teacher_out), features,
                                             self.teacher_label_maps.get(name), num_heads, regions)
         labelled = labelled_samples(keys, self.unlabelled_keys, outputs[0].device)
         if labelled is not None:  # the unlabelled samples' classes are the teachers' prediction

@@ -278,3 +278,41 @@ def test_feature_distillation_names_missing_stage():
     adapters = torch.nn.ModuleDict({"decoder_0": FeatureAdapter(2, 2, 2)})
     with pytest.raises(KeyError, match="decoder_0"):
         FeatureDistillationLoss(adapters)({}, {})
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("masked,weighted", [(False, False), (True, False), (False, True), (True, True)])
+def test_adapted_feature_mse_is_the_mse_of_the_adapted_student_in_value_and_gradient(dims, masked, weighted):
+    from nnunet_kd.losses.feature import adapted_feature_mse
+
+    torch.manual_seed(dims)
+    adapter = FeatureAdapter(3, 5, dims)
+    student = torch.randn(2, 3, *([4] * dims), requires_grad=True)
+    teacher = torch.randn(2, 5, *([4] * dims))
+    mask = (torch.rand(2, 1, *([8] * dims)) > 0.3) if masked else None  # at image resolution: resampled
+    weight = torch.rand(2, 1, *([4] * dims)) if weighted else None
+    reference = feature_mse(adapter(student), teacher, mask, weight)
+    grads = torch.autograd.grad(reference, [student, adapter.proj.weight, adapter.proj.bias])
+    with torch.inference_mode():  # as the teacher's pass leaves it: no copy needed
+        teacher_inference = teacher.clone()
+    value = adapted_feature_mse(adapter, student, teacher_inference, mask, weight)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, expected in zip(torch.autograd.grad(value, [student, adapter.proj.weight, adapter.proj.bias]), grads):
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_adapted_feature_mse_hand_value_and_shape_errors():
+    from nnunet_kd.losses.feature import adapted_feature_mse
+
+    adapter = FeatureAdapter(1, 1, 2)
+    with torch.no_grad():
+        adapter.proj.weight.fill_(2.0)
+        adapter.proj.bias.fill_(1.0)
+    student = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 2, 2)      # adapted: 3, 5, 7, 9
+    teacher = torch.tensor([3.0, 3.0, 3.0, 3.0]).view(1, 1, 2, 2)      # errors 0, 2, 4, 6
+    assert adapted_feature_mse(adapter, student, teacher).item() == pytest.approx((0 + 4 + 16 + 36) / 4)
+    mask = torch.tensor([True, True, False, False]).view(1, 1, 2, 2)
+    assert adapted_feature_mse(adapter, student, teacher, mask).item() == pytest.approx(4 / 2)
+    with pytest.raises(ValueError, match="do not fit the adapter"):
+        adapted_feature_mse(adapter, student, torch.zeros(1, 2, 2, 2))

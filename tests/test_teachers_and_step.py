@@ -193,3 +193,21 @@ def test_a_teacher_with_finer_labels_teaches_a_real_trainer_through_its_label_ma
     # and the KD step trains on them
     out = finer.train_step(batch)
     assert torch.isfinite(out["terms"]["kl"]) and out["terms"]["kl"] > 0
+
+
+def test_teacher_features_are_copied_once_on_read_and_kept_as_inference_tensors_for_the_adapted_hint():
+    from nnunet_kd.distill.step import TeacherOutputs
+
+    with torch.inference_mode():
+        feature = torch.randn(2, 4, 3, 3)
+    teacher = TeacherOutputs("t", [], {"decoder.-1": feature})
+    assert teacher.features.inference("decoder.-1") is feature and feature.is_inference()
+    copy = teacher.features["decoder.-1"]
+    assert not copy.is_inference() and torch.equal(copy, feature)
+    assert teacher.features["decoder.-1"] is copy  # one copy per step, however many terms read it
+    assert list(teacher.features) == ["decoder.-1"] and len(teacher.features) == 1
+    # a term that saves the teacher's feature for backward works on the copy, and fails on the inference tensor
+    student = torch.randn(2, 4, 3, 3, requires_grad=True)
+    torch.nn.functional.mse_loss(student, copy).backward()
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        torch.nn.functional.mse_loss(student, feature).backward()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nnunet_kd.distill.base import DistillationTerm, mean_over_teachers, register_term
-from nnunet_kd.losses.feature import FeatureAdapter, feature_mse
+from nnunet_kd.losses.feature import FeatureAdapter, adapted_feature_mse
 from nnunet_kd.losses.teacher_mixture import weights_at
 
 
@@ -49,10 +49,12 @@ class FeatureHint(DistillationTerm):
         adapters, mask = self.adapters[name], step.kd_mask(0)
         value = 0.0
         for stage in self.resolved_stages:
-            student = adapters[module_key(stage)](step.student_features[stage])
+            student = step.student_features[stage]
             weight = None if step.teacher_weights is None else weights_at(step.teacher_weights[name][0],
                                                                            student.shape[2:])
-            value = value + feature_mse(student, teacher.features[stage], mask, weight)
+            # the teacher's feature as its pass left it (the adapted MSE saves no teacher tensor for backward)
+            value = value + adapted_feature_mse(adapters[module_key(stage)], student,
+                                                teacher.features.inference(stage), mask, weight)
         return value
 
     def forward(self, step) -> dict:

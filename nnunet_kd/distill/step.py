@@ -2,6 +2,7 @@
 features, and the labels and valid-voxel masks at every resolution."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -12,6 +13,31 @@ from nnunet_kd.losses.label_map import merge_teacher_logits
 from nnunet_kd.losses.mskd import resize_labels
 
 
+class TeacherFeatures(Mapping):
+    """A teacher pass's tapped features by stage. The pass runs in inference mode, and an inference tensor cannot be
+    saved for the student's backward pass, which a term that compares features in ordinary autograd ops may need: so
+    reading a stage gives an ordinary copy, made once, on first read. ``inference(stage)`` gives the pass's own tensor,
+    for terms whose backward saves no teacher tensor (the adapted MSE of the feature hints), which need no copy."""
+
+    def __init__(self, features: Optional[dict] = None):
+        self._features = dict(features or {})
+        self._copies = {}
+
+    def inference(self, stage: str) -> torch.Tensor:
+        return self._features[stage]
+
+    def __getitem__(self, stage: str) -> torch.Tensor:
+        if stage not in self._copies:
+            self._copies[stage] = self._features[stage].clone()
+        return self._copies[stage]
+
+    def __iter__(self):
+        return iter(self._features)
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+
 @dataclass
 class TeacherOutputs:
     """One teacher's pass: deep-supervision outputs (highest resolution first) and tapped features by canonical
@@ -19,10 +45,14 @@ class TeacherOutputs:
     labels; None when the teacher predicts the student's labels."""
     name: str
     outputs: list
-    features: dict = field(default_factory=dict)
+    features: TeacherFeatures = field(default_factory=TeacherFeatures)
     label_map: Optional[Sequence[int]] = None
     num_student_channels: int = 0
     region_based: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.features, TeacherFeatures):
+            self.features = TeacherFeatures(self.features)
 
     def logits(self, level: int, temperature: float) -> torch.Tensor:
         """The output at deep-supervision level ``level``, on the student's labels, as logits at ``temperature``."""

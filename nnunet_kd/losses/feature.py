@@ -38,6 +38,65 @@ def feature_mse(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
         return masked_voxel_mean(per_voxel, mask)
 
 
+class _AdaptedSquaredError(torch.autograd.Function):
+    """sum over channels and voxels of scale * (W s + b - t)^2, with W s the adapter's 1x1 convolution as a batched
+    matrix product. Forward and backward in one place: the residual r = W s + b - t is formed once (one batched
+    product that also reads t), the loss is its weighted square sum, and the gradient 2 scale r is kept instead of r
+    and t, so the teacher's feature is never saved for the backward pass (it may be an inference tensor) and the
+    backward is two matrix products and a sum. Direct form: nothing is expanded into differences of large sums."""
+
+    @staticmethod
+    def forward(ctx, student, weight, bias, teacher, scale):
+        # student (B, Ci, P), weight (Co, Ci), bias (Co,), teacher (B, Co, P), scale: a float or a (B, 1, P) tensor
+        residual = torch.baddbmm(teacher, weight.expand(student.shape[0], *weight.shape), student, beta=-1)
+        residual += bias.view(1, -1, 1)
+        if isinstance(scale, torch.Tensor):
+            scaled = residual * scale
+            value = torch.dot(scaled.reshape(-1), residual.reshape(-1))
+        else:
+            value = torch.dot(residual.reshape(-1), residual.reshape(-1)) * scale
+            scaled = residual.mul_(scale)
+        ctx.save_for_backward(student, weight, scaled)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        student, weight, scaled = ctx.saved_tensors
+        grad_residual = scaled * (2.0 * grad_value)
+        grad_student = torch.matmul(weight.t(), grad_residual) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad_residual, student.transpose(1, 2)).sum(0) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_residual.sum((0, 2)) if ctx.needs_input_grad[2] else None
+        return grad_student, grad_weight, grad_bias, None, None
+
+
+def adapted_feature_mse(adapter: "FeatureAdapter", student_feature: torch.Tensor, teacher_feature: torch.Tensor,
+                        mask: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """feature_mse(adapter(student_feature), teacher_feature, mask, weight), in one autograd node
+    (_AdaptedSquaredError): about half the time of the two-step form on the CPU at a full-resolution stage, and the
+    teacher's feature may be an inference tensor (it is not saved for the backward pass, so it needs no copy)."""
+    b, c = student_feature.shape[:2]
+    expected = (b, adapter.teacher_channels, *student_feature.shape[2:])
+    if c != adapter.student_channels or tuple(teacher_feature.shape) != expected:
+        raise ValueError(f"student feature {tuple(student_feature.shape)} and teacher feature "
+                         f"{tuple(teacher_feature.shape)} do not fit the adapter ({adapter.student_channels} -> "
+                         f"{adapter.teacher_channels} channels; the teacher feature must be {expected})")
+    mask = resize_mask(mask, student_feature.shape[2:])
+    with float32_region(student_feature.device):
+        student = student_feature.float().reshape(b, c, -1)
+        teacher = teacher_feature.detach().float().reshape(b, adapter.teacher_channels, -1)
+        if mask is None and weight is None:
+            scale = 1.0 / teacher.numel()
+        else:
+            voxels = torch.ones_like(student[:, :1]) if mask is None else mask.reshape(b, 1, -1).to(student.dtype)
+            count = torch.tensor(float(voxels.numel()), device=student.device) if mask is None \
+                else voxels.sum().clamp(min=1.0)
+            if weight is not None:
+                voxels = voxels * weight.detach().float().reshape(b, 1, -1)
+            scale = voxels / (count * adapter.teacher_channels)
+        return _AdaptedSquaredError.apply(student, adapter.proj.weight.flatten(1).float(), adapter.proj.bias.float(),
+                                          teacher, scale)
+
+
 class FeatureAdapter(nn.Module):
     """1x1 convolution from the student's channel count to the teacher's at one stage (2D or 3D)."""
 
@@ -71,5 +130,5 @@ class FeatureDistillationLoss(nn.Module):
         missing = [k for k in self.adapters if k not in student_features or k not in teacher_features]
         if missing:
             raise KeyError(f"no student or teacher feature for stage(s) {missing}")
-        return {k: feature_mse(self.adapters[k](student_features[k]), teacher_features[k], mask)
+        return {k: adapted_feature_mse(self.adapters[k], student_features[k], teacher_features[k], mask)
                 for k in self.adapters}
