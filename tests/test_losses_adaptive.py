@@ -316,3 +316,13 @@ def test_adapted_feature_mse_hand_value_and_shape_errors():
     assert adapted_feature_mse(adapter, student, teacher, mask).item() == pytest.approx(4 / 2)
     with pytest.raises(ValueError, match="do not fit the adapter"):
         adapted_feature_mse(adapter, student, torch.zeros(1, 2, 2, 2))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_lovasz_gradient_computed_in_its_forward_matches_finite_differences(masked):
+    # on the probabilities, in float64 (LovaszSoftmaxLoss itself computes in float32, too coarse for differences)
+    torch.manual_seed(3)
+    probabilities = torch.softmax(torch.randn(2, 3, 4, 5, dtype=torch.float64), 1).requires_grad_(True)
+    labels = torch.randint(0, 3, (2, 1, 4, 5))
+    mask = (torch.rand(2, 1, 4, 5) > 0.3) if masked else None
+    assert torch.autograd.gradcheck(lambda p: lovasz_softmax(p, labels, mask), (probabilities,), eps=1e-7, atol=1e-6)

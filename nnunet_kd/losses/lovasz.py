@@ -29,10 +29,48 @@ def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
     gt_sorted: {0,1} float ground truth in the order of the sorted errors along the last axis, (N,) or (C, N)
     (one row per class)."""
     gts = gt_sorted.sum(-1, keepdim=True)
-    intersection = gts - gt_sorted.cumsum(-1)
-    union = gts + (1 - gt_sorted).cumsum(-1)  # >= 1 everywhere: each position adds to one of the two sums
+    hits = gt_sorted.cumsum(-1)
+    intersection = gts - hits
+    # cumsum(1 - gt) at position k is (k + 1) - cumsum(gt): one cumulative sum instead of two
+    positions = torch.arange(1, gt_sorted.shape[-1] + 1, device=gt_sorted.device, dtype=gt_sorted.dtype)
+    union = gts + positions - hits  # >= 1 everywhere: each position adds to one of the two sums
     jaccard = 1.0 - intersection / union
-    return torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], -1)
+    grad = jaccard.clone()
+    grad[..., 1:] -= jaccard[..., :-1]
+    return grad
+
+
+class _LovaszExtension(torch.autograd.Function):
+    """Mean over the selected classes of the Lovasz extension of the errors |foreground - probabilities|, (C, N)
+    rows. Its gradient is known once the errors are sorted (each voxel gets lovasz_grad at its sorted position, times
+    the sign of its error's derivative), so the forward computes it and the backward only scales it: no autograd
+    graph through the sort's gathers, clamps and absolute values."""
+
+    @staticmethod
+    def forward(ctx, probabilities, foreground, valid, selected):
+        # probabilities, foreground (C, N) float; valid (1, N) bool or None; selected (C,) float 0/1
+        errors = (foreground - probabilities).abs()
+        if valid is not None:
+            foreground = foreground * valid
+            errors = torch.where(valid, errors, torch.full_like(errors, -1.0))
+        order = _descending_order(errors)
+        grad_sorted = lovasz_grad(torch.gather(foreground, -1, order))
+        per_class = (torch.gather(errors, -1, order).clamp_(min=0) * grad_sorted).sum(-1)
+        weights = selected / selected.sum().clamp(min=1.0)
+        value = (per_class * weights).sum()
+        if ctx.needs_input_grad[0]:
+            # d value / d error_i = weight_c * lovasz_grad at i's position (0 for invalid voxels, whose clamped
+            # error is constant); d error / d p = sign(p - foreground) (0 where they are equal, as abs's gradient)
+            grad_errors = torch.empty_like(errors).scatter_(-1, order, grad_sorted.mul_(weights[:, None]))
+            if valid is not None:
+                grad_errors = grad_errors * valid
+            ctx.save_for_backward(grad_errors.mul_(torch.sign(probabilities - foreground)))
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        (grad_probabilities,) = ctx.saved_tensors
+        return grad_probabilities * grad_value, None, None, None
 
 
 def _lovasz_flat(probabilities: torch.Tensor, foreground: torch.Tensor, valid: Optional[torch.Tensor],
@@ -42,21 +80,14 @@ def _lovasz_flat(probabilities: torch.Tensor, foreground: torch.Tensor, valid: O
     for sort, gather and cumsum), and nothing is read back to the host (no sync on GPU): invalid voxels get
     error -1, so they sort after every valid voxel, where they change no valid voxel's gradient and contribute 0
     (errors are clamped at 0 for the dot product)."""
-    errors = (foreground - probabilities).abs()
-    if valid is not None:
-        foreground = foreground * valid
-        errors = torch.where(valid, errors, torch.full_like(errors, -1.0))
-    order = _descending_order(errors)
-    errors_sorted = torch.gather(errors, -1, order)
-    per_class = (errors_sorted.clamp(min=0) * lovasz_grad(torch.gather(foreground, -1, order))).sum(-1)
     if classes == "present":
-        selected = (foreground.sum(-1) > 0).to(per_class.dtype)
+        selected = ((foreground if valid is None else foreground * valid).sum(-1) > 0).to(probabilities.dtype)
     elif classes == "all":
-        selected = torch.ones_like(per_class)
+        selected = torch.ones(foreground.shape[0], device=probabilities.device, dtype=probabilities.dtype)
     else:
-        selected = torch.zeros_like(per_class)
+        selected = torch.zeros(foreground.shape[0], device=probabilities.device, dtype=probabilities.dtype)
         selected[list(classes)] = 1.0
-    return (per_class * selected).sum() / selected.sum().clamp(min=1.0)
+    return _LovaszExtension.apply(probabilities, foreground, valid, selected)
 
 
 def _descending_order(errors: torch.Tensor) -> torch.Tensor:
