@@ -40,32 +40,38 @@ def feature_mse(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
 
 class _AdaptedSquaredError(torch.autograd.Function):
     """sum over channels and voxels of scale * (W s + b - t)^2, with W s the adapter's 1x1 convolution as a batched
-    matrix product. Forward and backward in one place: the residual r = W s + b - t is formed once (one batched
-    product that also reads t), the loss is its weighted square sum, and the gradient 2 scale r is kept instead of r
-    and t, so the teacher's feature is never saved for the backward pass (it may be an inference tensor) and the
-    backward is two matrix products and a sum. Direct form: nothing is expanded into differences of large sums."""
+    matrix product. Forward and backward in one place: the residual r = W s + b - t is formed by one batched product
+    that also reads t (the bias rides on a channel of ones appended to s), the loss is its weighted square sum, and
+    only scale * r is kept, never t, so the teacher's feature is not saved for the backward pass (it may be an
+    inference tensor). The backward is two batched products; the gradient with respect to r (2 scale r) is never
+    formed, its factor 2 is applied to the products' smaller results. Direct form: no difference of large sums."""
 
     @staticmethod
     def forward(ctx, student, weight, bias, teacher, scale):
         # student (B, Ci, P), weight (Co, Ci), bias (Co,), teacher (B, Co, P), scale: a float or a (B, 1, P) tensor
-        residual = torch.baddbmm(teacher, weight.expand(student.shape[0], *weight.shape), student, beta=-1)
-        residual += bias.view(1, -1, 1)
+        augmented = torch.cat([student, torch.ones_like(student[:, :1])], 1)
+        weight_and_bias = torch.cat([weight, bias[:, None]], 1)
+        residual = torch.baddbmm(teacher, weight_and_bias.expand(student.shape[0], *weight_and_bias.shape),
+                                 augmented, beta=-1)
         if isinstance(scale, torch.Tensor):
             scaled = residual * scale
             value = torch.dot(scaled.reshape(-1), residual.reshape(-1))
         else:
             value = torch.dot(residual.reshape(-1), residual.reshape(-1)) * scale
             scaled = residual.mul_(scale)
-        ctx.save_for_backward(student, weight, scaled)
+        ctx.save_for_backward(augmented, weight, scaled)
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        student, weight, scaled = ctx.saved_tensors
-        grad_residual = scaled * (2.0 * grad_value)
-        grad_student = torch.matmul(weight.t(), grad_residual) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.bmm(grad_residual, student.transpose(1, 2)).sum(0) if ctx.needs_input_grad[1] else None
-        grad_bias = grad_residual.sum((0, 2)) if ctx.needs_input_grad[2] else None
+        augmented, weight, scaled = ctx.saved_tensors
+        factor = 2.0 * grad_value
+        grad_student = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_student = torch.matmul(weight.t(), scaled).mul_(factor)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_weight_and_bias = torch.bmm(scaled, augmented.transpose(1, 2)).sum(0).mul_(factor)
+            grad_weight, grad_bias = grad_weight_and_bias[:, :-1], grad_weight_and_bias[:, -1]
         return grad_student, grad_weight, grad_bias, None, None
 
 

@@ -88,6 +88,52 @@ def class_balanced_mean(per_voxel: torch.Tensor, labels: torch.Tensor, num_class
     return (per_class * present).sum() / present.sum().clamp(min=1.0)
 
 
+def class_balanced_weights(labels: torch.Tensor, num_classes: int, mask: Optional[torch.Tensor] = None,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-voxel weights (B, 1, *sp) w with sum(w * x) == class_balanced_mean(x, labels, num_classes, mask) for any
+    per-voxel x: 1 / (count of the voxel's class * number of classes present) on valid voxels, 0 elsewhere."""
+    labels = labels.long()
+    valid = torch.ones_like(labels, dtype=dtype) if mask is None else mask.to(dtype)
+    if mask is not None:
+        labels = torch.where(mask, labels, torch.zeros_like(labels))
+    counts = torch.zeros(num_classes, device=labels.device, dtype=dtype).scatter_add_(0, labels.reshape(-1),
+                                                                                      valid.reshape(-1))
+    present = (counts > 0).to(dtype).sum().clamp(min=1.0)
+    return (1.0 / (counts.clamp(min=1.0) * present))[labels] * valid
+
+
+class _WeightedSoftmaxKL(torch.autograd.Function):
+    """T^2 * sum over voxels of weight * sum_c p_t,c (log p_t,c - log p_s,c), p = softmax(logits / T). Its gradient
+    T * weight * (p_s - p_t) is formed in the forward from the softmaxes it already holds, and the backward only
+    scales it: one autograd node instead of a graph through the log-softmax, the product and the reduction. The
+    teacher's logits are not saved (they may be inference tensors)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weights, temperature):
+        log_p_s = F.log_softmax(student / temperature, dim=1)
+        log_p_t = F.log_softmax(teacher / temperature, dim=1)
+        p_t = log_p_t.exp()
+        per_voxel = (p_t * (log_p_t - log_p_s)).sum(1, keepdim=True)
+        value = temperature ** 2 * torch.dot(per_voxel.reshape(-1), weights.expand_as(per_voxel).reshape(-1))
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(log_p_s.exp_().sub_(p_t).mul_(weights * temperature))
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        (grad_student,) = ctx.saved_tensors
+        return grad_student * grad_value, None, None, None
+
+
+def weighted_softmax_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * sum over voxels of weights (B, 1, *sp) times the per-voxel KL of softmax_kl_map, as one autograd node."""
+    _check_logits(student_logits, teacher_logits)
+    with float32_region(student_logits.device):
+        return _WeightedSoftmaxKL.apply(student_logits.float(), teacher_logits.detach().float(),
+                                        weights.detach().float(), float(temperature))
+
+
 def region_balanced_mean(per_region: torch.Tensor, regions: torch.Tensor,
                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """per_region (B, R, *sp) against binary regions (B, R, *sp): for each region, the mean of the means over its
@@ -147,13 +193,13 @@ class LogitKLLoss(nn.Module):
                 predicted = (student_logits.detach() > 0).to(target.dtype)
                 value = 0.5 * (value + region_balanced_mean(per_region, predicted, mask))
             return value
-        per_voxel = softmax_kl_map(student_logits, teacher_logits, self.temperature)
+        # the class-balanced means as per-voxel weights of one weighted sum (same value, one autograd node)
         num_classes = student_logits.shape[1]
-        value = class_balanced_mean(per_voxel, target, num_classes, mask)
+        weights = class_balanced_weights(target, num_classes, mask)
         if symmetric:
             predicted = student_logits.detach().argmax(1, keepdim=True)
-            value = 0.5 * (value + class_balanced_mean(per_voxel, predicted, num_classes, mask))
-        return value
+            weights = 0.5 * (weights + class_balanced_weights(predicted, num_classes, mask))
+        return weighted_softmax_kl(student_logits, teacher_logits, weights, self.temperature)
 
 
 def label_teacher_logits(labels: torch.Tensor, num_classes: int, temperature: float,
