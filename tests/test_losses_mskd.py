@@ -415,3 +415,22 @@ def test_autocast_is_disabled_inside():
         r = rgd(s, t, lab, 3)['total']
     assert f.dtype == torch.float32 and r.dtype == torch.float32
     assert f.item() == pytest.approx(ref_f, rel=1e-5) and r.item() == pytest.approx(ref_r, rel=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_ffd_and_rgd_take_the_teachers_inference_tensors_with_unchanged_values_and_gradients(dims):
+    torch.manual_seed(dims)
+    shape = (2, *([6] * dims))
+    labels = torch.randint(0, 3, (shape[0], 1, *shape[1:]))
+    teacher = torch.randn(shape[0], 5, *shape[1:])
+    with torch.inference_mode():
+        teacher_inference = teacher.clone()
+    for loss in (FeatureFilteringDistillation(3), RegionGraphDistillation(3)):
+        values, grads = [], []
+        for t in (teacher, teacher_inference):
+            student = torch.randn(shape[0], 4, *shape[1:], generator=torch.Generator().manual_seed(1)).requires_grad_()
+            value = loss(student, t, labels)
+            value = value["total"] if isinstance(value, dict) else value
+            values.append(value.item())
+            grads.append(torch.autograd.grad(value, student)[0])
+        assert values[0] == values[1] and torch.equal(grads[0], grads[1])

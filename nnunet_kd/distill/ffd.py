@@ -52,6 +52,7 @@ class FeatureFiltering(DistillationTerm):
             for stage in self.resolved_stages:
                 student = step.student_features[stage]
                 labels, valid = step.labels_at(student.shape[2:])
-                value = value + self.ffd(student, teacher.features[stage], labels, valid, confident)
+                # the pass's own tensor: no teacher-only quantity needs a gradient, so none is saved for backward
+                value = value + self.ffd(student, teacher.features.inference(stage), labels, valid, confident)
             per_teacher[name] = {self.name: value}
         return mean_over_teachers(self.name, per_teacher)

@@ -45,7 +45,8 @@ class RegionGraph(DistillationTerm):
             for stage in self.resolved_stages:
                 student = step.student_features[stage]
                 labels, valid = step.labels_at(student.shape[2:])
-                parts = self.rgd(student, teacher.features[stage], labels, valid)
+                # the pass's own tensor: no teacher-only quantity needs a gradient, so none is saved for backward
+                parts = self.rgd(student, teacher.features.inference(stage), labels, valid)
                 for part, key in (("total", self.name), *((p, f"{self.name}_{p}") for p in self.parts)):
                     sums[key] = sums[key] + parts[part] if key in sums else parts[part]
             per_teacher[name] = sums
