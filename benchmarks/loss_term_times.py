@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from nnunet_kd.losses.feature import FeatureAdapter, feature_mse
+from nnunet_kd.losses.feature import FeatureAdapter, adapted_feature_mse
 from nnunet_kd.losses.kl import LogitKLLoss
 from nnunet_kd.losses.lovasz import LovaszSoftmaxLoss
 
@@ -61,8 +61,10 @@ def main() -> None:
     def hint(student_channels, teacher_channels, shape):
         adapter = FeatureAdapter(student_channels, teacher_channels, dim)
         f_s = torch.randn(batch, student_channels, *shape, requires_grad=True)
-        f_t = torch.randn(batch, teacher_channels, *shape)
-        return lambda: feature_mse(adapter(f_s), f_t).backward()
+        with torch.inference_mode():  # as the teacher's pass leaves it
+            f_t = torch.randn(batch, teacher_channels, *shape)
+        # what the feature-hint term computes (nnunet_kd.distill.feature_hint)
+        return lambda: adapted_feature_mse(adapter, f_s, f_t).backward()
 
     full = "x".join(map(str, output_shapes[0]))
     low = "x".join(map(str, bottleneck))
