@@ -434,3 +434,25 @@ def test_ffd_and_rgd_take_the_teachers_inference_tensors_with_unchanged_values_a
             values.append(value.item())
             grads.append(torch.autograd.grad(value, student)[0])
         assert values[0] == values[1] and torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_ffd_and_rgd_sharing_one_region_statistics_give_what_each_computes_alone(dims):
+    from nnunet_kd.losses.mskd import region_statistics
+
+    torch.manual_seed(10 + dims)
+    shape = (2, *([6] * dims))
+    labels = torch.randint(0, 3, (shape[0], 1, *shape[1:]))
+    valid = torch.rand(shape[0], 1, *shape[1:]) > 0.2
+    teacher = torch.randn(shape[0], 5, *shape[1:])
+    student_alone = torch.randn(shape[0], 4, *shape[1:], requires_grad=True)
+    ffd, rgd = FeatureFilteringDistillation(3), RegionGraphDistillation(3)
+    alone = ffd(student_alone, teacher, labels, valid) + rgd(student_alone, teacher, labels, valid)["total"]
+    student_shared = student_alone.detach().clone().requires_grad_()
+    stats = region_statistics(student_shared, teacher, labels, 3, valid)
+    shared = ffd(student_shared, teacher, labels, valid, stats=stats) + \
+        rgd(student_shared, teacher, labels, valid, stats=stats)["total"]
+    assert shared.item() == pytest.approx(alone.item(), rel=1e-6)
+    grad_alone, = torch.autograd.grad(alone, student_alone)
+    grad_shared, = torch.autograd.grad(shared, student_shared)
+    assert torch.allclose(grad_shared, grad_alone, rtol=1e-5, atol=1e-8)

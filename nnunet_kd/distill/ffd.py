@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nnunet_kd.distill.base import DistillationTerm, TermSettingsError, mean_over_teachers, register_term
-from nnunet_kd.losses.mskd import FeatureFilteringDistillation
+from nnunet_kd.losses.mskd import FeatureFilteringDistillation, RegionStatistics, region_statistics, resize_labels
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,21 @@ class FFDSettings:
     boundary_width: int
     include_background: bool
     teacher_confidence: bool  # compare only where the teacher segments the voxel correctly
+
+
+def shared_region_statistics(step, teacher: str, stage: str, num_classes: int) -> RegionStatistics:
+    """The region statistics of one teacher's stage in this step, computed by whichever of FFD and RGD runs first
+    and kept in the step for the other (both read the same prototypes and similarity maps)."""
+    key = ("mskd_region_statistics", teacher, stage)
+    if key not in step.cache:
+        student = step.student_features[stage]
+        labels, valid = step.labels_at(student.shape[2:])
+        # the teacher pass's own tensor: no teacher quantity needs a gradient, so none is saved for backward
+        step.cache[key] = region_statistics(student, step.teachers[teacher].features.inference(stage),
+                                            resize_labels(labels, student.shape[2:]),
+                                            num_classes, None if valid is None else resize_labels(valid.bool(),
+                                                                                                  student.shape[2:]))
+    return step.cache[key]
 
 
 def refuse_regions(term: str, context) -> None:
@@ -52,7 +67,7 @@ class FeatureFiltering(DistillationTerm):
             for stage in self.resolved_stages:
                 student = step.student_features[stage]
                 labels, valid = step.labels_at(student.shape[2:])
-                # the pass's own tensor: no teacher-only quantity needs a gradient, so none is saved for backward
-                value = value + self.ffd(student, teacher.features.inference(stage), labels, valid, confident)
+                stats = shared_region_statistics(step, name, stage, self.context.num_classes)
+                value = value + self.ffd(student, teacher.features.inference(stage), labels, valid, confident, stats)
             per_teacher[name] = {self.name: value}
         return mean_over_teachers(self.name, per_teacher)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nnunet_kd.distill.base import DistillationTerm, mean_over_teachers, register_term
-from nnunet_kd.distill.ffd import refuse_regions
+from nnunet_kd.distill.ffd import refuse_regions, shared_region_statistics
 from nnunet_kd.losses.mskd import RegionGraphDistillation
 
 
@@ -45,8 +45,8 @@ class RegionGraph(DistillationTerm):
             for stage in self.resolved_stages:
                 student = step.student_features[stage]
                 labels, valid = step.labels_at(student.shape[2:])
-                # the pass's own tensor: no teacher-only quantity needs a gradient, so none is saved for backward
-                parts = self.rgd(student, teacher.features.inference(stage), labels, valid)
+                stats = shared_region_statistics(step, name, stage, self.context.num_classes)
+                parts = self.rgd(student, teacher.features.inference(stage), labels, valid, stats)
                 for part, key in (("total", self.name), *((p, f"{self.name}_{p}") for p in self.parts)):
                     sums[key] = sums[key] + parts[part] if key in sums else parts[part]
             per_teacher[name] = sums

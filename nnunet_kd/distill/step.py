@@ -78,6 +78,7 @@ class DistillationStep:
     teacher_weights: Optional[dict] = None
     covered: Optional[list] = None
     logged: dict = field(default_factory=dict)  # values logged per epoch that are no loss (each teacher's weight)
+    cache: dict = field(default_factory=dict)   # what several terms compute alike, computed once (MSKD's regions)
 
     def kd_mask(self, level: int) -> Optional[torch.Tensor]:
         """Valid voxels at ``level`` that a teacher may teach."""

@@ -97,6 +97,7 @@ have different node sets):
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -108,6 +109,8 @@ __all__ = [
     'boundary_band',
     'feature_filtering_loss',
     'region_graph_loss',
+    'region_statistics',
+    'RegionStatistics',
     'FeatureFilteringDistillation',
     'RegionGraphDistillation',
 ]
@@ -275,30 +278,72 @@ def _zero(student_feat: torch.Tensor) -> torch.Tensor:
     return student_feat.float().sum() * 0.
 
 
+@dataclass
+class RegionStatistics:
+    """What FFD and RGD both compute from one stage's features and labels, for every class 0..C-1 (each term takes
+    the rows of its classes): computed once per step and stage when the two terms share it (the MSKD trainer does),
+    instead of once per term. Features flattened to (B, D, N); regions (B, C, N) float over the valid voxels."""
+    spatial_shape: tuple
+    valid: torch.Tensor          # (B, 1, *sp) bool
+    regions: torch.Tensor        # (B, C, N) float
+    sq_student: torch.Tensor     # (B, 1, N) squared channel norms
+    sq_teacher: torch.Tensor
+    prototypes_student: torch.Tensor  # (B, C, Ds) masked-average prototypes (zero for empty regions)
+    prototypes_teacher: torch.Tensor  # (B, C, Dt)
+    maps_student: torch.Tensor   # (B, C, N) cos(p_k, f(x))
+    maps_teacher: torch.Tensor
+    student_channels: int
+    teacher_channels: int
+
+
+def region_statistics(student_feat: torch.Tensor, teacher_feat: torch.Tensor, labels: torch.Tensor,
+                      num_classes: int, valid_mask: Optional[torch.Tensor] = None) -> RegionStatistics:
+    """RegionStatistics of features (B, C, *sp) and labels / valid mask at the features' resolution. The teacher's
+    feature is only read (it may be an inference tensor: no teacher quantity is saved for a backward pass)."""
+    _check_feats(student_feat, teacher_feat)
+    with _no_autocast(student_feat.device):
+        s_n = student_feat.float().flatten(2)
+        t_n = teacher_feat.detach().float().flatten(2)
+        with torch.no_grad():
+            valid, regions = _region_masks(labels, student_feat, num_classes, valid_mask, 0)
+            regions_f = regions.flatten(2).float()
+        sq_s, inv_s = _inv_norm(s_n)
+        sq_t, inv_t = _inv_norm(t_n)
+        proto_s, proto_t = _prototypes(s_n, regions_f), _prototypes(t_n, regions_f)
+        return RegionStatistics(
+            spatial_shape=tuple(student_feat.shape[2:]), valid=valid, regions=regions_f, sq_student=sq_s,
+            sq_teacher=sq_t, prototypes_student=proto_s, prototypes_teacher=proto_t,
+            maps_student=_cos_maps(s_n, inv_s, proto_s), maps_teacher=_cos_maps(t_n, inv_t, proto_t),
+            student_channels=s_n.shape[1], teacher_channels=t_n.shape[1])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Feature Filtering Distillation
 # ----------------------------------------------------------------------------------------------------------------------
 def feature_filtering_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, labels: torch.Tensor,
                            num_classes: int, valid_mask: Optional[torch.Tensor] = None, boundary_width: int = 1,
                            include_background: bool = False,
-                           teacher_confident_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           teacher_confident_mask: Optional[torch.Tensor] = None,
+                           stats: Optional[RegionStatistics] = None) -> torch.Tensor:
     """MSKD Feature Filtering Distillation (see module docstring). Returns a 0-dim float32 tensor:
-    the mean over present (item, class) pairs of 0.5 * (attention term + self-similarity term)."""
+    the mean over present (item, class) pairs of 0.5 * (attention term + self-similarity term).
+    ``stats``: region_statistics() of the same features, labels and mask, when RGD computed them already."""
     _check_feats(student_feat, teacher_feat)
     with _no_autocast(student_feat.device):
-        s = student_feat.float()
-        t = teacher_feat.detach().float()
         first = 0 if include_background else 1
         if num_classes - first <= 0:
             return _zero(student_feat)
+        if stats is None:
+            stats = region_statistics(student_feat, teacher_feat, labels, num_classes, valid_mask)
         with torch.no_grad():
-            valid, R = _region_masks(labels, s, num_classes, valid_mask, first)  # (B,1,*sp), (B,K,*sp)
+            valid = stats.valid
+            Rf = stats.regions[:, first:]  # (B,K,N)
+            R = Rf.view(Rf.shape[0], Rf.shape[1], *stats.spatial_shape).bool()
             # K = R | (band & valid) == dilation(R) & valid  (the band's inner half lies inside R)
             keep = R | (boundary_band(R, boundary_width) & valid)
-            conf = _as_mask(teacher_confident_mask, s, 'teacher_confident_mask')
+            conf = _as_mask(teacher_confident_mask, student_feat, 'teacher_confident_mask')
             if conf is not None:
                 keep = keep & conf
-            Rf = R.flatten(2).float()  # (B,K,N)
             Kf = keep.flatten(2).float()
             n_keep = Kf.sum(-1)  # (B,K)
             present = (Rf.sum(-1) > 0) & (n_keep > 0)  # (B,K)
@@ -306,32 +351,20 @@ def feature_filtering_loss(student_feat: torch.Tensor, teacher_feat: torch.Tenso
         if n_pairs == 0:
             return _zero(student_feat)
 
-        # only the classes present somewhere in the batch take part in the (B,K,N) computations
-        cols = present.any(0)
-        if not bool(cols.all()):
-            Rf, Kf, n_keep, present = Rf[:, cols], Kf[:, cols], n_keep[:, cols], present[:, cols]
-
-        s_n = s.flatten(2)  # (B,Ds,N)
-        t_n = t.flatten(2)  # (B,Dt,N)
-        sq_s, inv_s = _inv_norm(s_n)  # (B,1,N)
-        sq_t, inv_t = _inv_norm(t_n)
-
         # (a) attention a = mean_ch f^2 on K, L2-normalised over K, summed squared difference;
         #     |a_s/|a_s| - a_t/|a_t||^2 expanded into <a_s,a_s>_K, <a_t,a_t>_K, <a_s,a_t>_K (one bmm)
         #     The term is invariant to a positive per-item rescaling of a, so a is divided by its (detached)
         #     per-item maximum first: same value and gradient, no float32 overflow for large activations.
-        a_s = sq_s[:, 0] / s_n.shape[1]  # (B,N)
-        a_t = sq_t[:, 0] / t_n.shape[1]
+        a_s = stats.sq_student[:, 0] / stats.student_channels  # (B,N)
+        a_t = stats.sq_teacher[:, 0] / stats.teacher_channels
         a_s = a_s / a_s.detach().amax(-1, keepdim=True).clamp_min(1e-30)
         a_t = a_t / a_t.amax(-1, keepdim=True).clamp_min(1e-30)
-        stats = torch.bmm(Kf, torch.stack([a_s * a_s, a_t * a_t, a_s * a_t], -1))  # (B,K,3)
-        att_term = _unit_sqdist(stats[..., 0], stats[..., 1], stats[..., 2])  # (B,K)
+        moments = torch.bmm(Kf, torch.stack([a_s * a_s, a_t * a_t, a_s * a_t], -1))  # (B,K,3)
+        att_term = _unit_sqdist(moments[..., 0], moments[..., 1], moments[..., 2])  # (B,K)
 
         # (b) cosine to own region prototype, mean squared difference over the kept band outside the region
         #     (inside the region this is RGD's voxel term; comparing it there too would count it twice)
-        cs = _cos_maps(s_n, inv_s, _prototypes(s_n, Rf))  # (B,K,N)
-        ct = _cos_maps(t_n, inv_t, _prototypes(t_n, Rf))
-        d = cs - ct
+        d = stats.maps_student[:, first:] - stats.maps_teacher[:, first:]  # (B,K,N)
         band_f = Kf * (1.0 - Rf)
         sim_term = _rowdot(d * band_f, d) / band_f.sum(-1).clamp_min(1.0)  # (B,K)
 
@@ -352,7 +385,8 @@ class FeatureFilteringDistillation(nn.Module):
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, labels: torch.Tensor,
                 valid_mask: Optional[torch.Tensor] = None,
-                teacher_confident_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                teacher_confident_mask: Optional[torch.Tensor] = None,
+                stats: Optional[RegionStatistics] = None) -> torch.Tensor:
         sp = student_feat.shape[2:]
         labels = resize_labels(labels, sp)
         if valid_mask is not None:
@@ -360,7 +394,7 @@ class FeatureFilteringDistillation(nn.Module):
         if teacher_confident_mask is not None:
             teacher_confident_mask = resize_labels(teacher_confident_mask.bool(), sp)
         return feature_filtering_loss(student_feat, teacher_feat, labels, self.num_classes, valid_mask,
-                                      self.boundary_width, self.include_background, teacher_confident_mask)
+                                      self.boundary_width, self.include_background, teacher_confident_mask, stats)
 
     def extra_repr(self) -> str:
         return (f'num_classes={self.num_classes}, boundary_width={self.boundary_width}, '
@@ -380,39 +414,32 @@ def _item_mean(per_item: torch.Tensor, defined: torch.Tensor, like: torch.Tensor
 def region_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, labels: torch.Tensor,
                       num_classes: int, valid_mask: Optional[torch.Tensor] = None, include_background: bool = True,
                       node_weight: float = 1.0, edge_weight: float = 1.0,
-                      voxel_weight: float = 1.0) -> Dict[str, torch.Tensor]:
+                      voxel_weight: float = 1.0, stats: Optional[RegionStatistics] = None) -> Dict[str, torch.Tensor]:
     """MSKD Region Graph Distillation (see module docstring). Returns a dict of 0-dim float32 tensors
-    with keys 'node', 'edge', 'voxel', 'total'."""
+    with keys 'node', 'edge', 'voxel', 'total'. ``stats``: region_statistics() of the same features, labels and
+    mask, when FFD computed them already."""
     _check_feats(student_feat, teacher_feat)
     with _no_autocast(student_feat.device):
-        s = student_feat.float()
-        t = teacher_feat.detach().float()
         first = 0 if include_background else 1
         if num_classes - first <= 0:
             z = _zero(student_feat)
             return {'node': z, 'edge': z, 'voxel': z, 'total': z}
+        if stats is None:
+            stats = region_statistics(student_feat, teacher_feat, labels, num_classes, valid_mask)
         with torch.no_grad():
-            valid, R = _region_masks(labels, s, num_classes, valid_mask, first)
+            valid = stats.valid
             Vf = valid.flatten(2).float()  # (B,1,N)
-            Rf = R.flatten(2).float()  # (B,K,N)
+            Rf = stats.regions[:, first:]  # (B,K,N)
             nodes = Rf.sum(-1) > 0  # (B,K)
             n_nodes = nodes.sum(-1)  # (B,)
             Kc = nodes.shape[1]
-            eye = torch.eye(Kc, dtype=torch.bool, device=s.device)
+            eye = torch.eye(Kc, dtype=torch.bool, device=Rf.device)
             pair = nodes[:, :, None] & nodes[:, None, :] & ~eye  # (B,K,K)
             n_pair = pair.sum((1, 2)).float()
             n_vox = Rf.sum((1, 2))  # voxels belonging to a node, per item
             all_valid = bool(valid.all())
-            # only the classes present somewhere in the batch take part in the (B,K,N) computations
-            cols = nodes.any(0)
-            if not bool(cols.all()):
-                Rf, nodes, pair = Rf[:, cols], nodes[:, cols], pair[:, cols][:, :, cols]
-        s_n = s.flatten(2)
-        t_n = t.flatten(2)
-        _, inv_s = _inv_norm(s_n)
-        _, inv_t = _inv_norm(t_n)
-        ps = _prototypes(s_n, Rf)  # (B,K,Ds)
-        pt = _prototypes(t_n, Rf)  # (B,K,Dt)
+        # classes absent from an item have zero prototypes and maps, and are masked out of every term below
+        ps, pt = stats.prototypes_student[:, first:], stats.prototypes_teacher[:, first:]  # (B,K,D)
 
         # edges: pairwise cosine similarities of the prototypes, off-diagonal entries between present nodes
         us, ut = _unit(ps, -1), _unit(pt, -1)
@@ -423,8 +450,7 @@ def region_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, la
 
         # node-to-image similarity maps over the valid voxels, unit-RMS normalised, MSE
         # (= squared distance of the L2-normalised maps, expanded into three row dot products)
-        ms = _cos_maps(s_n, inv_s, ps)  # (B,K,N)
-        mt = _cos_maps(t_n, inv_t, pt)
+        ms, mt = stats.maps_student[:, first:], stats.maps_teacher[:, first:]  # (B,K,N)
         if all_valid:
             msv, mtv = ms, mt
         else:
@@ -456,13 +482,14 @@ class RegionGraphDistillation(nn.Module):
         self.voxel_weight = float(voxel_weight)
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, labels: torch.Tensor,
-                valid_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                valid_mask: Optional[torch.Tensor] = None,
+                stats: Optional[RegionStatistics] = None) -> Dict[str, torch.Tensor]:
         sp = student_feat.shape[2:]
         labels = resize_labels(labels, sp)
         if valid_mask is not None:
             valid_mask = resize_labels(valid_mask.bool(), sp)
         return region_graph_loss(student_feat, teacher_feat, labels, self.num_classes, valid_mask,
-                                 self.include_background, self.node_weight, self.edge_weight, self.voxel_weight)
+                                 self.include_background, self.node_weight, self.edge_weight, self.voxel_weight, stats)
 
     def extra_repr(self) -> str:
         return (f'num_classes={self.num_classes}, include_background={self.include_background}, '
