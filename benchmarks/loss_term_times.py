@@ -1,4 +1,4 @@
-"""Forward + backward time of each Adaptive-KD loss term alone, on the shapes of a quarter-width student: the
+"""Forward + backward time of each Adaptive-KD loss term alone (and of MSKD's FFD + RGD together), on the shapes of a quarter-width student: the
 demo's 3D one (batch 2, 3 classes, patch 16x48x48, stages of 8/16/32/64 channels against the teacher's
 32/64/128/256), or with ``--shapes hippocampus2d`` Hippocampus ``2d`` (batch 32, patch 56x40, last decoder stage 8
 against 32 channels, bottleneck 64 against 256 at 7x5); three deep-supervision outputs with nnU-Net's weights, the
@@ -19,6 +19,7 @@ import torch
 from nnunet_kd.losses.feature import FeatureAdapter, adapted_feature_mse
 from nnunet_kd.losses.kl import LogitKLLoss
 from nnunet_kd.losses.lovasz import LovaszSoftmaxLoss
+from nnunet_kd.losses.mskd import FeatureFilteringDistillation, RegionGraphDistillation, region_statistics
 
 CLASSES = 3
 SHAPES = {  # batch, deep-supervision output shapes (highest resolution first), bottleneck shape
@@ -66,6 +67,25 @@ def main() -> None:
         # what the feature-hint term computes (nnunet_kd.distill.feature_hint)
         return lambda: adapted_feature_mse(adapter, f_s, f_t).backward()
 
+    ffd, rgd = FeatureFilteringDistillation(CLASSES), RegionGraphDistillation(CLASSES)
+
+    def mskd():
+        # FFD + RGD at the last two decoder stages (8 and 16 student channels against 32 and 64), sharing one region
+        # statistics per stage as the MSKD trainer does (nnunet_kd.distill.ffd.shared_region_statistics)
+        stages = []
+        for channels, shape, label in ((8, output_shapes[0], labels[0]), (16, output_shapes[1], labels[1])):
+            with torch.inference_mode():
+                f_t = torch.randn(batch, 4 * channels, *shape)
+            stages.append((torch.randn(batch, channels, *shape, requires_grad=True), f_t, label))
+
+        def run():
+            total = 0
+            for f_s, f_t, label in stages:
+                stats = region_statistics(f_s, f_t, label, CLASSES)
+                total = total + ffd(f_s, f_t, label, stats=stats) + rgd(f_s, f_t, label, stats=stats)["total"]
+            total.backward()
+        return run
+
     full = "x".join(map(str, output_shapes[0]))
     low = "x".join(map(str, bottleneck))
     terms = {
@@ -74,6 +94,7 @@ def main() -> None:
         "Lovasz-softmax, full resolution": lambda: lovasz(student[0], labels[0], None).backward(),
         f"feature hint, last decoder stage (8 -> 32 ch, {full})": hint(8, 32, output_shapes[0]),
         f"feature hint, bottleneck (64 -> 256 ch, {low})": hint(64, 256, bottleneck),
+        "MSKD FFD + RGD, last two decoder stages": mskd(),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward + backward, median ms")
     for name, fn in terms.items():
