@@ -375,9 +375,6 @@ class Workspace:
         """The finished, evaluated teacher into Protocol.teacher_archive (once); returns the files written."""
         import platform
 
-        import torch
-        from nnunet_kd.compare import device_label
-
         if not self.p.teacher_archive:
             return []
         p = self.p
@@ -386,7 +383,7 @@ class Workspace:
             "split_sha256": sha256_of(p.split_file), "teacher_epochs": p.teacher_epochs,
             "iterations_per_epoch": p.iterations_per_epoch, "val_iterations_per_epoch": p.val_iterations_per_epoch,
             "max_batch_size": p.max_batch_size, "teacher_seed": p.teacher_seed,
-            "trained_on": {"device": device_label(p.device), "host": platform.node(), "torch": torch.__version__}})
+            "trained_on": {**this_machine(p.device), "host": platform.node()}})
 
     def subset_teachers(self, evaluate: bool = True) -> list[str]:
         """Protocol.subset_teachers teachers, each trained (teacher budget and seed) on one disjoint seeded subset of
@@ -601,6 +598,8 @@ def restore_teacher(archive: str, folder: str, fold: int, plans_file: str, expec
     for rel in manifest["files"]:
         os.makedirs(os.path.dirname(join(folder, rel)), exist_ok=True)
         shutil.copyfile(join(archive, rel), join(folder, rel))
+    if manifest.get("trained_on"):  # the machine that trained it, not this one
+        save_json(manifest["trained_on"], join(folder, TRAINED_ON_FILE), sort_keys=False)
     now = time.time() + 1  # the evaluations are newer than the checkpoint: evaluate_on_test reuses them
     for rel in manifest["files"]:
         if rel.endswith("summary.json"):
@@ -655,6 +654,30 @@ def _curves(folder: str, fold: int) -> dict:
     return {"ema_fg_dice": [float(v) for v in logging.get("ema_fg_dice", [])], "pseudo_dice": pseudo}
 
 
+TRAINED_ON_FILE = "trained_on.json"
+
+
+def this_machine(device: str) -> dict:
+    """The machine a model trains on, as its record names it: device label, CPU or GPU name, torch version."""
+    import torch
+
+    from nnunet_kd.benchmark import device_description
+    from nnunet_kd.compare import device_label
+
+    return {"device": device_label(device), "name": device_description(torch.device(device))["device_name"],
+            "torch": torch.__version__}
+
+
+def trained_on(folder: str, device: str) -> dict:
+    """Where a workspace's model was trained: the stamp in its folder, written the first time its record is made (in
+    the workspace that trained it: records are made right after training; a restored archive's teacher gets its
+    archive's stamp), else this machine, stamped now."""
+    path = join(folder, TRAINED_ON_FILE)
+    if not isfile(path):
+        save_json(this_machine(device), path, sort_keys=False)
+    return load_json(path)
+
+
 def _model_record(ws: "Workspace", folder: str) -> dict | None:
     """Everything measured for one finished model, or None when it is not finished and evaluated."""
     fold = ws.p.fold
@@ -665,7 +688,8 @@ def _model_record(ws: "Workspace", folder: str) -> dict | None:
     return {"folder": folder, "test": per_case_metrics(summary),
             "validation_mean_dice": float(load_json(validation)["foreground_mean"]["Dice"]),
             "curves": _curves(folder, fold), "plans": load_json(join(folder, "plans.json")),
-            "network_weights_sha256": network_weights_sha256(join(folder, f"fold_{fold}", "checkpoint_final.pth"))}
+            "network_weights_sha256": network_weights_sha256(join(folder, f"fold_{fold}", "checkpoint_final.pth")),
+            "trained_on": trained_on(folder, ws.p.device)}
 
 
 def _dice_matrix(records: list[dict], cases: list[str]) -> np.ndarray:
@@ -858,6 +882,22 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
     return written
 
 
+def _trained_on_of(found: dict) -> dict:
+    """Model name -> the machine that trained it (records made before records named it: 'not recorded')."""
+    records = [found["teacher"], *(found.get("subset_teachers") or []),
+               *(r for by_seed in found["students"].values() for r in by_seed.values())]
+    out = {}
+    for r in records:
+        if r is None:
+            continue
+        name = basename(r["folder"].rstrip("/")) if r.get("folder") else r.get("model")
+        machine = r.get("trained_on")
+        out[name] = (f"{machine.get('name', machine.get('device'))} ({machine.get('device')}, torch "
+                     f"{machine.get('torch')})" if machine
+                     else "not recorded (a record made before records named their machine)")
+    return out
+
+
 def baselines_of(method: str, labelled_fraction: bool) -> list[str]:
     """What a row is compared with (besides the teacher): KD methods with the plain student and with each control
     (what the teacher adds beyond the control's re-weighting); controls with the plain student; with a labelled
@@ -1025,6 +1065,9 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                     "batch_size": teacher_cfg["batch_size"], "patch_size": teacher_cfg["patch_size"]},
         "device": p.device, "device_name": device_label(p.device), "torch": torch.__version__,
         "host": platform.node(), "command": command,
+        # the models of one file may come from several sessions and machines (committed records); latency is measured
+        # on the reporting machine only
+        "trained_on": _trained_on_of(found),
         "test_evaluation": "nnUNetv2_predict --disable_tta (nnU-Net's sliding window, step 0.5, Gaussian weighting, no "
                            "mirroring: the same for every model, and how a speed-minded deployment runs a student) on "
                            "the held-out test images, nnU-Net's nnUNetv2_evaluate_folder; per-case mean foreground Dice",

@@ -489,3 +489,40 @@ def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teache
     calls.clear()
     run_protocol(workspace.p)
     assert "teacher" in calls
+
+
+def test_records_name_the_machine_that_trained_each_model_and_a_restored_teacher_keeps_its_own(tmp_path):
+    from nnunet_kd.evidence import (TRAINED_ON_FILE, _trained_on_of, archive_teacher, collect, restore_teacher,
+                                    save_workspace_records, this_machine, load_records)
+
+    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10}}}}
+    ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
+    teacher = fake_model_folder(ws, "nnUNetTrainerBudget__nnUNetPlans_evidence_teacher__2d", {"plans_name": "t"})
+    student = fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", budget, weight=1.2)
+    workspace = _RecordWorkspace(ws, records)
+    found = collect(workspace)
+    here = this_machine("cpu")
+    assert found["students"][("plain", 0.25)][0]["trained_on"] == here
+    save_workspace_records(workspace, found)
+    assert load_records(records)[basename_of(student)]["trained_on"] == here
+    # the stamp sticks: a record made later, elsewhere, names the machine of the first one
+    with open(join(student, TRAINED_ON_FILE), "w") as f:
+        json.dump({"device": "cpu-2cores", "name": "Another CPU", "torch": "2.14.1"}, f)
+    described = _trained_on_of(collect(workspace))
+    assert described[basename_of(student)] == "Another CPU (cpu-2cores, torch 2.14.1)"
+    # a committed record from before records named their machine says so
+    assert "not recorded" in _trained_on_of({"teacher": {"folder": None, "model": "old"}, "students": {}})["old"]
+    # a teacher restored from its archive names the archive's machine, not the restoring one
+    os.remove(join(teacher, TRAINED_ON_FILE))
+    archive = join(str(tmp_path), "archive")
+    archive_teacher(teacher, archive, 0, {"trained_on": {"device": "cpu-2cores", "name": "Archiving CPU", "torch": "x"}})
+    fresh = join(str(tmp_path), "fresh", "nnUNetTrainerBudget__nnUNetPlans_evidence_teacher__2d")
+    plans_file = join(str(tmp_path), "plans.json")
+    shutil.copy(join(teacher, "plans.json"), plans_file)
+    assert restore_teacher(archive, fresh, 0, plans_file, {})
+    with open(join(fresh, TRAINED_ON_FILE)) as f:
+        assert json.load(f)["name"] == "Archiving CPU"
+
+
+def basename_of(folder: str) -> str:
+    return os.path.basename(folder.rstrip("/"))
