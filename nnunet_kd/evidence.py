@@ -664,8 +664,10 @@ def this_machine(device: str) -> dict:
     from nnunet_kd.benchmark import device_description
     from nnunet_kd.compare import device_label
 
-    return {"device": device_label(device), "name": device_description(torch.device(device))["device_name"],
-            "torch": torch.__version__}
+    info = device_description(torch.device(device))
+    # the CPU's or GPU's name, not the reporting process's thread count
+    name = info["device_name"] if device.startswith("cuda") else f"{info['cpu_name']} ({info['cpu_count']} logical CPUs)"
+    return {"device": device_label(device), "name": name, "torch": torch.__version__}
 
 
 def trained_on(folder: str, device: str) -> dict:
