@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_kd.losses._common import check_mask, float32_region, masked_voxel_mean, one_hot_labels
+from nnunet_kd.losses._common import check_mask, float32_region, masked_voxel_mean
 
 REDUCTIONS = ("voxel", "class_balanced", "symmetric_balanced")
 
@@ -78,20 +78,13 @@ def class_balanced_mean(per_voxel: torch.Tensor, labels: torch.Tensor, num_class
                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean of per_voxel (B, 1, *sp) over the valid voxels of each class of ``labels`` (B, 1, *sp), then over the
     classes present in the batch. Nothing is read back to the host (no GPU synchronisation)."""
-    one_hot = one_hot_labels(labels, num_classes, mask, per_voxel.dtype)
-    if mask is not None:
-        one_hot = one_hot * mask.to(per_voxel.dtype)
-    dims = [0] + list(range(2, per_voxel.dim()))
-    counts = one_hot.sum(dims)
-    per_class = (one_hot * per_voxel).sum(dims) / counts.clamp(min=1.0)
-    present = (counts > 0).to(per_voxel.dtype)
-    return (per_class * present).sum() / present.sum().clamp(min=1.0)
+    return (class_balanced_weights(labels, num_classes, mask, per_voxel.dtype) * per_voxel).sum()
 
 
 def class_balanced_weights(labels: torch.Tensor, num_classes: int, mask: Optional[torch.Tensor] = None,
                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-voxel weights (B, 1, *sp) w with sum(w * x) == class_balanced_mean(x, labels, num_classes, mask) for any
-    per-voxel x: 1 / (count of the voxel's class * number of classes present) on valid voxels, 0 elsewhere."""
+    """Per-voxel weights (B, 1, *sp) w, so that sum(w * x) is the class-balanced mean of any per-voxel x
+    (class_balanced_mean): 1 / (count of the voxel's class * number of classes present) on valid voxels, 0 elsewhere."""
     labels = labels.long()
     valid = torch.ones_like(labels, dtype=dtype) if mask is None else mask.to(dtype)
     if mask is not None:

@@ -49,9 +49,9 @@ class _LovaszExtension(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probabilities, foreground, valid, selected):
         # probabilities, foreground (C, N) float; valid (1, N) bool or None; selected (C,) float 0/1
+        # foreground is 0 at invalid voxels already (_lovasz_flat)
         errors = (foreground - probabilities).abs()
         if valid is not None:
-            foreground = foreground * valid
             errors = torch.where(valid, errors, torch.full_like(errors, -1.0))
         order = _descending_order(errors)
         grad_sorted = lovasz_grad(torch.gather(foreground, -1, order))
@@ -80,8 +80,10 @@ def _lovasz_flat(probabilities: torch.Tensor, foreground: torch.Tensor, valid: O
     for sort, gather and cumsum), and nothing is read back to the host (no sync on GPU): invalid voxels get
     error -1, so they sort after every valid voxel, where they change no valid voxel's gradient and contribute 0
     (errors are clamped at 0 for the dot product)."""
+    if valid is not None:
+        foreground = foreground * valid
     if classes == "present":
-        selected = ((foreground if valid is None else foreground * valid).sum(-1) > 0).to(probabilities.dtype)
+        selected = (foreground.sum(-1) > 0).to(probabilities.dtype)
     elif classes == "all":
         selected = torch.ones(foreground.shape[0], device=probabilities.device, dtype=probabilities.dtype)
     else:

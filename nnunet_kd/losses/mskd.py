@@ -216,9 +216,8 @@ def _as_mask(m: Optional[torch.Tensor], feat: torch.Tensor, name: str) -> Option
     return m.to(device=feat.device, dtype=torch.bool)
 
 
-def _region_masks(labels: torch.Tensor, feat: torch.Tensor, num_classes: int, valid_mask: Optional[torch.Tensor],
-                  first_class: int):
-    """Returns (valid (B,1,*sp) bool, regions (B,K,*sp) bool for classes first_class..num_classes-1)."""
+def _region_masks(labels: torch.Tensor, feat: torch.Tensor, num_classes: int, valid_mask: Optional[torch.Tensor]):
+    """Returns (valid (B,1,*sp) bool, regions (B,C,*sp) bool for classes 0..num_classes-1)."""
     sp = tuple(feat.shape[2:])
     if labels.dim() == len(sp) + 1:
         labels = labels.unsqueeze(1)
@@ -234,7 +233,7 @@ def _region_masks(labels: torch.Tensor, feat: torch.Tensor, num_classes: int, va
     vm = _as_mask(valid_mask, feat, 'valid_mask')
     if vm is not None:
         valid = valid & vm
-    classes = torch.arange(first_class, num_classes, device=feat.device).view(1, -1, *([1] * len(sp)))
+    classes = torch.arange(num_classes, device=feat.device).view(1, -1, *([1] * len(sp)))
     regions = (labels == classes) & valid
     return valid, regions
 
@@ -307,7 +306,7 @@ def region_statistics(student_feat: torch.Tensor, teacher_feat: torch.Tensor, la
         s_n = student_feat.float().flatten(2)
         t_n = teacher_feat.detach().float().flatten(2)
         with torch.no_grad():
-            valid, regions = _region_masks(labels, student_feat, num_classes, valid_mask, 0)
+            valid, regions = _region_masks(labels, student_feat, num_classes, valid_mask)
             regions_f = regions.flatten(2).float()
         sq_s, inv_s = _inv_norm(s_n)
         sq_t, inv_t = _inv_norm(t_n)
