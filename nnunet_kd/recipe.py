@@ -255,6 +255,14 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
         aggregation = {"teacher_aggregation": settings.get("teacher_aggregation", "terms_mean"),
                        "teacher_aggregation_tau": float(settings.get("teacher_aggregation_tau", 1.0)),
                        "teacher_routing": bool(settings.get("teacher_routing", False))}
+        if aggregation["teacher_routing"] and aggregation["teacher_aggregation"] == "terms_mean":
+            # routing excludes a teacher from the per-voxel mixture; terms_mean has no mixture, and computing every
+            # term per teacher on every case would let each teacher teach the cases it trained on while the plans
+            # said otherwise
+            raise RecipeError(f"{where}: teacher_routing applies to the teachers' per-voxel mixture "
+                              f"(teacher_aggregation 'adaptive' or 'uniform'); with teacher_aggregation 'terms_mean' "
+                              f"every teacher teaches every case. Set teacher_aggregation to 'adaptive' or 'uniform', "
+                              f"or teacher_routing to false. {fix}")
         aggregation["train_on_unlabelled"] = bool(settings.get("train_on_unlabelled", False))
         if aggregation["train_on_unlabelled"]:
             label_only = [t for t in terms if not term_class_of(t).uses_teacher]

@@ -34,7 +34,7 @@ class Sweep:
     file: str
     method: str
     baseline: str
-    variants: dict  # name -> {"why": str, "set": [KEY=VALUE, ...]}, in file order
+    variants: dict  # name -> {"why": str, "set": [KEY=VALUE, ...], optional "compare_with": [variant, ...]}, in order
     base: tuple = ()  # KEY=VALUE applied to every variant first (the preset as it was when the sweep ran)
 
     def overrides(self, variant: str) -> list[str]:
@@ -61,6 +61,10 @@ def load_sweep(path: str) -> Sweep:
         if not isinstance(variant, dict) or not isinstance(variant.get("set"), list) or not all(
                 isinstance(a, str) and "=" in a for a in variant["set"]) or not isinstance(variant.get("why"), str):
             raise SweepError(f"{path}: variant {name!r} must be {{\"why\": \"...\", \"set\": [\"KEY=VALUE\", ...]}}.")
+        also = variant.get("compare_with", [])
+        if not isinstance(also, list) or not all(v in variants and v != name for v in also):
+            raise SweepError(f"{path}: variant {name!r}: 'compare_with' must list other variants of this file "
+                             f"{[v for v in variants if v != name]}, got {also!r}.")
     base = raw.get("base", [])
     if not isinstance(base, list) or not all(isinstance(a, str) and "=" in a for a in base):
         raise SweepError(f"{path}: 'base' must be a list of \"KEY=VALUE\" overrides applied to every variant.")
@@ -159,15 +163,7 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
                 [r["curves"]["pseudo_dice"][:min(len(x["curves"]["pseudo_dice"]) for x in recs)] for r in recs],
                 axis=0))),
         })
-    comparisons = []
-    for key in [v for v in variants if v in models]:
-        for baseline in ("plain", sweep.baseline):
-            if baseline == key or baseline not in models:
-                continue
-            use = sorted(set(models[key]) & set(models[baseline]))
-            if use:
-                diffs = matrix(models[key], use) - matrix(models[baseline], use)
-                comparisons.append({"variant": key, "baseline": baseline, "seeds": use, **paired_bootstrap(diffs)})
+    comparisons = sweep_comparisons(sweep, variants, models, matrix)
     result = {
         "protocol": {
             "dataset": p.dataset_name, "configuration": p.configuration, "fold": fold, "method": sweep.method,
@@ -186,6 +182,23 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
     return result
 
 
+def sweep_comparisons(sweep: Sweep, variants: list[str], models: dict, matrix) -> list[dict]:
+    """Paired comparisons (by case and shared seed) of every finished variant with the plain student and the shipped
+    preset, and with the variants its "compare_with" names: a variant that changes two things of the preset is also
+    compared with the one that changes one of them, which isolates the other. ``models``: key -> seed -> record;
+    ``matrix(by_seed, seeds)``: (seeds, cases) Dice."""
+    comparisons = []
+    for key in [v for v in variants if v in models]:
+        for baseline in dict.fromkeys(("plain", sweep.baseline, *sweep.variants[key].get("compare_with", []))):
+            if baseline == key or baseline not in models:
+                continue
+            use = sorted(set(models[key]) & set(models[baseline]))
+            if use:
+                diffs = matrix(models[key], use) - matrix(models[baseline], use)
+                comparisons.append({"variant": key, "baseline": baseline, "seeds": use, **paired_bootstrap(diffs)})
+    return comparisons
+
+
 def format_sweep_table(result: dict) -> str:
     labels, names = list(result["labels"]), result["labels"]
     header = (["variant", "what it changes", "seeds", "val mean Dice [95% CI]"] + [f"Dice {names[k]}" for k in labels]
@@ -197,10 +210,12 @@ def format_sweep_table(result: dict) -> str:
                                                                    r["validation_mean_dice_ci95"])]
             + [f"{r['dice_per_class'][k]:.4f}" for k in labels] + [f"{r['fp_ml_per_case'][k]:.4f}" for k in labels]
             + [f"{r['fn_ml_per_case'][k]:.4f}" for k in labels]) + " |")
-    lines += ["", "| variant | baseline | seeds | cases | mean paired diff (val Dice) | 95% CI |", "|---|---|---|---|---|---|"]
+    lines += ["", "| variant | baseline | seeds | cases | mean paired diff (val Dice) | 95% CI | per seed |",
+              "|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
+        per_seed = " / ".join(f"{v:+.4f}" for v in c.get("mean_diff_per_seed", []))  # older results: none
         lines.append(f"| {c['variant']} | {c['baseline']} | {len(c['seeds'])} | {c['n_cases']} | {c['mean_diff']:+.4f} "
-                     f"| [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |")
+                     f"| [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {per_seed} |")
     return "\n".join(lines)
 
 

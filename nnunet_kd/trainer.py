@@ -387,6 +387,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
                 weights[n].append(w[:, i:i + 1])
         step.mixture = TeacherOutputs("mixture", mixed)
         step.teacher_weights, step.covered = weights, covered
+        if allowed is not None:
+            step.routing = {n: allowed[:, i] for i, n in enumerate(names)}
         mask = step.kd_mask(0)
         step.logged = {f"teacher_weight_{n}": masked_voxel_mean(weights[n][0], mask) for n in names}
 

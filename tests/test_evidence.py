@@ -90,6 +90,8 @@ def test_bootstrap_interval_covers_seed_variation_not_only_case_variation():
     assert narrow["mean_diff"] == pytest.approx(wide["mean_diff"]) == pytest.approx(0.05)
     assert (wide["ci95"][1] - wide["ci95"][0]) > 5 * (narrow["ci95"][1] - narrow["ci95"][0])
     assert wide["ci95"][0] < 0.05 < wide["ci95"][1]
+    # what the interval is made of, for a reader to judge with 2-3 seeds
+    assert wide["mean_diff_per_seed"] == pytest.approx([0.0, 0.05, 0.10])
 
 
 def test_plateau_detects_a_rising_curve_and_a_flat_one():

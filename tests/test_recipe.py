@@ -67,6 +67,19 @@ def test_non_finite_zero_and_wrongly_typed_settings_are_refused_naming_file_and_
     assert PLANS_FILE in str(error.value) and "nnUNetv2_kd_plan_student" in str(error.value)
 
 
+@pytest.mark.parametrize("method", ["multi_teacher", "adaptive"])
+def test_routing_without_a_teacher_mixture_is_refused_not_silently_ignored(method):
+    # terms_mean computes every term per teacher on every case: routing would be written in the plans and not done
+    with pytest.raises(RecipeError, match=r"teacher_routing applies to the teachers' per-voxel mixture") as error:
+        parse_recipe(student_plans(**{method: {"teacher_aggregation": "terms_mean", "teacher_routing": True}}),
+                     "3d_fullres", method, PLANS_FILE)
+    assert PLANS_FILE in str(error.value)
+    for aggregation in ("adaptive", "uniform"):
+        recipe = parse_recipe(student_plans(**{method: {"teacher_aggregation": aggregation, "teacher_routing": True}}),
+                              "3d_fullres", method, PLANS_FILE)
+        assert recipe.teacher_routing and recipe.teacher_aggregation == aggregation
+
+
 def test_zero_weight_switches_a_term_off():
     recipe = parse_recipe(student_plans(adaptive={"weights": {"lovasz": 0, "feature": 0.0}}), "3d_fullres", "adaptive",
                           PLANS_FILE)

@@ -48,6 +48,8 @@ def test_sweep_models_have_their_own_plans_names_that_the_held_out_report_ignore
     (lambda s: s["variants"].update({"bad-name": {"why": "x", "set": []}}), r"letters and digits only"),
     (lambda s: s["variants"].update({"noeq": {"why": "x", "set": ["methods.adaptive.weights.kl"]}}),
      r"variant 'noeq' must be"),
+    (lambda s: s["variants"]["default"].update(compare_with=["nope"]), r"'compare_with' must list other variants"),
+    (lambda s: s["variants"]["default"].update(compare_with=["default"]), r"'compare_with' must list other variants"),
 ])
 def test_a_malformed_sweep_file_is_refused_naming_it(tmp_path, edit, message):
     sweep = {"method": "adaptive", "baseline": "default",
@@ -98,3 +100,24 @@ def test_a_multi_teacher_sweep_plans_every_variant_and_its_plain_student_from_th
         sweep_plans_name("multi_teacher", "default", 0.25, 0, 30, None, 3)
     assert sweep_plans_name("adaptive", "default", 0.25, 0, 30, None, 3) == \
         sweep_plans_name("adaptive", "default", 0.25, 0, 30)
+
+
+def test_a_variant_that_changes_two_things_is_also_compared_with_the_one_that_changes_one():
+    import numpy as np
+
+    from nnunet_kd.sweep import sweep_comparisons
+
+    sweep = load_sweep(str(Path(__file__).resolve().parents[1] / "benchmarks" / "sweeps" / "multi_teacher.json"))
+    assert sweep.variants["termsMean"]["compare_with"] == ["noRouting"]
+    dice = {"plain": 0.80, "default": 0.83, "noRouting": 0.82, "uniform": 0.83, "termsMean": 0.81}
+    models = {k: {0: np.full(5, v), 1: np.full(5, v)} for k, v in dice.items()}
+    matrix = lambda by_seed, seeds: np.stack([by_seed[s] for s in seeds])  # noqa: E731
+    got = {(c["variant"], c["baseline"]): c["mean_diff"]
+           for c in sweep_comparisons(sweep, list(sweep.variants), models, matrix)}
+    expected = {(v, b) for v in ("noRouting", "uniform", "termsMean") for b in ("plain", "default")}
+    assert set(got) == expected | {("default", "plain"), ("termsMean", "noRouting")}
+    assert got[("termsMean", "noRouting")] == pytest.approx(-0.01)
+    # a variant without a finished model is left out, not compared with nothing
+    del models["noRouting"]
+    assert ("termsMean", "noRouting") not in {(c["variant"], c["baseline"])
+                                             for c in sweep_comparisons(sweep, list(sweep.variants), models, matrix)}

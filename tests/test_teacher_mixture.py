@@ -138,3 +138,40 @@ def test_the_logit_term_distils_the_mixture_and_the_hints_are_weighted_per_voxel
     assert out["feature"].item() == pytest.approx((out["feature_a"] + out["feature_b"]).item(), rel=1e-6)
     out["feature"].backward()
     assert hint.adapters["a"]["decoder_2"].proj.weight.grad is not None
+
+
+def test_a_term_computed_per_teacher_never_sees_a_teacher_on_the_cases_it_trained_on():
+    from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, term_class
+
+    torch.manual_seed(3)
+    labels = torch.randint(0, 3, (2, 1, 8, 8))
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    allowed = torch.tensor([[True, True], [False, True]])  # item 1: teacher a trained on it
+    w, covered = teacher_weights([a, b], labels, "adaptive", 1.0, allowed)
+    student_features = {"decoder.2": torch.randn(2, 2, 8, 8)}
+    term_cls = term_class("contrastive")
+    settings = term_cls.parse_settings({"contrastive_stages": ["decoder.2"], "contrastive_temperature": 0.1,
+                                        "contrastive_queue_size": 0, "contrastive_max_voxels_per_class": 16,
+                                        "contrastive_embedding_dim": 4})
+    term = term_cls(settings, TermContext(3, False, 2, ("a", "b"), None, "plans.json"))
+    term.resolved_stages = ["decoder.2"]
+    term.build_modules({"decoder.2": (2, 2, 8, 8)}, {"a": {"decoder.2": (2, 4, 8, 8)}, "b": {"decoder.2": (2, 4, 8, 8)}})
+
+    def value(features_of_a):
+        teachers = {"a": TeacherOutputs("a", [a], {"decoder.2": features_of_a}),
+                    "b": TeacherOutputs("b", [b], {"decoder.2": torch.ones(2, 4, 8, 8)})}
+        step = DistillationStep([torch.randn(2, 3, 8, 8)], student_features, teachers, [labels], [None],
+                                mixture=TeacherOutputs("mixture", [mix_teacher_logits([a, b], w, 1.0)]),
+                                teacher_weights={"a": [w[:, :1]], "b": [w[:, 1:]]}, covered=[covered],
+                                routing={"a": allowed[:, 0], "b": allowed[:, 1]})
+        assert step.teacher_kd_mask("a", 0)[:, 0].flatten(1).all(1).tolist() == [True, False]
+        assert step.teacher_kd_mask("b", 0).all()
+        torch.manual_seed(0)  # the same voxels sampled in both calls
+        return term(step)["contrastive"].item()
+
+    features = torch.randn(2, 4, 8, 8)
+    changed_on_its_own_case, changed_elsewhere = features.clone(), features.clone()
+    changed_on_its_own_case[1] = torch.randn(4, 8, 8)
+    changed_elsewhere[0] = torch.randn(4, 8, 8)
+    assert value(changed_on_its_own_case) == pytest.approx(value(features), rel=1e-6)
+    assert abs(value(changed_elsewhere) - value(features)) > 1e-3

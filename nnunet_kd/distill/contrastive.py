@@ -84,7 +84,8 @@ class DenseContrastive(DistillationTerm):
         for stage in self.resolved_stages:
             student = step.student_features[stage]
             labels, valid = step.labels_at(student.shape[2:])
-            mask = resize_mask(step.kd_mask(0), student.shape[2:])  # ignore label and out-of-sample routing
+            # ignore label, and out-of-sample routing: this teacher never on the cases it trained on
+            mask = resize_mask(step.teacher_kd_mask(name, 0), student.shape[2:])
             if valid is not None:
                 mask = valid if mask is None else mask & valid
             key = module_key(stage)

@@ -77,6 +77,7 @@ class DistillationStep:
     mixture: Optional[TeacherOutputs] = None
     teacher_weights: Optional[dict] = None
     covered: Optional[list] = None
+    routing: Optional[dict] = None  # name -> (B,) bool: may this teacher teach this case (out-of-sample routing)
     logged: dict = field(default_factory=dict)  # values logged per epoch that are no loss (each teacher's weight)
     cache: dict = field(default_factory=dict)   # what several terms compute alike, computed once (MSKD's regions)
 
@@ -86,6 +87,16 @@ class DistillationStep:
         if self.covered is None:
             return valid
         return self.covered[level] if valid is None else valid & self.covered[level]
+
+    def teacher_kd_mask(self, name: str, level: int) -> Optional[torch.Tensor]:
+        """kd_mask(level) without the cases that routing keeps teacher ``name`` from teaching: for a term that
+        computes something per teacher (the mixture's weights already exclude it)."""
+        mask = self.kd_mask(level)
+        if self.routing is None:
+            return mask
+        shape = self.labels[level].shape
+        allowed = self.routing[name].view(-1, *([1] * (len(shape) - 1))).expand(shape[0], 1, *shape[2:])
+        return allowed if mask is None else mask & allowed
 
     def labels_at(self, spatial_shape) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Labels and mask at ``spatial_shape``: nnU-Net's own deep-supervision target of that shape; resampled
