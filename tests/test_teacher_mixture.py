@@ -175,3 +175,12 @@ def test_a_term_computed_per_teacher_never_sees_a_teacher_on_the_cases_it_traine
     changed_elsewhere[0] = torch.randn(4, 8, 8)
     assert value(changed_on_its_own_case) == pytest.approx(value(features), rel=1e-6)
     assert abs(value(changed_elsewhere) - value(features)) > 1e-3
+
+
+def test_at_an_ignore_label_no_teacher_is_preferred_so_coarser_stages_average_only_real_evidence():
+    sure = torch.tensor([[[[6.0, 6.0]], [[-6.0, -6.0]]]])  # (1, 2 classes, 1, 2): class 0 at both voxels
+    unsure = torch.zeros(1, 2, 1, 2)
+    labels = torch.tensor([[[[0, 2]]]])  # voxel 1 carries the ignore label (2 = num_classes)
+    w, _ = teacher_weights([sure, unsure], labels, "adaptive", 1.0)
+    assert w[0, 0, 0, 0] > 0.6  # where the label is known, the teacher that explains it dominates
+    assert torch.allclose(w[0, :, 0, 1], torch.tensor([0.5, 0.5]))  # where it is not, neither does

@@ -39,18 +39,21 @@ def _stack(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
 def teacher_cross_entropy(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor,
                           region_based: bool = False) -> torch.Tensor:
     """(B, K, *sp): each teacher's cross-entropy on the ground truth per voxel (label map (B, 1, *sp); for regions the
-    binary regions (B, R, *sp), summed over regions). Labels outside [0, C) (an ignore label) count as class 0; mask
-    those voxels out downstream."""
+    binary regions (B, R, *sp), summed over regions). At a label outside [0, C) (an ignore label) there is no ground
+    truth to explain: every teacher's cross-entropy is 0 there, so no teacher is preferred (adaptive weights are
+    uniform over the allowed teachers), also where a coarser stage averages the weights over an area."""
     logits = _stack(teacher_logits)
     if region_based:
         regions = target.float().unsqueeze(1).expand_as(logits)
         return F.binary_cross_entropy_with_logits(logits, regions, reduction="none").sum(2)
     num_classes = logits.shape[2]
     labels = target.long()
-    labels = torch.where((labels >= 0) & (labels < num_classes), labels, torch.zeros_like(labels))
+    known = (labels >= 0) & (labels < num_classes)  # (B, 1, *sp)
+    labels = torch.where(known, labels, torch.zeros_like(labels))
     log_p = F.log_softmax(logits, 2)  # (B, K, C, *sp)
     index = labels.unsqueeze(1).expand(-1, logits.shape[1], *labels.shape[1:])  # (B, K, 1, *sp)
-    return -torch.gather(log_p, 2, index).squeeze(2)
+    ce = -torch.gather(log_p, 2, index).squeeze(2)
+    return torch.where(known, ce, torch.zeros_like(ce))
 
 
 def teacher_weights(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor, weighting: str = "adaptive",
