@@ -33,7 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "nnUNetv2_kd_trainers_dir=nnunet_kd.resources:print_trainers_dir",
-            "nnUNetv2_kd_plan_student=nnunet_kd.resources:plan_student_main",  # planning.main + nnUNet_extTrainer check
+            "nnUNetv2_kd_plan_student=nnunet_kd.planning:plan_student_main",  # planning.main + nnUNet_extTrainer check
             "nnUNetv2_kd_export=nnunet_kd.export:main",
             "nnUNetv2_kd_predict_onnx=nnunet_kd.onnx_predict:main",
             "nnUNetv2_kd_demo=nnunet_kd.demo:main",

@@ -22,8 +22,7 @@ from torch import nn
 
 from nnunet_kd.budget import nnUNetTrainerBudget
 from nnunet_kd.recipe import RecipeError, parse_recipe
-
-RECONSTRUCTION_HEAD = "reconstruction_head"  # the submodule (and state-dict prefix) of the auxiliary head
+from nnunet_kd.teacher import RECONSTRUCTION_HEAD
 
 
 def add_reconstruction_head(network: nn.Module, num_input_channels: int) -> nn.Module:

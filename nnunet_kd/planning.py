@@ -21,6 +21,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_kd.cost import format_count, network_cost
 from nnunet_kd.recipe import PLANS_KEY, RecipeError, available_methods, default_recipe, parse_recipe
+from nnunet_kd.resources import warn_ext_trainer
 from nnunet_kd.teacher import TeacherModel, check_teacher_compatible
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -453,3 +454,10 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def plan_student_main(argv=None) -> None:
+    """Console entry point `nnUNetv2_kd_plan_student`: main, then the nnUNet_extTrainer check, since the next command
+    the user runs is nnUNetv2_train -tr nnUNetTrainerKD_..., which needs it."""
+    main(argv)  # exits with status 2 on a planning error
+    warn_ext_trainer("nnUNetv2_kd_plan_student")

@@ -82,11 +82,3 @@ def warn_ext_trainer(prog: str, note: str = "", environ=None, file=None) -> bool
           f"Run this before nnUNetv2_train / nnUNetv2_predict with a KD trainer (-tr nnUNetTrainerKD_...):\n"
           f"    {EXPORT_LINE}", file=sys.stderr if file is None else file, flush=True)
     return True
-
-
-def plan_student_main(argv=None) -> None:
-    """Console entry point `nnUNetv2_kd_plan_student`: nnunet_kd.planning.main, then the nnUNet_extTrainer check,
-    since the next command the user runs is nnUNetv2_train -tr nnUNetTrainerKD_..., which needs it."""
-    from nnunet_kd.planning import main
-    main(argv)  # exits with status 2 on a planning error
-    warn_ext_trainer("nnUNetv2_kd_plan_student")

@@ -409,12 +409,16 @@ def build_trained_network(trainer_name: str, plans_manager: PlansManager, config
     return network
 
 
+# The submodule (and state-dict prefix) of the multi-task teacher's auxiliary head (nnunet_kd.multitask adds it): here,
+# where a teacher is loaded without it, so the loader needs nothing of the trainer that trains it.
+RECONSTRUCTION_HEAD = "reconstruction_head"
+
+
 def segmentation_part(trainer_name: str, network_weights: dict) -> tuple[str, dict]:
     """A multi-task teacher (nnunet_kd.multitask: nnU-Net's network plus a reconstruction head) is used through its
     segmentation network: nnU-Net's own network class and the weights without the auxiliary head. The shared
     encoder/decoder features and the segmentation outputs are the student's to distil; the head is not. Any other
     teacher: unchanged."""
-    from nnunet_kd.multitask import RECONSTRUCTION_HEAD
     prefix = RECONSTRUCTION_HEAD + "."
     if trainer_name != "nnUNetTrainerMultiTask" or not any(k.startswith(prefix) for k in network_weights):
         return trainer_name, network_weights

@@ -8,7 +8,8 @@ from os.path import dirname, join
 import pytest
 
 from nnunet_kd.pipeline import console_script
-from nnunet_kd.resources import EXPORT_LINE, ext_trainer_problem, plan_student_main, trainers_dir
+from nnunet_kd.planning import plan_student_main
+from nnunet_kd.resources import EXPORT_LINE, ext_trainer_problem, trainers_dir
 
 
 # ------------------------------------------------------------------------------------- nnUNetv2_kd_trainers_dir
@@ -81,7 +82,7 @@ def test_nnunet_finds_the_kd_trainers_only_through_nnUNet_extTrainer(monkeypatch
 def test_plan_student_entry_point_ends_with_the_export_line(monkeypatch, capsys):
     import nnunet_kd.planning
     setup_py = open(join(dirname(dirname(os.path.abspath(__file__))), "setup.py")).read()
-    assert '"nnUNetv2_kd_plan_student=nnunet_kd.resources:plan_student_main"' in setup_py
+    assert '"nnUNetv2_kd_plan_student=nnunet_kd.planning:plan_student_main"' in setup_py
     calls = []
     monkeypatch.setattr(nnunet_kd.planning, "main", lambda argv=None: calls.append(argv))
 
