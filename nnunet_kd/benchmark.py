@@ -468,6 +468,114 @@ def _equivalent_command(args: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- benchmark
+def _benchmark_device(device: str | None) -> torch.device:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda, but torch sees no CUDA device. Pass --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise BenchmarkError(f"--device {device}: use cpu or cuda.")
+    # nnU-Net's trainer uses cuda:0; choose the GPU with CUDA_VISIBLE_DEVICES
+    return torch.device("cuda", 0) if device.type == "cuda" else device
+
+
+def _network_costs(kd, teacher_predictors: dict, student_predictor) -> dict:
+    """Parameters and FLOPs per patch of every teacher, of the student and of the KD modules (adapters, heads)."""
+    patch = kd.configuration_manager.patch_size
+    cost = {"teachers": {name: _cost(p.network, kd.num_input_channels, patch) for name, p in teacher_predictors.items()},
+            "student": _cost(student_predictor.network, kd.num_input_channels, patch),
+            "adapters_parameters": count_parameters(kd.distillation)}
+    # "teacher": what the student replaces, i.e. every teacher (one teacher: that teacher)
+    cost["teacher"] = {k: sum(c[k] for c in cost["teachers"].values()) for k in ("parameters", "flops_per_patch")}
+    cost["parameter_ratio_teacher_over_student"] = cost["teacher"]["parameters"] / cost["student"]["parameters"]
+    cost["flops_ratio_teacher_over_student"] = cost["teacher"]["flops_per_patch"] / cost["student"]["flops_per_patch"]
+    return cost
+
+
+def time_training_steps(kd, batches: list[dict], steps: int, warmup: int, device: torch.device) -> tuple[dict, dict]:
+    """The teacher's no-grad forward, the plain student step (the trainer with its teacher switched off) and the KD
+    step, timed in turn on the same fixed batches; returns (timings, ratios). Checks that the plain step computed
+    only the segmentation loss and the KD step every logged term."""
+    kd.network.train()
+    device_data = [b["data"].to(device) for b in batches]
+
+    def teacher_forward(data):
+        with torch.no_grad(), kd._autocast():
+            for teacher in kd.teachers.values():
+                teacher(data)
+        for taps in kd.teacher_taps.values():
+            taps.pop()
+
+    plain_terms, kd_step_terms = [], []
+
+    def plain_step_teacher_off(batch):
+        with teacher_disabled(kd):
+            out = kd.train_step(batch)
+            plain_terms.append(len(out["terms"]))
+            if kd.student_taps is not None:  # nobody pops the student's features when the teacher is off
+                kd.student_taps.pop()
+
+    def kd_step(batch):
+        out = kd.train_step(batch)
+        kd_step_terms.append(sorted(out["terms"]))
+
+    training = time_interleaved({"teacher_forward": (teacher_forward, device_data),
+                                 "plain_student_step": (plain_step_teacher_off, batches),
+                                 "kd_step": (kd_step, batches)}, steps, warmup, device)
+    if set(plain_terms) != {1}:
+        raise RuntimeError(f"The plain student step computed {plain_terms} loss terms, expected only the "
+                           f"segmentation loss: the teacher was not switched off.")
+    if any(names != sorted(kd.logged_terms) for names in kd_step_terms) or len(kd.loss_terms) < 2:
+        raise RuntimeError(f"The KD step returned the terms {kd_step_terms}, expected {kd.logged_terms}.")
+    training["plain_student_step"]["loss_terms"] = ["segmentation"]
+    training["kd_step"]["loss_terms"] = list(kd.logged_terms)
+    plain_s, kd_s = training["plain_student_step"]["median_s"], training["kd_step"]["median_s"]
+    teacher_s = training["teacher_forward"]["median_s"]
+    ratios = {"kd_over_student_plus_teacher": kd_s / (plain_s + teacher_s), "kd_over_plain": kd_s / plain_s,
+              "teacher_forward_over_plain": teacher_s / plain_s}
+    return training, ratios
+
+
+def time_inference(student_predictor, teacher_predictors: dict, volume: torch.Tensor, case: str, repeats: int,
+                   warmup: int, device: torch.device, say) -> dict:
+    """Sliding-window inference of the student and of every teacher on one volume, without and with mirroring:
+    median seconds and peak memory (measured in the first, untimed call, never while timing)."""
+    inference = {"teachers": {}}
+    for who, predictor in (("student", student_predictor), *teacher_predictors.items()):
+        record = inference[who] = {} if who == "student" else inference["teachers"].setdefault(who, {})
+        record["mirror_axes"] = list(predictor.allowed_mirroring_axes or [])
+        for mode, mirroring in (("mirroring_off", False), ("mirroring_on", True)):
+            say(f"sliding-window inference, {who}, {mode.replace('_', ' ')} ({warmup} warm-up + {repeats} timed) on "
+                f"case {case} {list(volume.shape)}")
+            predictor.use_mirroring = mirroring
+            with PeakMemory(device) as memory:
+                predictor.predict_sliding_window_return_logits(volume)
+                _synchronize(device)
+            timing = median_inference_seconds(predictor, volume, repeats=repeats, warmup=max(0, warmup - 1))
+            record[mode] = {**timing, **memory.result()}
+    # "teacher": every teacher run in turn on the volume (one teacher: that teacher), as an ensemble of them would
+    # be; its peak memory is the largest of theirs.
+    per_teacher = list(inference["teachers"].values())
+    inference["teacher"] = per_teacher[0] if len(per_teacher) == 1 else {
+        mode: {"median_s": sum(t[mode]["median_s"] for t in per_teacher),
+               "peak_memory_increase_bytes": max(t[mode]["peak_memory_increase_bytes"] for t in per_teacher)}
+        for mode in ("mirroring_off", "mirroring_on")}
+    for mode in ("mirroring_off", "mirroring_on"):
+        inference[f"speedup_{mode}_teacher_over_student"] = \
+            inference["teacher"][mode]["median_s"] / inference["student"][mode]["median_s"]
+    return inference
+
+
+def _write_results(results: dict, output: str, say) -> None:
+    """The results as .json and the summary as .md beside it."""
+    output = abspath(output)
+    os.makedirs(dirname(output), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(results, f, indent=2)
+    with open(splitext(output)[0] + ".md", "w") as f:
+        f.write(format_summary(results) + "\n")
+    say(f"wrote {output} and {splitext(output)[0] + '.md'}")
+
+
 def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teacher: str | None = None,
                   student_plans: str | None = None, student: str | None = None, trainer: str | None = None,
                   device: str | None = None, steps: int = 20, warmup: int = 3, inference_repeats: int = 3,
@@ -480,13 +588,7 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
     if steps < 1 or warmup < 0 or inference_repeats < 1 or inference_warmup < 0:
         raise BenchmarkError(f"--steps and --inference-repeats must be >= 1, --warmup and --inference-warmup >= 0 "
                              f"(got {steps}, {inference_repeats}, {warmup}, {inference_warmup}).")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchmarkError("--device cuda, but torch sees no CUDA device. Pass --device cpu.")
-    if device.type not in ("cpu", "cuda"):
-        raise BenchmarkError(f"--device {device}: use cpu or cuda.")
-    if device.type == "cuda":
-        device = torch.device("cuda", 0)  # nnU-Net's trainer uses cuda:0; choose the GPU with CUDA_VISIBLE_DEVICES
+    device = _benchmark_device(device)
     arguments["device"] = device.type
     command = command or _equivalent_command(arguments)
 
@@ -520,14 +622,12 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
                                      f"predictions); benchmark its previous stage or a non-cascaded configuration.")
             kd.initialize()
             recipe = kd.kd_recipe
-            teacher_fold = recipe.teacher.fold_for_student(fold)
             n_batches = max(1, min(steps, 4))
-            say(f"drawing {n_batches} fixed batch(es) of {kd.batch_size} x {list(kd.configuration_manager.patch_size)} "
-                f"from the training dataloader")
+            patch = kd.configuration_manager.patch_size
+            say(f"drawing {n_batches} fixed batch(es) of {kd.batch_size} x {list(patch)} from the training dataloader")
             batches = draw_fixed_batches(kd, n_batches, device)
             case, volume = load_case_volume(kd, case)
 
-            # -------------------------------------------------------------------- predictors and cost
             teacher_predictors = {t.name: make_predictor(folder, t.fold_for_student(fold), t.checkpoint, device=device)
                                   for t, folder in zip(recipe.teachers, inputs["teacher_folders"])}
             if inputs["student_folder"]:
@@ -537,93 +637,12 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
                 student_predictor = in_memory_student_predictor(kd, device)
                 student_weights = ("in-memory network of the trainer (untrained: only --student-plans was given; "
                                    "inference time does not depend on the weight values)")
-            patch = kd.configuration_manager.patch_size
-            cost = {"teachers": {name: _cost(p.network, kd.num_input_channels, patch)
-                                 for name, p in teacher_predictors.items()},
-                    "student": _cost(student_predictor.network, kd.num_input_channels, patch),
-                    "adapters_parameters": count_parameters(kd.distillation)}
-            # "teacher": what the student replaces, i.e. every teacher (one teacher: that teacher)
-            cost["teacher"] = {k: sum(c[k] for c in cost["teachers"].values())
-                               for k in ("parameters", "flops_per_patch")}
-            cost["parameter_ratio_teacher_over_student"] = cost["teacher"]["parameters"] / cost["student"]["parameters"]
-            cost["flops_ratio_teacher_over_student"] = \
-                cost["teacher"]["flops_per_patch"] / cost["student"]["flops_per_patch"]
-
-            # -------------------------------------------------------------------- training steps
-            kd.network.train()
-            device_data = [b["data"].to(device) for b in batches]
-
-            def teacher_forward(data):
-                with torch.no_grad(), kd._autocast():
-                    for teacher in kd.teachers.values():
-                        teacher(data)
-                for taps in kd.teacher_taps.values():
-                    taps.pop()
-
-            plain_terms = []
-
-            def plain_step(batch):
-                out = kd.train_step(batch)
-                plain_terms.append(len(out["terms"]))
-                if kd.student_taps is not None:  # nobody pops the student's features when the teacher is off
-                    kd.student_taps.pop()
-
-            kd_step_terms = []
-
-            def kd_step(batch):
-                out = kd.train_step(batch)
-                kd_step_terms.append(sorted(out["terms"]))
-
-            def plain_step_teacher_off(batch):
-                with teacher_disabled(kd):
-                    plain_step(batch)
-
+            cost = _network_costs(kd, teacher_predictors, student_predictor)
             say(f"timing the teacher's no-grad forward, the plain student step and the KD step, in turn "
                 f"({warmup} warm-up + {steps} timed rounds)")
-            training = time_interleaved({"teacher_forward": (teacher_forward, device_data),
-                                         "plain_student_step": (plain_step_teacher_off, batches),
-                                         "kd_step": (kd_step, batches)}, steps, warmup, device)
-            del device_data
-            if set(plain_terms) != {1}:
-                raise RuntimeError(f"The plain student step computed {plain_terms} loss terms, expected only the "
-                                   f"segmentation loss: the teacher was not switched off.")
-            if any(names != sorted(kd.logged_terms) for names in kd_step_terms) or len(kd.loss_terms) < 2:
-                raise RuntimeError(f"The KD step returned the terms {kd_step_terms}, expected {kd.logged_terms}.")
-            training["plain_student_step"]["loss_terms"] = ["segmentation"]
-            training["kd_step"]["loss_terms"] = list(kd.logged_terms)
-
-            plain_s = training["plain_student_step"]["median_s"]
-            kd_s = training["kd_step"]["median_s"]
-            teacher_s = training["teacher_forward"]["median_s"]
-            ratios = {"kd_over_student_plus_teacher": kd_s / (plain_s + teacher_s), "kd_over_plain": kd_s / plain_s,
-                      "teacher_forward_over_plain": teacher_s / plain_s}
-
-            # -------------------------------------------------------------------- inference
-            inference = {"teachers": {}}
-            for who, predictor in (("student", student_predictor), *teacher_predictors.items()):
-                record = inference[who] = {} if who == "student" else inference["teachers"].setdefault(who, {})
-                record["mirror_axes"] = list(predictor.allowed_mirroring_axes or [])
-                for mode, mirroring in (("mirroring_off", False), ("mirroring_on", True)):
-                    say(f"sliding-window inference, {who}, {mode.replace('_', ' ')} ({inference_warmup} warm-up + "
-                        f"{inference_repeats} timed) on case {case} {list(volume.shape)}")
-                    predictor.use_mirroring = mirroring
-                    # memory in the first (untimed) call, never while timing: see time_interleaved
-                    with PeakMemory(device) as memory:
-                        predictor.predict_sliding_window_return_logits(volume)
-                        _synchronize(device)
-                    timing = median_inference_seconds(predictor, volume, repeats=inference_repeats,
-                                                      warmup=max(0, inference_warmup - 1))
-                    record[mode] = {**timing, **memory.result()}
-            # "teacher": every teacher run in turn on the volume (one teacher: that teacher), as an ensemble of
-            # them would be; its peak memory is the largest of theirs.
-            per_teacher = list(inference["teachers"].values())
-            inference["teacher"] = per_teacher[0] if len(per_teacher) == 1 else {mode: {"median_s": sum(t[mode]["median_s"] for t in per_teacher),
-                                           "peak_memory_increase_bytes": max(t[mode]["peak_memory_increase_bytes"]
-                                                                             for t in per_teacher)}
-                                    for mode in ("mirroring_off", "mirroring_on")}
-            for mode in ("mirroring_off", "mirroring_on"):
-                inference[f"speedup_{mode}_teacher_over_student"] = \
-                    inference["teacher"][mode]["median_s"] / inference["student"][mode]["median_s"]
+            training, ratios = time_training_steps(kd, batches, steps, warmup, device)
+            inference = time_inference(student_predictor, teacher_predictors, volume, case, inference_repeats,
+                                       inference_warmup, device, say)
             from torch._dynamo import OptimizedModule
             compiled = isinstance(kd.network, OptimizedModule)
     finally:
@@ -637,7 +656,7 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
             "trainer": inputs["trainer_name"], "kd_method": trainer_class.kd_method,
             "student_plans_file": inputs["plans_file"], "student_folder": inputs["student_folder"],
             "student_inference_weights": student_weights,
-            "teacher_folder": inputs["teacher_folder"], "teacher_fold": teacher_fold,
+            "teacher_folder": inputs["teacher_folder"], "teacher_fold": recipe.teacher.fold_for_student(fold),
             "teacher_checkpoint": recipe.teacher.checkpoint, "kd_weights": dict(kd.loss_weights),
             "teachers": [{"name": t.name, "folder": folder, "fold": t.fold_for_student(fold), "checkpoint": t.checkpoint}
                          for t, folder in zip(recipe.teachers, inputs["teacher_folders"])],
@@ -654,17 +673,10 @@ def run_benchmark(dataset: str, configuration: str | None = None, fold="0", teac
         "training": training,
         "inference": inference,
     }
-    summary = format_summary(results)
     if verbose:
-        print(summary, flush=True)
+        print(format_summary(results), flush=True)
     if output:
-        output = abspath(output)
-        os.makedirs(dirname(output), exist_ok=True)
-        with open(output, "w") as f:
-            json.dump(results, f, indent=2)
-        with open(splitext(output)[0] + ".md", "w") as f:
-            f.write(summary + "\n")
-        say(f"wrote {output} and {splitext(output)[0] + '.md'}")
+        _write_results(results, output, say)
     return results
 
 
