@@ -173,10 +173,152 @@ def _apply_override(recipe: dict, assignment: str) -> None:
     node[keys[-1]] = value
 
 
+def _distinct_teacher_folders(teacher_folder) -> list[str]:
+    """One folder or a list of them, each given once (the same model twice would count its vote twice in every
+    mixture and mean)."""
+    folders = [teacher_folder] if isinstance(teacher_folder, str) else list(teacher_folder)
+    if not folders:
+        raise PlanningError("Give at least one --teacher model folder.")
+    seen = {}
+    for folder in folders:
+        key = os.path.realpath(folder)
+        if key in seen:
+            raise PlanningError(f"--teacher {folder} is given twice (also as {seen[key]}): give each teacher model "
+                                f"folder once.")
+        seen[key] = folder
+    return folders
+
+
+def _budgeted_width(teacher_plans: dict, teacher_cfg: dict, configuration: str, student_configuration,
+                    student_dataset_json: dict, preprocessed_base: str, max_latency, min_speedup, width_candidates,
+                    latency_device: str, latency_case, verbose: bool) -> dict:
+    """The widest student within the latency / speed-up budget (nnunet_kd.width_budget), measured on this machine
+    before anything is written; its record, with every candidate measured."""
+    from nnunet_kd.width_budget import DEFAULT_CANDIDATES, choose_width
+
+    def plans_of(w: float) -> dict:
+        p = copy.deepcopy(teacher_plans)
+        p["configurations"] = {configuration: student_configuration(w)}
+        return p
+
+    single = copy.deepcopy(teacher_plans)
+    single["configurations"] = {configuration: teacher_cfg}
+    try:
+        budget = choose_width(single, plans_of, student_dataset_json, configuration, preprocessed_base,
+                              candidates=tuple(width_candidates or DEFAULT_CANDIDATES), max_latency=max_latency,
+                              min_speedup=min_speedup, device=latency_device, case=latency_case,
+                              say=print if verbose else (lambda *a: None))
+    except (ValueError, FileNotFoundError) as e:
+        raise PlanningError(str(e)) from None
+    if budget["width"] is None:
+        measured = ", ".join(f"{r['width']:g}: {r['median_s']:.3f} s ({r['speedup_over_teacher']:.2f}x)"
+                             for r in budget["candidates"])
+        raise PlanningError(f"No candidate width meets the budget (max latency {max_latency} s, min speed-up "
+                            f"{min_speedup}x) on case {budget['case']} ({latency_device}); measured {measured}, "
+                            f"teacher {budget['teacher_median_s']:.3f} s. Relax the budget or give smaller "
+                            f"--width-candidates.")
+    return budget
+
+
+def _checked_unlabelled_images(unlabelled_images: str, data_folder: str, student_dataset_json: dict,
+                               student_dataset_json_file: str, unlabelled_folder: str, overwrite: bool) -> tuple:
+    """The case identifiers of the unlabelled images, checked before anything is written (they are preprocessed
+    right before the plans are)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_kd.unlabelled import UnlabelledImagesError, check_unlabelled_images
+    try:
+        cases = check_unlabelled_images(abspath(unlabelled_images), student_dataset_json, student_dataset_json_file,
+                                        infer_dataset_class(data_folder).get_identifiers(data_folder))
+    except UnlabelledImagesError as e:
+        raise PlanningError(str(e)) from None
+    if os.path.exists(unlabelled_folder) and not overwrite:
+        raise PlanningError(f"{unlabelled_folder} exists (unlabelled images preprocessed for these plans before): "
+                            f"pass --overwrite to preprocess them again, or choose another -o.")
+    return cases
+
+
+def _plans_to_write(output_file: str, output_plans_name: str, dataset_name: str, teacher_plans: dict,
+                    configuration: str, overwrite: bool) -> dict:
+    """The plans file's content before this configuration is added: the existing student plans (ours, for this
+    dataset; a configuration is replaced only with overwrite) or a copy of the teacher's without configurations."""
+    if isfile(output_file):
+        plans = load_json(output_file)
+        _check_own_student_plans(plans, output_file, output_plans_name, dataset_name)
+        if configuration in plans["configurations"] and not overwrite:
+            raise PlanningError(f"{output_file} already plans configuration '{configuration}'. Pass --overwrite to "
+                                f"replace it (a student already trained with it keeps its own plans copy in its "
+                                f"results folder), or choose another -o.")
+    else:
+        plans = copy.deepcopy(teacher_plans)
+        plans["configurations"] = {}
+        plans[PLANS_KEY] = {}
+    plans["plans_name"] = output_plans_name
+    plans["dataset_name"] = dataset_name
+    return plans
+
+
+def _check_teachers_against_student(teacher_folders: list[str], teacher_fold, plans: dict, configuration: str,
+                                    student_dataset_json: dict, output_file: str, student_dataset_json_file: str,
+                                    dataset_name: str) -> None:
+    """Every teacher must see the student's inputs and predict its labels (teacher.check_teacher_compatible)."""
+    manager = PlansManager(plans)
+    for folder in teacher_folders:
+        for name in ("plans.json", "dataset.json"):
+            if not isfile(join(folder, name)):
+                raise PlanningError(f"{join(folder, name)} not found: every --teacher must be a trained nnU-Net model "
+                                    f"folder ($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
+        model = TeacherModel(model_folder=folder, fold=teacher_fold, checkpoint_file="",
+                             plans=load_json(join(folder, "plans.json")),
+                             dataset_json=load_json(join(folder, "dataset.json")), configuration=configuration,
+                             trainer_name="")
+        check_teacher_compatible(model, manager, manager.get_configuration(configuration), student_dataset_json,
+                                 output_file, student_dataset_json_file)
+
+
+def _student_recipe(teacher_folders: list[str], teacher_fold, teacher_checkpoint: str, allow_validation_overlap: bool,
+                    training: dict, labelled_fraction, labelled_fraction_seed: int, unlabelled: dict | None,
+                    temperature, overrides) -> dict:
+    """The recipe section of the plans: the default recipe (plans/*.json presets) for these teachers, with the
+    command line's training settings, temperature and --set overrides."""
+    recipe = default_recipe(teacher_folders[0])
+    recipe["teacher"].update(fold=teacher_fold, checkpoint=teacher_checkpoint,
+                             allow_validation_overlap=allow_validation_overlap)
+    if len(teacher_folders) > 1:  # one teacher keeps the one-object form every earlier planner wrote
+        first = recipe.pop("teacher")
+        recipe["teachers"] = [dict(first, model_folder=f, name=f"teacher{i}") for i, f in enumerate(teacher_folders)]
+    recipe["training"].update({k: v for k, v in training.items() if v is not None})
+    if labelled_fraction is not None:  # the KD students and their plain baseline train on the same labelled cases
+        recipe["training"]["labelled_fraction"] = labelled_fraction
+        recipe["training"]["labelled_fraction_seed"] = labelled_fraction_seed
+    if unlabelled is not None:
+        recipe["training"]["unlabelled_images"] = unlabelled
+    if temperature is not None:
+        for section in recipe["methods"].values():
+            if "temperature" in section:
+                section["temperature"] = temperature
+    for assignment in overrides:
+        _apply_override(recipe, assignment)
+    return recipe
+
+
+def _print_written(output_file: str, output_plans_name: str, dataset_name: str, configuration: str, student_cfg: dict,
+                   teacher_cost: dict, student_cost: dict) -> None:
+    p_t, p_s = teacher_cost["parameters"], student_cost["parameters"]
+    f_t, f_s = teacher_cost["flops_per_patch"], student_cost["flops_per_patch"]
+    print(f"Wrote student plans {output_file} (configuration {configuration}, patch {student_cfg['patch_size']}, "
+          f"data {student_cfg['data_identifier']}).")
+    print(f"{'':10s}{'parameters':>14s}{'FLOPs/patch':>14s}")
+    print(f"{'teacher':10s}{format_count(p_t):>14s}{format_count(f_t):>14s}")
+    print(f"{'student':10s}{format_count(p_s):>14s}{format_count(f_s):>14s}")
+    print(f"{'ratio':10s}{p_t / p_s:>13.1f}x{f_t / f_s:>13.1f}x")
+    print(f"Train: nnUNetv2_train {dataset_name} {configuration} FOLD -tr nnUNetTrainerKD_BalancedHints "
+          f"-p {output_plans_name}   (with nnUNet_extTrainer=\"$(nnUNetv2_kd_trainers_dir)\")")
+
+
 def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_name: str, width: float = 0.25,
-                 min_features: int = 8, n_conv_per_stage: int | None = None,
-                 n_conv_per_stage_decoder: int | None = None, architecture: str | None = None,
-                 teacher_fold: str | int = "same", teacher_checkpoint: str = "checkpoint_final.pth",
+                 min_features: int = 8, n_conv_per_stage=None, n_conv_per_stage_decoder=None, architecture=None,
+                 teacher_fold="same", teacher_checkpoint: str = "checkpoint_final.pth",
                  allow_validation_overlap: bool = False, num_epochs: int | None = None,
                  iterations_per_epoch: int | None = None, val_iterations_per_epoch: int | None = None,
                  temperature: float | None = None, overrides: tuple[str, ...] = (), overwrite: bool = False,
@@ -186,18 +328,8 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
                  labelled_fraction_seed: int = 0, unlabelled_images: str | None = None) -> str:
     """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path. ``teacher_folder``: one
     teacher model folder, or a list of them (the student is derived from the first; every one is checked against it
-    and distils into it, see the recipe's ``teachers``)."""
-    teacher_folders = [teacher_folder] if isinstance(teacher_folder, str) else list(teacher_folder)
-    if not teacher_folders:
-        raise PlanningError("Give at least one --teacher model folder.")
-    seen = {}
-    for folder in teacher_folders:  # the same model twice would count its vote twice in every mixture and mean
-        key = os.path.realpath(folder)
-        if key in seen:
-            raise PlanningError(f"--teacher {folder} is given twice (also as {seen[key]}): give each teacher model "
-                                f"folder once.")
-        seen[key] = folder
-    teacher_folder = teacher_folders[0]
+    and distils into it, see the recipe's ``teachers``). Everything is checked before anything is written."""
+    teacher_folders = [abspath(f) for f in _distinct_teacher_folders(teacher_folder)]
     if not nnUNet_preprocessed.is_set():
         raise PlanningError("nnUNet_preprocessed is not set. Export it as for any nnU-Net command.")
     if not 0 < width <= 4:
@@ -205,13 +337,12 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
     _check_plans_name(output_plans_name)
     dataset_name = maybe_convert_to_dataset_name(dataset)
     preprocessed_base = join(nnUNet_preprocessed.get(), dataset_name)
-    teacher_folder = abspath(teacher_folder)
-    teacher_plans_file = join(teacher_folder, "plans.json")
+    teacher_plans_file = join(teacher_folders[0], "plans.json")
     if not isfile(teacher_plans_file):
         raise PlanningError(f"{teacher_plans_file} not found: --teacher must be a trained nnU-Net model folder "
                             f"($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
     teacher_plans = load_json(teacher_plans_file)
-    teacher_dataset_json = load_json(join(teacher_folder, "dataset.json"))
+    teacher_dataset_json = load_json(join(teacher_folders[0], "dataset.json"))
     if output_plans_name == teacher_plans["plans_name"]:
         raise PlanningError(f"-o {output_plans_name} is the teacher's plans name: writing it would replace the "
                             f"teacher's plans. Choose another name, e.g. {output_plans_name}_kdstudent.")
@@ -229,109 +360,34 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
 
     width_budget = None
     if max_latency is not None or min_speedup is not None:
-        # the widest student within the budget, measured on this machine before anything is written
-        from nnunet_kd.width_budget import DEFAULT_CANDIDATES, choose_width
-
-        def plans_of(w: float) -> dict:
-            p = copy.deepcopy(teacher_plans)
-            p["configurations"] = {configuration: student_configuration(w)}
-            return p
-
-        single = copy.deepcopy(teacher_plans)
-        single["configurations"] = {configuration: teacher_cfg}
-        try:
-            width_budget = choose_width(single, plans_of, student_dataset_json, configuration, preprocessed_base,
-                                        candidates=tuple(width_candidates or DEFAULT_CANDIDATES),
-                                        max_latency=max_latency, min_speedup=min_speedup, device=latency_device,
-                                        case=latency_case, say=print if verbose else (lambda *a: None))
-        except (ValueError, FileNotFoundError) as e:
-            raise PlanningError(str(e)) from None
-        if width_budget["width"] is None:
-            measured = ", ".join(f"{r['width']:g}: {r['median_s']:.3f} s ({r['speedup_over_teacher']:.2f}x)"
-                                 for r in width_budget["candidates"])
-            raise PlanningError(f"No candidate width meets the budget (max latency {max_latency} s, min speed-up "
-                                f"{min_speedup}x) on case {width_budget['case']} ({latency_device}); measured "
-                                f"{measured}, teacher {width_budget['teacher_median_s']:.3f} s. Relax the budget or "
-                                f"give smaller --width-candidates.")
+        width_budget = _budgeted_width(teacher_plans, teacher_cfg, configuration, student_configuration,
+                                       student_dataset_json, preprocessed_base, max_latency, min_speedup,
+                                       width_candidates, latency_device, latency_case, verbose)
         width = width_budget["width"]
     student_cfg = student_configuration(width)
 
     output_file = join(preprocessed_base, output_plans_name + ".json")
     unlabelled_cases, unlabelled_folder = None, None
-    if unlabelled_images is not None:  # checked before anything is written; preprocessed right before the plans are
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-        from nnunet_kd.unlabelled import UnlabelledImagesError, check_unlabelled_images
-        data_folder = join(preprocessed_base, teacher_cfg["data_identifier"])
-        try:
-            unlabelled_cases = check_unlabelled_images(abspath(unlabelled_images), student_dataset_json,
-                                                       student_dataset_json_file,
-                                                       infer_dataset_class(data_folder).get_identifiers(data_folder))
-        except UnlabelledImagesError as e:
-            raise PlanningError(str(e)) from None
+    if unlabelled_images is not None:
         unlabelled_folder = join(preprocessed_base, f"{output_plans_name}_{configuration}_unlabelled")
-        if os.path.exists(unlabelled_folder) and not overwrite:
-            raise PlanningError(f"{unlabelled_folder} exists (unlabelled images preprocessed for these plans before): "
-                                f"pass --overwrite to preprocess them again, or choose another -o.")
-    if isfile(output_file):
-        plans = load_json(output_file)
-        _check_own_student_plans(plans, output_file, output_plans_name, dataset_name)
-        if configuration in plans["configurations"] and not overwrite:
-            raise PlanningError(f"{output_file} already plans configuration '{configuration}'. Pass --overwrite to "
-                                f"replace it (a student already trained with it keeps its own plans copy in its "
-                                f"results folder), or choose another -o.")
-    else:
-        plans = copy.deepcopy(teacher_plans)
-        plans["configurations"] = {}
-        plans[PLANS_KEY] = {}
-    plans["plans_name"] = output_plans_name
-    plans["dataset_name"] = dataset_name
+        unlabelled_cases = _checked_unlabelled_images(unlabelled_images,
+                                                      join(preprocessed_base, teacher_cfg["data_identifier"]),
+                                                      student_dataset_json, student_dataset_json_file,
+                                                      unlabelled_folder, overwrite)
+    plans = _plans_to_write(output_file, output_plans_name, dataset_name, teacher_plans, configuration, overwrite)
     plans["configurations"][configuration] = student_cfg
+    _check_teachers_against_student(teacher_folders, teacher_fold, plans, configuration, student_dataset_json,
+                                    output_file, student_dataset_json_file, dataset_name)
 
-    teacher = TeacherModel(model_folder=teacher_folder, fold=teacher_fold, checkpoint_file="",
-                           plans=teacher_plans, dataset_json=teacher_dataset_json, configuration=configuration,
-                           trainer_name="")
-    manager = PlansManager(plans)
-    check_teacher_compatible(teacher, manager, manager.get_configuration(configuration), student_dataset_json,
-                             output_file, student_dataset_json_file)
-    for other in teacher_folders[1:]:  # every further teacher must see the student's inputs and predict its labels
-        other = abspath(other)
-        for name in ("plans.json", "dataset.json"):
-            if not isfile(join(other, name)):
-                raise PlanningError(f"{join(other, name)} not found: every --teacher must be a trained nnU-Net model "
-                                    f"folder ($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
-        other_model = TeacherModel(model_folder=other, fold=teacher_fold, checkpoint_file="",
-                                   plans=load_json(join(other, "plans.json")),
-                                   dataset_json=load_json(join(other, "dataset.json")), configuration=configuration,
-                                   trainer_name="")
-        check_teacher_compatible(other_model, manager, manager.get_configuration(configuration),
-                                 student_dataset_json, output_file, student_dataset_json_file)
-
-    recipe = default_recipe(teacher_folder)
-    recipe["teacher"].update(fold=teacher_fold, checkpoint=teacher_checkpoint,
-                             allow_validation_overlap=allow_validation_overlap)
-    if len(teacher_folders) > 1:  # one teacher keeps the one-object form every earlier planner wrote
-        first = recipe.pop("teacher")
-        recipe["teachers"] = [dict(first, model_folder=abspath(f), name=f"teacher{i}")
-                              for i, f in enumerate(teacher_folders)]
-    for key, value in (("num_epochs", num_epochs), ("num_iterations_per_epoch", iterations_per_epoch),
-                       ("num_val_iterations_per_epoch", val_iterations_per_epoch), ("seed", seed)):
-        if value is not None:
-            recipe["training"][key] = value
-    if labelled_fraction is not None:  # the KD students and their plain baseline train on the same labelled cases
-        recipe["training"]["labelled_fraction"] = labelled_fraction
-        recipe["training"]["labelled_fraction_seed"] = labelled_fraction_seed
-    if unlabelled_cases is not None:
-        recipe["training"]["unlabelled_images"] = {"source": abspath(unlabelled_images),
-                                                   "folder": os.path.basename(unlabelled_folder),
-                                                   "cases": list(unlabelled_cases)}
-    if temperature is not None:
-        for section in recipe["methods"].values():
-            if "temperature" in section:
-                section["temperature"] = temperature
-    for assignment in overrides:
-        _apply_override(recipe, assignment)
-
+    recipe = _student_recipe(
+        teacher_folders, teacher_fold, teacher_checkpoint, allow_validation_overlap,
+        {"num_epochs": num_epochs, "num_iterations_per_epoch": iterations_per_epoch,
+         "num_val_iterations_per_epoch": val_iterations_per_epoch, "seed": seed},
+        labelled_fraction, labelled_fraction_seed,
+        None if unlabelled_cases is None else {"source": abspath(unlabelled_images),
+                                               "folder": os.path.basename(unlabelled_folder),
+                                               "cases": list(unlabelled_cases)},
+        temperature, overrides)
     teacher_cost = network_cost(teacher_plans, teacher_dataset_json, configuration)
     student_cost = network_cost(plans, student_dataset_json, configuration)
     recipe["student"] = {
@@ -357,18 +413,9 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
             print(f"Preprocessed {len(unlabelled_cases)} unlabelled image(s) from {abspath(unlabelled_images)} into "
                   f"{unlabelled_folder}.")
     save_json(plans, output_file, sort_keys=False)
-
     if verbose:
-        p_t, p_s = teacher_cost["parameters"], student_cost["parameters"]
-        f_t, f_s = teacher_cost["flops_per_patch"], student_cost["flops_per_patch"]
-        print(f"Wrote student plans {output_file} (configuration {configuration}, patch {student_cfg['patch_size']}, "
-              f"data {student_cfg['data_identifier']}).")
-        print(f"{'':10s}{'parameters':>14s}{'FLOPs/patch':>14s}")
-        print(f"{'teacher':10s}{format_count(p_t):>14s}{format_count(f_t):>14s}")
-        print(f"{'student':10s}{format_count(p_s):>14s}{format_count(f_s):>14s}")
-        print(f"{'ratio':10s}{p_t / p_s:>13.1f}x{f_t / f_s:>13.1f}x")
-        print(f"Train: nnUNetv2_train {dataset_name} {configuration} FOLD -tr nnUNetTrainerKD_BalancedHints "
-              f"-p {output_plans_name}   (with nnUNet_extTrainer=\"$(nnUNetv2_kd_trainers_dir)\")")
+        _print_written(output_file, output_plans_name, dataset_name, configuration, student_cfg, teacher_cost,
+                       student_cost)
     return output_file
 
 
