@@ -152,7 +152,7 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
             "variant": key, "why": "the same student without KD" if key == "plain" else sweep.variants[key]["why"],
             "set": [] if key == "plain" else sweep.variants[key]["set"], "seeds": use,
             "validation_mean_dice": ci["mean_diff"], "validation_mean_dice_ci95": ci["ci95"],
-            "validation_mean_dice_per_seed": [float(v) for v in np.nanmean(dice, axis=1)],
+            "validation_mean_dice_per_seed": [float(v) for v in dice.mean(axis=1)],
             "dice_per_class": {k: float(np.nanmean([[r["validation"][c][k]["Dice"] for c in cases] for r in recs]))
                                for k in labels},
             "fp_ml_per_case": {k: float(np.mean([[r["validation"][c][k]["FP"] * voxel_ml[c] for c in cases]
