@@ -1197,7 +1197,7 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
             mean = np.mean([c[:n] for c in curves], axis=0)
             ax.plot(np.arange(1, n + 1) * its, mean, marker="o" if n < 5 else None, markersize=3,
                     color=COLORS.get(key.split("@")[0]),
-                    label=f"{LABELS[key.split('@')[0]]} ({len(curves)} seeds)")
+                    label=f"{LABELS[key.split('@')[0]]} ({len(curves)} seed{'' if len(curves) == 1 else 's'})")
         ax.set_title(f"width {width:g}", fontsize=9)
         ax.set_xlabel("training iterations", fontsize=9)
         ax.set_ylabel("validation pseudo Dice per epoch (mean over seeds)", fontsize=9)
