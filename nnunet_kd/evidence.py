@@ -1190,14 +1190,17 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
     for ax, width in zip(axes[0], widths):
         ax.plot(np.arange(1, len(t_curve) + 1) * its, t_curve, color="black", linestyle="--", label="teacher")
         for key, by_seed in sorted(result["curves"].items()):
-            if key == "teacher" or float(key.split("@")[1]) != width:
+            if key == "teacher":
+                continue
+            method, key_width = key.split("@")
+            if float(key_width) != width:
                 continue
             curves = [c["pseudo_dice"] for c in by_seed.values()]
             n = min(len(c) for c in curves)
             mean = np.mean([c[:n] for c in curves], axis=0)
             ax.plot(np.arange(1, n + 1) * its, mean, marker="o" if n < 5 else None, markersize=3,
-                    color=COLORS.get(key.split("@")[0]),
-                    label=f"{LABELS[key.split('@')[0]]} ({len(curves)} seed{'' if len(curves) == 1 else 's'})")
+                    color=COLORS.get(method),
+                    label=f"{LABELS[method]} ({len(curves)} seed{'' if len(curves) == 1 else 's'})")
         ax.set_title(f"width {width:g}", fontsize=9)
         ax.set_xlabel("training iterations", fontsize=9)
         ax.set_ylabel("validation pseudo Dice per epoch (mean over seeds)", fontsize=9)
