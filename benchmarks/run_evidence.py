@@ -113,7 +113,8 @@ def main(argv=None) -> None:
         f"-labelled{args.labelled_fraction:g}".replace(".", "p") + ("-extra-unlabelled" if args.unlabelled_images else "")
     json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout{labels}.json")
     # Latency is measured once per width on this machine and kept in the workspace, never committed: it is a figure of
-    # the machine (and of its load), so a row whose models all come from committed records has none.
+    # the machine (and of its load). A width whose models all come from committed records is timed through its plans'
+    # architecture, so every row of one file is timed on one machine.
     latency_cache = join(protocol.workdir, "latency.json")
 
     def report(ws: Workspace) -> None:

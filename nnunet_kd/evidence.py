@@ -402,7 +402,7 @@ class Workspace:
         if not evaluate:
             return folders
         summaries = [self.evaluate_on_test(f, save_probabilities=True) for f in folders]
-        out = join(self.results, f"{SUBSET_ENSEMBLE}_k{k}__{p.configuration}", f"fold_{p.fold}", "test_predictions")
+        out = join(self.results, _subset_ensemble_name(p.configuration, k), f"fold_{p.fold}", "test_predictions")
         summary = join(out, "summary.json")
         if not isfile(summary) or os.path.getmtime(summary) < max(os.path.getmtime(x) for x in summaries):
             if isdir(out):
@@ -699,25 +699,55 @@ def _dice_matrix(records: list[dict], cases: list[str]) -> np.ndarray:
     return np.array([[mean_foreground_dice(r["test"][c]) for c in cases] for r in records])
 
 
-def latency(ws: "Workspace", folder: str) -> dict:
+def latency(ws: "Workspace", folder: str | None, plans: dict | None = None) -> dict:
     """Sliding-window prediction of one real test volume with nnU-Net's predictor (no mirroring): median, min and max
-    of ``latency_repeats`` runs after one warm-up, with 1 thread and with all of this machine's cores."""
-    import torch
-    from nnunet_kd.cost import make_predictor, median_inference_seconds
+    of ``latency_repeats`` runs after one warm-up, with 1 thread and with all of this machine's cores.
 
-    # nnU-Net's predictor runs in this process and finds trainer classes through os.environ.
-    os.environ.update({k: ws.env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
-                                              "nnUNet_extTrainer")})
-    predictor = make_predictor(folder, ws.p.fold, device=torch.device(ws.p.device), use_mirroring=False)
+    A model of this workspace is timed from its checkpoint (``folder``). A model known only from a committed record
+    (``folder`` None) is timed through the network its ``plans`` define, freshly initialised
+    (nnunet_kd.width_budget.time_plans): the weights do not change the time, and every width of one results file is
+    then timed on the same machine."""
+    import copy
+
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_kd.cost import make_predictor, median_inference_seconds
+    from nnunet_kd.width_budget import time_plans
+
+    device = torch.device(ws.p.device)
+    if folder is not None:
+        # nnU-Net's predictor runs in this process and finds trainer classes through os.environ.
+        os.environ.update({k: ws.env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                                  "nnUNet_extTrainer")})
+        predictor = make_predictor(folder, ws.p.fold, device=device, use_mirroring=False)
+        plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
+        dataset_json = predictor.dataset_json
+
+        def timing_of(data):
+            return median_inference_seconds(predictor, data, repeats=ws.p.latency_repeats, warmup=1)
+        weights = "trained (the model's checkpoint)"
+    elif plans is not None:
+        plans_manager = PlansManager(copy.deepcopy(plans))
+        configuration_manager = plans_manager.get_configuration(ws.p.configuration)
+        dataset_json = load_json(join(ws.preprocessed, "dataset.json"))
+
+        def timing_of(data):
+            return time_plans(plans, dataset_json, ws.p.configuration, data, device,
+                              repeats=ws.p.latency_repeats, warmup=1)
+        weights = "freshly initialised network of the record's plans (a model of another session: weights do not " \
+                  "change the time)"
+    else:
+        raise ValueError("latency() needs a model folder or the plans of a committed record")
     case = ws.split["test"][0]
     image_files = sorted(join(ws.test_images, f) for f in os.listdir(ws.test_images) if f.startswith(case + "_"))
-    data, _, _ = _preprocess(predictor, image_files)
+    data = _preprocess(plans_manager, configuration_manager, dataset_json, image_files)
     threads_before = torch.get_num_threads()
-    result = {"case": case, "preprocessed_shape": list(data.shape), "device": ws.p.device}
+    result = {"case": case, "preprocessed_shape": list(data.shape), "device": ws.p.device, "weights": weights}
     try:
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
-            timing = median_inference_seconds(predictor, data, repeats=ws.p.latency_repeats, warmup=1)
+            timing = timing_of(data)
             result[f"threads_{threads}"] = {"median_s": timing["median_s"], "min_s": min(timing["all_s"]),
                                             "max_s": max(timing["all_s"]), "runs": len(timing["all_s"])}
     finally:
@@ -725,14 +755,13 @@ def latency(ws: "Workspace", folder: str) -> dict:
     return result
 
 
-def _preprocess(predictor, image_files: list[str]):
+def _preprocess(plans_manager, configuration_manager, dataset_json: dict, image_files: list[str]):
     """nnU-Net's own preprocessing of one raw case, as its predictor does it."""
     import torch
 
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    data, _, properties = preprocessor.run_case(image_files, None, predictor.plans_manager,
-                                                predictor.configuration_manager, predictor.dataset_json)
-    return torch.from_numpy(data), None, properties
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    data, _, _ = preprocessor.run_case(image_files, None, plans_manager, configuration_manager, dataset_json)
+    return torch.from_numpy(data)
 
 
 def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, int, float | None, int | None] | None:
@@ -850,11 +879,37 @@ def _collect_subset_teachers(ws: "Workspace", local: dict, committed: dict, skip
                            f"budget ({p.subset_teacher_budget} x {p.iterations_per_epoch})")
             return {}, None
         records.append(record)
-    ensemble = join(ws.results, f"{SUBSET_ENSEMBLE}_k{p.subset_teachers}__{p.configuration}", f"fold_{p.fold}",
-                    "test_predictions", "summary.json")
-    ensemble_record = {"folder": None, "test": per_case_metrics(ensemble), "validation_mean_dice": None,
-                       "curves": {}} if isfile(ensemble) else None
-    return {"subset_teachers": records, "subset_ensemble": ensemble_record}, _teachers_sha256(records)
+    sha = _teachers_sha256(records)
+    name = _subset_ensemble_name(p.configuration, p.subset_teachers)
+    ensemble = join(ws.results, name, f"fold_{p.fold}", "test_predictions", "summary.json")
+    if isfile(ensemble):
+        ensemble_record = {"model": name, "folder": None, "in_workspace": True, "test": per_case_metrics(ensemble),
+                           "validation_mean_dice": None, "curves": {}}
+    else:  # the ensemble of another session's subset teachers: its committed per-case record, when of these teachers
+        ensemble_record = committed.get(name)
+        if ensemble_record is not None and ensemble_record.get("teacher_network_weights_sha256") != sha:
+            skipped.append(f"{name}: committed record of an ensemble of other subset teachers (other network weights)")
+            ensemble_record = None
+    return {"subset_teachers": records, "subset_ensemble": ensemble_record}, sha
+
+
+def _subset_ensemble_name(configuration: str, k: int) -> str:
+    return f"{SUBSET_ENSEMBLE}_k{k}__{configuration}"
+
+
+def save_ensemble_record(records_dir: str, ensemble: dict, members_sha256: str) -> str:
+    """Commit-ready record of the subset teachers' ensemble (it has no checkpoint of its own: its identity is that
+    of its members), so that a later session's report, without the workspace, still has its row and comparison."""
+    document = {"model": ensemble["model"], "network_weights_sha256": None,
+                "teacher_network_weights_sha256": members_sha256,
+                **{k: v for k, v in ensemble.items() if k not in ("model", "folder", "in_workspace")}}
+    os.makedirs(records_dir, exist_ok=True)
+    path = join(records_dir, document["model"] + ".json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=1)
+    os.replace(tmp, path)
+    return path
 
 
 def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
@@ -879,6 +934,9 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
                 f"{ws.p.records_dir} (other network weights): the multi-teacher students' records would be mixed "
                 f"with those of other teachers. Use the workspace that trained them, or pass --no-records.")
     written += [save_record(ws.p.records_dir, r, None) for r in subset if r["folder"]]
+    ensemble = found.get("subset_ensemble")
+    if ensemble is not None and ensemble.get("in_workspace"):
+        written.append(save_ensemble_record(ws.p.records_dir, ensemble, _teachers_sha256(subset)))
     for (method, _), by_seed in found["students"].items():
         sha = _teachers_sha256(subset) if method == "multi_teacher" else teacher_sha
         written += [save_record(ws.p.records_dir, r, sha) for r in by_seed.values() if r["folder"]]
@@ -978,10 +1036,11 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
     cache = load_json(latency_cache_file) if latency_cache_file and isfile(latency_cache_file) else {}
 
     def timed(key: str, records: list[dict]) -> dict:
-        """Measured once per width, with a model of this workspace; a committed figure when none is here."""
+        """Measured once per width on this machine: with a model of this workspace, else through the architecture of a
+        committed record."""
         folder = next((r["folder"] for r in records if r["folder"]), None)
-        if key not in cache and folder is not None:
-            cache[key] = latency(ws, folder)
+        if key not in cache and (folder is not None or records[0].get("plans")):
+            cache[key] = latency(ws, folder, records[0].get("plans"))
             if latency_cache_file:
                 os.makedirs(os.path.dirname(os.path.abspath(latency_cache_file)), exist_ok=True)
                 save_json(cache, latency_cache_file, sort_keys=False)

@@ -421,6 +421,10 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     pooled = collect(again)
     assert sorted(pooled["students"]) == [("adaptive", 0.25), ("multi_teacher", 0.25), ("plain", 0.25)]
     assert pooled["skipped"] == [] and len(pooled["subset_teachers"]) == 2
+    # The ensemble has no checkpoint: its per-case record, named after its members, keeps its row and comparison.
+    assert committed[f"{SUBSET_ENSEMBLE}_k2__2d"]["teacher_network_weights_sha256"] == subset_shas
+    assert pooled["subset_ensemble"]["test"] == found["subset_ensemble"]["test"]
+    assert not pooled["subset_ensemble"].get("in_workspace")
     # Another number of subset teachers: neither those teachers nor their student belong to this protocol.
     again.p.subset_teachers = 3
     assert "subset_teachers" not in collect(again) and ("multi_teacher", 0.25) not in collect(again)["students"]
@@ -437,6 +441,8 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     fake_model_folder(fresh, f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}2of2__2d", teacher_budget, weight=3.4)
     retrained = collect(again)
     assert len(retrained["subset_teachers"]) == 2 and ("multi_teacher", 0.25) not in retrained["students"]
+    assert retrained["subset_ensemble"] is None  # the committed ensemble is of the other teachers
+    assert any("ensemble of other subset teachers" in reason for reason in retrained["skipped"])
     with pytest.raises(EvidenceError, match=r"subset teacher .*\(other network weights\)"):
         save_workspace_records(again, retrained)
 
@@ -528,3 +534,33 @@ def test_records_name_the_machine_that_trained_each_model_and_a_restored_teacher
 
 def basename_of(folder: str) -> str:
     return os.path.basename(folder.rstrip("/"))
+
+
+def test_a_width_known_only_from_committed_records_is_timed_through_its_plans_on_this_machine(workspace, monkeypatch):
+    """Latency is a figure of the architecture and the machine: a model of another session (a committed record, no
+    checkpoint here) is timed through the network its plans define, on the same real volume and in the same way as
+    a model with a checkpoint, so one results file never mixes machines."""
+    from types import SimpleNamespace
+
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from conftest import CONFIGURATION
+    from nnunet_kd.evidence import latency
+
+    workspace.set_env(monkeypatch)
+    test_images = join(workspace.raw, "imagesTs")
+    case = sorted(os.listdir(test_images))[0].rsplit("_", 1)[0]
+    ws = SimpleNamespace(p=SimpleNamespace(device="cpu", fold=0, configuration=CONFIGURATION, latency_repeats=2),
+                         split={"test": [case]}, test_images=test_images, preprocessed=workspace.preprocessed,
+                         env=workspace.env)
+    from_checkpoint = latency(ws, workspace.teacher_folder)
+    from_plans = latency(ws, None, load_json(join(workspace.teacher_folder, "plans.json")))
+    assert from_checkpoint["weights"].startswith("trained")
+    assert from_plans["weights"].startswith("freshly initialised")
+    assert from_plans["case"] == from_checkpoint["case"] == case
+    assert from_plans["preprocessed_shape"] == from_checkpoint["preprocessed_shape"]
+    for result in (from_checkpoint, from_plans):
+        one_thread = result["threads_1"]
+        assert one_thread["runs"] == 2 and 0 < one_thread["min_s"] <= one_thread["median_s"] <= one_thread["max_s"]
+    with pytest.raises(ValueError, match="model folder or the plans"):
+        latency(ws, None, None)
