@@ -1189,6 +1189,8 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
     """<prefix>_width_sweep.png (test Dice against parameters and against 1-thread latency, plain vs the best KD
     method per width, 95% CI bars) and <prefix>_curves.png (nnU-Net's per-epoch validation pseudo Dice against
     training iterations, mean over seeds; the curve the plateau check reads)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("agg")
@@ -1215,17 +1217,26 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
             ax.errorbar(x, y, yerr=err, marker=marker, color=color, capsize=4 if marker == "o" else 7,
                         elinewidth=1 if marker == "o" else 2.5, alpha=1 if marker == "o" else 0.6,
                         mfc="white" if marker == "o" else color, label=name)
-            for r, xi, yi in zip(srs, x, y):
-                text = f"w={r['width']:g}, {len(r['seeds'])} seed(s)" if marker == "o" else \
-                    f"{r['method']}, {len(r['seeds'])} seed(s)"
-                ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, -16) if marker == "o" else (0, 10),
-                            fontsize=7, color=color, ha="center")
+            for r, xi in zip(srs, x):
+                # below the plain student's lower whisker, above the KD point's upper whisker: never on a bar, and
+                # the two labels of one width on opposite sides of its bars
+                seeds = f"{len(r['seeds'])} seed" + ("s" if len(r["seeds"]) != 1 else "")
+                # short lines: neighbouring widths sit about 100 pixels apart on the latency axis
+                if marker == "o":
+                    text, anchor, dy, va = f"w={r['width']:g}\n{seeds}", r["test_mean_dice_ci95"][0], -4, "top"
+                else:
+                    name = LABELS.get(r["method"], r["method"]).split(" (")[0]
+                    text, anchor, dy, va = f"{textwrap.fill(name, 16)}\n{seeds}", r["test_mean_dice_ci95"][1], 4, \
+                        "bottom"
+                ax.annotate(text, (xi, anchor), textcoords="offset points", xytext=(0, dy), fontsize=7, color=color,
+                            ha="center", va=va, annotation_clip=False, linespacing=1.0)
         if x_of(teacher) is not None:
             ax.errorbar([x_of(teacher)], [teacher["test_mean_dice"]],
                         yerr=[[teacher["test_mean_dice"] - teacher["test_mean_dice_ci95"][0]],
                               [teacher["test_mean_dice_ci95"][1] - teacher["test_mean_dice"]]],
                         marker="*", markersize=12, color="black", capsize=3, linestyle="none", label="teacher")
         ax.set_xscale("log")
+        ax.margins(x=0.12, y=0.16)  # room for the labels beyond the outermost whiskers
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel("test mean foreground Dice", fontsize=9)
         ax.grid(alpha=0.3)
