@@ -608,6 +608,17 @@ def restore_teacher(archive: str, folder: str, fold: int, plans_file: str, expec
     return True
 
 
+def _write_record(records_dir: str, document: dict) -> str:
+    """<records_dir>/<model>.json, written atomically (a kill mid-write leaves the previous record)."""
+    os.makedirs(records_dir, exist_ok=True)
+    path = join(records_dir, document["model"] + ".json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
 def save_record(records_dir: str, record: dict, teacher_sha256: str | None) -> str:
     """Commit-ready record of one finished, evaluated model (atomic write). ``teacher_sha256``: the checkpoint the
     student learned from (None for the teacher itself)."""
@@ -616,13 +627,7 @@ def save_record(records_dir: str, record: dict, teacher_sha256: str | None) -> s
                 "network_weights_sha256": record["network_weights_sha256"],
                 "teacher_network_weights_sha256": teacher_sha256,
                 **{k: v for k, v in record.items() if k not in ("folder", "network_weights_sha256")}}
-    os.makedirs(records_dir, exist_ok=True)
-    path = join(records_dir, document["model"] + ".json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return _write_record(records_dir, document)
 
 
 def load_records(records_dir: str | None) -> dict:
@@ -903,13 +908,7 @@ def save_ensemble_record(records_dir: str, ensemble: dict, members_sha256: str) 
     document = {"model": ensemble["model"], "network_weights_sha256": None,
                 "teacher_network_weights_sha256": members_sha256,
                 **{k: v for k, v in ensemble.items() if k not in ("model", "folder", "in_workspace")}}
-    os.makedirs(records_dir, exist_ok=True)
-    path = join(records_dir, document["model"] + ".json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return _write_record(records_dir, document)
 
 
 def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
