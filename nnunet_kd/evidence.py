@@ -1224,9 +1224,9 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
                 if marker == "o":
                     text, anchor, dy, va = f"w={r['width']:g}\n{seeds}", r["test_mean_dice_ci95"][0], -4, "top"
                 else:
-                    name = LABELS.get(r["method"], r["method"]).split(" (")[0]
-                    text, anchor, dy, va = f"{textwrap.fill(name, 16)}\n{seeds}", r["test_mean_dice_ci95"][1], 4, \
-                        "bottom"
+                    method_name = LABELS.get(r["method"], r["method"]).split(" (")[0]
+                    text, anchor, dy, va = f"{textwrap.fill(method_name, 16)}\n{seeds}", r["test_mean_dice_ci95"][1], \
+                        4, "bottom"
                 ax.annotate(text, (xi, anchor), textcoords="offset points", xytext=(0, dy), fontsize=7, color=color,
                             ha="center", va=va, annotation_clip=False, linespacing=1.0)
         if x_of(teacher) is not None:
