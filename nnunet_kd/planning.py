@@ -189,6 +189,27 @@ def _distinct_teacher_folders(teacher_folder) -> list[str]:
     return folders
 
 
+def _teacher_folds(teacher_fold) -> list:
+    """'same', 'all', a fold number, or a list of them: one teacher per fold of every --teacher folder (several folds:
+    an all-fold ensemble, as Fast-nnUNet distils), each fold once."""
+    folds = list(teacher_fold) if isinstance(teacher_fold, (list, tuple)) else [teacher_fold]
+    if not folds:
+        raise PlanningError("Give at least one --teacher-fold.")
+    repeated = sorted({str(f) for f in folds if folds.count(f) > 1})
+    if repeated:
+        raise PlanningError(f"--teacher-fold {' '.join(repeated)} is given twice: give each fold once (the same "
+                            f"teacher twice would count its vote twice).")
+    return folds
+
+
+def _teacher_name(index: int, folder_index: int, fold, n_folders: int, n_folds: int) -> str:
+    """teacher<i> for several folders of one fold (the names every earlier planner wrote), fold<f> for the folds of
+    one folder, teacher<i>_fold<f> for several of each."""
+    if n_folds == 1:
+        return f"teacher{index}"
+    return f"fold{fold}" if n_folders == 1 else f"teacher{folder_index}_fold{fold}"
+
+
 def _budgeted_width(teacher_plans: dict, teacher_cfg: dict, configuration: str, student_configuration,
                     student_dataset_json: dict, preprocessed_base: str, max_latency, min_speedup, width_candidates,
                     latency_device: str, latency_case, verbose: bool) -> dict:
@@ -258,7 +279,7 @@ def _plans_to_write(output_file: str, output_plans_name: str, dataset_name: str,
     return plans
 
 
-def _check_teachers_against_student(teacher_folders: list[str], teacher_fold, plans: dict, configuration: str,
+def _check_teachers_against_student(teacher_folders: list[str], teacher_folds: list, plans: dict, configuration: str,
                                     student_dataset_json: dict, output_file: str, student_dataset_json_file: str,
                                     dataset_name: str) -> None:
     """Every teacher must see the student's inputs and predict its labels (teacher.check_teacher_compatible)."""
@@ -268,25 +289,29 @@ def _check_teachers_against_student(teacher_folders: list[str], teacher_fold, pl
             if not isfile(join(folder, name)):
                 raise PlanningError(f"{join(folder, name)} not found: every --teacher must be a trained nnU-Net model "
                                     f"folder ($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
-        model = TeacherModel(model_folder=folder, fold=teacher_fold, checkpoint_file="",
-                             plans=load_json(join(folder, "plans.json")),
-                             dataset_json=load_json(join(folder, "dataset.json")), configuration=configuration,
-                             trainer_name="")
-        check_teacher_compatible(model, manager, manager.get_configuration(configuration), student_dataset_json,
-                                 output_file, student_dataset_json_file)
+        for fold in teacher_folds:
+            model = TeacherModel(model_folder=folder, fold=fold, checkpoint_file="",
+                                 plans=load_json(join(folder, "plans.json")),
+                                 dataset_json=load_json(join(folder, "dataset.json")), configuration=configuration,
+                                 trainer_name="")
+            check_teacher_compatible(model, manager, manager.get_configuration(configuration), student_dataset_json,
+                                     output_file, student_dataset_json_file)
 
 
-def _student_recipe(teacher_folders: list[str], teacher_fold, teacher_checkpoint: str, allow_validation_overlap: bool,
-                    training: dict, labelled_fraction, labelled_fraction_seed: int, unlabelled: dict | None,
-                    temperature, overrides) -> dict:
-    """The recipe section of the plans: the default recipe (plans/*.json presets) for these teachers, with the
-    command line's training settings, temperature and --set overrides."""
+def _student_recipe(teacher_folders: list[str], teacher_folds: list, teacher_checkpoint: str,
+                    allow_validation_overlap: bool, training: dict, labelled_fraction, labelled_fraction_seed: int,
+                    unlabelled: dict | None, temperature, overrides) -> dict:
+    """The recipe section of the plans: the default recipe (plans/*.json presets) for these teachers (one per folder
+    and fold), with the command line's training settings, temperature and --set overrides."""
     recipe = default_recipe(teacher_folders[0])
-    recipe["teacher"].update(fold=teacher_fold, checkpoint=teacher_checkpoint,
+    recipe["teacher"].update(fold=teacher_folds[0], checkpoint=teacher_checkpoint,
                              allow_validation_overlap=allow_validation_overlap)
-    if len(teacher_folders) > 1:  # one teacher keeps the one-object form every earlier planner wrote
+    if len(teacher_folders) * len(teacher_folds) > 1:  # one teacher keeps the one-object form every earlier planner wrote
         first = recipe.pop("teacher")
-        recipe["teachers"] = [dict(first, model_folder=f, name=f"teacher{i}") for i, f in enumerate(teacher_folders)]
+        recipe["teachers"] = [
+            dict(first, model_folder=folder, fold=fold,
+                 name=_teacher_name(i * len(teacher_folds) + j, i, fold, len(teacher_folders), len(teacher_folds)))
+            for i, folder in enumerate(teacher_folders) for j, fold in enumerate(teacher_folds)]
     recipe["training"].update({k: v for k, v in training.items() if v is not None})
     if labelled_fraction is not None:  # the KD students and their plain baseline train on the same labelled cases
         recipe["training"]["labelled_fraction"] = labelled_fraction
@@ -328,8 +353,10 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
                  labelled_fraction_seed: int = 0, unlabelled_images: str | None = None) -> str:
     """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path. ``teacher_folder``: one
     teacher model folder, or a list of them (the student is derived from the first; every one is checked against it
-    and distils into it, see the recipe's ``teachers``). Everything is checked before anything is written."""
+    and distils into it, see the recipe's ``teachers``); ``teacher_fold``: one fold or a list of folds, one teacher
+    per fold of every folder. Everything is checked before anything is written."""
     teacher_folders = [abspath(f) for f in _distinct_teacher_folders(teacher_folder)]
+    teacher_folds = _teacher_folds(teacher_fold)
     if not nnUNet_preprocessed.is_set():
         raise PlanningError("nnUNet_preprocessed is not set. Export it as for any nnU-Net command.")
     if not 0 < width <= 4:
@@ -376,11 +403,11 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
                                                       unlabelled_folder, overwrite)
     plans = _plans_to_write(output_file, output_plans_name, dataset_name, teacher_plans, configuration, overwrite)
     plans["configurations"][configuration] = student_cfg
-    _check_teachers_against_student(teacher_folders, teacher_fold, plans, configuration, student_dataset_json,
+    _check_teachers_against_student(teacher_folders, teacher_folds, plans, configuration, student_dataset_json,
                                     output_file, student_dataset_json_file, dataset_name)
 
     recipe = _student_recipe(
-        teacher_folders, teacher_fold, teacher_checkpoint, allow_validation_overlap,
+        teacher_folders, teacher_folds, teacher_checkpoint, allow_validation_overlap,
         {"num_epochs": num_epochs, "num_iterations_per_epoch": iterations_per_epoch,
          "num_val_iterations_per_epoch": val_iterations_per_epoch, "seed": seed},
         labelled_fraction, labelled_fraction_seed,
@@ -444,8 +471,11 @@ def main(argv=None) -> None:
     parser.add_argument("--n-conv-per-stage-decoder", type=int, default=None, help="Convolutions per decoder stage")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
                         help="Student architecture class (default: the teacher's)")
-    parser.add_argument("--teacher-fold", type=_fold, default="same",
-                        help="'same' (teacher fold = student fold, default), 'all' or a fold number")
+    parser.add_argument("--teacher-fold", type=_fold, nargs="+", default=["same"],
+                        help="'same' (teacher fold = student fold, default), 'all' or a fold number; several folds "
+                             "(e.g. 0 1 2 3 4) make one teacher per fold of every --teacher: an all-fold ensemble, as "
+                             "Fast-nnUNet distils (its folds other than the student's trained on the student's "
+                             "validation cases: add --allow-validation-overlap; the held-out test cases stay unseen)")
     parser.add_argument("--teacher-checkpoint", default="checkpoint_final.pth")
     parser.add_argument("--allow-validation-overlap", action="store_true",
                         help="Accept a teacher trained on some of the student's validation cases (logged as a warning)")

@@ -53,8 +53,9 @@ DEFAULT_TEACHER = {"model_folder": None, "checkpoint": "checkpoint_final.pth", "
 
 # Recipe settings that take one of a few names.
 # How several teachers are combined: "terms_mean" (each term computed per teacher, then averaged), or one soft target
-# per voxel from the teachers weighted "uniform"ly or "adaptive"ly (nnunet_kd.losses.teacher_mixture).
-TEACHER_AGGREGATIONS = ("terms_mean", "uniform", "adaptive")
+# per voxel from the teachers' probabilities weighted "uniform"ly or "adaptive"ly, or from the mean of their logits
+# ("logit_mean", Fast-nnUNet's fold ensemble) (nnunet_kd.losses.teacher_mixture).
+TEACHER_AGGREGATIONS = ("terms_mean", "uniform", "adaptive", "logit_mean")
 CHOICES = {"kl_reduction": KL_REDUCTIONS, "teacher_aggregation": TEACHER_AGGREGATIONS}
 # Numbers that must be > 0 (a zero temperature divides the logits by 0); every other number is >= 0 (a weight of 0
 # switches its term off). All must be finite: JSON's NaN / Infinity (which Python's json reads) are refused.
@@ -260,8 +261,9 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
             # term per teacher on every case would let each teacher teach the cases it trained on while the plans
             # said otherwise
             raise RecipeError(f"{where}: teacher_routing applies to the teachers' per-voxel mixture "
-                              f"(teacher_aggregation 'adaptive' or 'uniform'); with teacher_aggregation 'terms_mean' "
-                              f"every teacher teaches every case. Set teacher_aggregation to 'adaptive' or 'uniform', "
+                              f"(teacher_aggregation 'adaptive', 'uniform' or 'logit_mean'); with teacher_aggregation "
+                              f"'terms_mean' every teacher teaches every case. Set teacher_aggregation to 'adaptive', "
+                              f"'uniform' or 'logit_mean', "
                               f"or teacher_routing to false. {fix}")
         aggregation["train_on_unlabelled"] = bool(settings.get("train_on_unlabelled", False))
         if aggregation["train_on_unlabelled"]:

@@ -83,7 +83,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
         self.teacher_names = ((LABEL_TEACHER,) if self.kd_teacher_source == "labels"
                               else tuple(t.name for t in self.kd_recipe.teachers))
         # logged_terms: the loss terms and their logged parts (RGD's node/edge/voxel, each teacher's share)
-        # Several teachers mixed per voxel (teacher_aggregation "uniform" / "adaptive"): the logit terms distil the
+        # Several teachers mixed per voxel (teacher_aggregation other than terms_mean): the logit terms distil the
         # mixture, and each teacher's mean weight is logged per epoch.
         self.teacher_mixture = (self.kd_method != "none" and self.kd_teacher_source == "network"
                                 and self.kd_recipe.teacher_aggregation != "terms_mean")
@@ -381,7 +381,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
             w, cov = teacher_weights([step.teachers[n].logits(level, 1.0) for n in names], step.labels[level],
                                      recipe.teacher_aggregation, recipe.teacher_aggregation_tau, allowed, regions)
             mixed.append(mix_teacher_logits([step.teachers[n].logits(level, temperature) for n in names], w,
-                                            temperature, regions))
+                                            temperature, regions, recipe.teacher_aggregation == "logit_mean"))
             covered.append(cov)
             for i, n in enumerate(names):
                 weights[n].append(w[:, i:i + 1])

@@ -11,6 +11,7 @@ import torch
 
 from conftest import CONFIGURATION, DATASET_ID
 from nnunet_kd.planning import PlanningError, plan_student
+from nnunet_kd.teacher import TeacherError
 from nnunet_kd.trainer import ADAPTERS_KEY, MODULES_KEY
 from test_teacher_and_bad_inputs import make_trainer
 
@@ -116,3 +117,66 @@ def test_the_benchmark_loads_times_and_costs_every_teacher_of_the_recipe(workspa
     with pytest.raises(BenchmarkError, match="names 2 teachers"):
         run_benchmark(str(DATASET_ID), CONFIGURATION, "0", teacher=ws.teacher_folder, student_plans=name,
                       device="cpu", steps=1, warmup=0, verbose=False)
+
+
+def _teacher_with_two_folds(ws) -> str:
+    """The session's teacher in another model folder with its fold 0 also as fold 1 (same weights), fold 1's record
+    saying it trained on nnU-Net's fold-1 training cases, which hold fold 0's validation cases: two fold teachers as
+    a 2-fold cross-validation leaves them, whose logit mean must be either one's logits."""
+    import json
+
+    folder = os.path.join(ws.root, "teacher_two_folds", os.path.basename(ws.teacher_folder))
+    if not os.path.isdir(folder):
+        shutil.copytree(ws.teacher_folder, folder)
+        shutil.copytree(os.path.join(folder, "fold_0"), os.path.join(folder, "fold_1"))
+        with open(os.path.join(ws.preprocessed, "splits_final.json")) as f:
+            split = json.load(f)[1]
+        record_file = os.path.join(folder, "fold_1", "training_cases.json")
+        with open(record_file) as f:
+            record = json.load(f)
+        record.update(fold=1, training_cases=sorted(split["train"]), validation_cases=sorted(split["val"]))
+        with open(record_file, "w") as f:
+            json.dump(record, f)
+    return folder
+
+
+def test_the_folds_of_one_teacher_folder_distil_as_fast_nnunets_all_fold_ensemble(workspace, monkeypatch):
+    ws = workspace
+    ws.set_env(monkeypatch)
+    folder = _teacher_with_two_folds(ws)
+    name = "nnUNetPlans_foldteachers"
+    plan = ["nnUNetv2_kd_plan_student", "-d", str(DATASET_ID), "-c", CONFIGURATION, "--teacher", folder,
+            "--teacher-fold", "0", "1", "--width", "0.25", "-o", name, "--epochs", "1", "--iterations-per-epoch", "3",
+            "--val-iterations-per-epoch", "1", "--set", "methods.logit.teacher_aggregation=logit_mean"]
+    # fold 1's teacher trained on fold 0's validation cases: refused unless the user accepts it
+    ws.run(*plan)
+    with pytest.raises(TeacherError, match=r"Teacher fold 1 .* was trained on \d+ of the student's \d+ fold-0 "
+                                           r"validation cases.*--allow-validation-overlap"):
+        make_trainer(ws, monkeypatch, name, trainer="nnUNetTrainerKD_Logit").initialize()
+    ws.run(*plan, "--allow-validation-overlap", "--overwrite")
+    trainer = make_trainer(ws, monkeypatch, name, trainer="nnUNetTrainerKD_Logit")
+    recipe = trainer.kd_recipe
+    assert [(t.name, t.fold, t.model_folder) for t in recipe.teachers] == [("fold0", 0, folder), ("fold1", 1, folder)]
+    assert recipe.teacher_aggregation == "logit_mean"
+    trainer.initialize()
+    assert list(trainer.teachers) == ["fold0", "fold1"]
+    batch = _batch(trainer)
+    with torch.no_grad():
+        data = batch["data"].to(trainer.device)
+        step = trainer.distillation_step(data, trainer.network(data), batch["target"])
+    # the same weights in both folds: their logit mean is either teacher's logits, at every level
+    for level, mixed in enumerate(step.mixture.outputs):
+        assert torch.allclose(mixed, step.teachers["fold0"].outputs[level], atol=1e-5)
+    out = trainer.train_step(batch)
+    assert out["terms"]["teacher_weight_fold0"].item() == pytest.approx(0.5)
+    assert out["terms"]["teacher_weight_fold1"].item() == pytest.approx(0.5)
+    assert torch.isfinite(out["terms"]["kl"])
+
+
+def test_a_teacher_fold_given_twice_is_refused_before_anything_is_written(workspace, monkeypatch):
+    ws = workspace
+    ws.set_env(monkeypatch)
+    with pytest.raises(PlanningError, match=r"--teacher-fold 0 is given twice"):
+        plan_student(str(DATASET_ID), CONFIGURATION, ws.teacher_folder, "nnUNetPlans_foldtwice", width=0.25,
+                     teacher_fold=[0, 0], verbose=False)
+    assert not os.path.exists(os.path.join(ws.preprocessed, "nnUNetPlans_foldtwice.json"))

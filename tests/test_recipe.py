@@ -74,7 +74,7 @@ def test_routing_without_a_teacher_mixture_is_refused_not_silently_ignored(metho
         parse_recipe(student_plans(**{method: {"teacher_aggregation": "terms_mean", "teacher_routing": True}}),
                      "3d_fullres", method, PLANS_FILE)
     assert PLANS_FILE in str(error.value)
-    for aggregation in ("adaptive", "uniform"):
+    for aggregation in ("adaptive", "uniform", "logit_mean"):
         recipe = parse_recipe(student_plans(**{method: {"teacher_aggregation": aggregation, "teacher_routing": True}}),
                               "3d_fullres", method, PLANS_FILE)
         assert recipe.teacher_routing and recipe.teacher_aggregation == aggregation

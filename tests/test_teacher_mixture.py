@@ -56,6 +56,37 @@ def test_equal_teachers_mix_to_themselves_and_the_mixture_is_the_weighted_mean_o
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_logit_mean_distils_the_softened_mean_of_the_teachers_logits_as_fast_nnunet_averages_its_folds():
+    # hand case, one voxel, two classes, T = 1: teacher a logits (2, 0), teacher b logits (0, 0)
+    a = torch.tensor([[[[2.0]], [[0.0]]]])
+    b = torch.tensor([[[[0.0]], [[0.0]]]])
+    labels = torch.tensor([[[[0]]]])
+    w, covered = teacher_weights([a, b], labels, "logit_mean")
+    assert covered.all() and torch.equal(w, torch.full_like(w, 0.5))  # equal weights, whatever their cross-entropy
+    mixed = mix_teacher_logits([a, b], w, temperature=1.0, average_logits=True)
+    assert mixed[0, :, 0, 0].tolist() == pytest.approx([1.0, 0.0])  # the mean logit, not a log-probability
+    p_logit_mean = torch.softmax(mixed, 1)[0, 0, 0, 0].item()
+    p_uniform = torch.softmax(mix_teacher_logits([a, b], w, 1.0), 1)[0, 0, 0, 0].item()
+    assert p_logit_mean == pytest.approx(1 / (1 + math.exp(-1.0)), rel=1e-6)                # sigmoid(1) = 0.7311
+    assert p_uniform == pytest.approx((1 / (1 + math.exp(-2.0)) + 0.5) / 2, rel=1e-6)       # (0.8808 + 0.5) / 2
+    assert p_logit_mean != pytest.approx(p_uniform, abs=1e-3)  # not the same soft target as the probability mean
+    # at any temperature the KL term softens the mixture like one teacher's logits: softmax(mean_k t_k / T)
+    torch.manual_seed(2)
+    t = [torch.randn(2, 3, 4, 4, 3) for _ in range(5)]  # 3D, five fold teachers
+    w, _ = teacher_weights(t, torch.randint(0, 3, (2, 1, 4, 4, 3)), "logit_mean")
+    mixed = mix_teacher_logits(t, w, temperature=3.0, average_logits=True)
+    assert torch.allclose(torch.softmax(mixed / 3.0, 1), torch.softmax(torch.stack(t).mean(0) / 3.0, 1), atol=1e-6)
+
+
+def test_logit_mean_with_routing_averages_only_the_teachers_allowed_on_each_case():
+    a, b, c = (torch.full((2, 2, 3, 3), v) for v in (1.0, 2.0, 6.0))
+    allowed = torch.tensor([[True, True, False], [False, True, True]])
+    w, covered = teacher_weights([a, b, c], torch.zeros(2, 1, 3, 3, dtype=torch.long), "logit_mean", allowed=allowed)
+    mixed = mix_teacher_logits([a, b, c], w, temperature=3.0, average_logits=True)
+    assert covered.all()
+    assert torch.allclose(mixed[0], torch.full((2, 3, 3), 1.5)) and torch.allclose(mixed[1], torch.full((2, 3, 3), 4.0))
+
+
 def test_routing_excludes_a_teacher_on_the_cases_it_trained_on():
     torch.manual_seed(1)
     teachers = [torch.randn(3, 2, 6, 6, 2) for _ in range(3)]  # 3D, 3 batch items

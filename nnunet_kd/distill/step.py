@@ -71,7 +71,7 @@ class DistillationStep:
     teachers: dict  # name -> TeacherOutputs, in recipe order
     labels: list
     valid: list
-    # Several teachers combined per voxel (recipe teacher_aggregation "uniform" / "adaptive"): the mixture the logit
+    # Several teachers combined per voxel (recipe teacher_aggregation other than terms_mean): the mixture the logit
     # terms distil, each teacher's weights per deep-supervision level (B, 1, *sp), and per level the voxels some
     # teacher may teach (False: every teacher trained on that case). None: each term averages over the teachers.
     mixture: Optional[TeacherOutputs] = None

@@ -6,7 +6,11 @@ Weights, per voxel x and teacher k (K teachers, labels y):
 * ``adaptive``: w_k(x) = softmax over the allowed teachers of -CE_k(x) / tau, CE_k(x) = -log p_k(y(x) | x) at
   temperature 1 (for regions: the sum over regions of the binary cross-entropy). A teacher that is confident and
   right at x dominates there; teachers equally good get equal weights; tau -> infinity gives the uniform mean.
-* ``uniform``: 1 / (number of allowed teachers), as Fast-nnUNet averages its fold teachers.
+* ``uniform``: 1 / (number of allowed teachers): the mean of the teachers' softened probabilities.
+* ``logit_mean``: the same weights, applied to the teachers' logits instead of their probabilities: the student
+  distils softmax(mean_k t_k / T), as Fast-nnUNet averages its fold teachers (our peer's recipe at its defaults).
+  Not the same target as ``uniform``: where the teachers disagree, averaging logits gives the more confident
+  teacher more say than averaging probabilities does.
 
 ``allowed`` (B, K) bool says which teacher may teach each batch item (False: the teacher trained on that case, so its
 prediction there is memory, not a prediction). An item no teacher may teach gets weight 0 from every teacher and
@@ -14,7 +18,7 @@ prediction there is memory, not a prediction). An item no teacher may teach gets
 
 The mixture the student distils is sum_k w_k p_k at the distillation temperature T (softmax of t_k / T; for regions
 the sigmoids), returned as logits at T (T log p; T logit q for regions) like nnunet_kd.losses.label_map, so every
-logit term uses it unchanged. Pure torch, 2D and 3D, no gradient (teachers are frozen).
+logit term uses it unchanged; with ``logit_mean`` it is sum_k w_k t_k, already logits. Pure torch, 2D and 3D, no gradient (teachers are frozen).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 FLOOR = 1e-8
-WEIGHTINGS = ("adaptive", "uniform")
+WEIGHTINGS = ("adaptive", "uniform", "logit_mean")
 
 
 def _stack(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -72,7 +76,7 @@ def teacher_weights(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor
         if tuple(allowed.shape) != (b, k):
             raise ValueError(f"allowed must be (batch, teachers) = {(b, k)}, got {tuple(allowed.shape)}")
         allowed_map = allowed.view(b, k, *([1] * (ce.dim() - 2))).expand_as(ce)
-        scores = -ce / tau if weighting == "adaptive" else torch.zeros_like(ce)
+        scores = -ce / tau if weighting == "adaptive" else torch.zeros_like(ce)  # uniform, logit_mean: equal
         scores = torch.where(allowed_map, scores, torch.full_like(scores, float("-inf")))
         covered = allowed.any(1).view(b, 1, *([1] * (ce.dim() - 2))).expand(b, 1, *ce.shape[2:])
         # an item no teacher may teach: softmax over -inf only is NaN; give it zeros instead
@@ -82,10 +86,13 @@ def teacher_weights(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor
 
 
 def mix_teacher_logits(teacher_logits: Sequence[torch.Tensor], weights: torch.Tensor, temperature: float,
-                       region_based: bool = False) -> torch.Tensor:
-    """(B, C, *sp) logits at ``temperature`` of sum_k w_k p_k, p_k the teacher's softened probabilities."""
-    logits = _stack(teacher_logits) / temperature
+                       region_based: bool = False, average_logits: bool = False) -> torch.Tensor:
+    """(B, C, *sp) logits at ``temperature`` of sum_k w_k p_k, p_k the teacher's softened probabilities; with
+    ``average_logits`` (weighting ``logit_mean``) the weighted sum of the teachers' logits themselves."""
     w = weights.unsqueeze(2)  # (B, K, 1, *sp)
+    if average_logits:
+        return (w * _stack(teacher_logits)).sum(1)
+    logits = _stack(teacher_logits) / temperature
     if region_based:
         q = (w * torch.sigmoid(logits)).sum(1).clamp(FLOOR, 1 - FLOOR)
         return temperature * torch.logit(q)
