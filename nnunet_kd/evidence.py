@@ -130,7 +130,12 @@ TRAINERS = {
     "label_teacher": "nnUNetTrainerKD_LabelTeacher",
     "multiscale_contrastive": "nnUNetTrainerKD_MultiScaleContrastive",
     "multi_teacher": "nnUNetTrainerKD_MultiTeacher",
+    # the peer at its defaults: Fast-nnUNet's logit KD from the mean logits of the teacher's cross-validation folds
+    "logit_all_folds": "nnUNetTrainerKD_Logit",
 }
+# Methods whose teachers trained on the student's validation cases (the other folds of an all-fold ensemble): their
+# validation Dice is optimistic, so they are never the "best KD by validation"; the held-out test cases stay unseen.
+VALIDATION_SEEN_BY_TEACHERS = ("logit_all_folds",)
 # A protocol with a labelled fraction (Protocol.labelled_fraction) also reports the plain students of the same widths
 # trained on all labels (same teacher and budget, from the workspace or the records): what the missing labels cost and
 # whether a method recovers it.
@@ -140,6 +145,7 @@ LABELS = {
     "plain": "plain student",
     "adaptive": "Adaptive KD",
     "logit": "logit KD (Fast-nnUNet recipe)",
+    "logit_all_folds": "logit KD from all folds (Fast-nnUNet defaults)",
     "mskd": "MSKD",
     "plain_seg_weight": "control: plain, segmentation x0.7",
     "label_teacher": "control: label teacher",
@@ -152,7 +158,7 @@ LABELS = {
 # One colour per method in every plot (the plain student is blue everywhere).
 COLORS = {"plain": "tab:blue", "adaptive": "tab:red", "logit": "tab:green", "mskd": "tab:purple",
           "plain_seg_weight": "tab:gray", "label_teacher": "tab:orange", "multiscale_contrastive": "tab:brown",
-          "multi_teacher": "tab:olive",
+          "multi_teacher": "tab:olive", "logit_all_folds": "darkgreen",
           ALL_LABELS_PLAIN: "tab:cyan"}
 # Controls are compared with the plain student like the methods, but are not candidates for "best KD".
 CONTROLS = ("plain_seg_weight", "label_teacher")
@@ -170,13 +176,16 @@ def _number_tag(value: float) -> str:
 
 
 def student_plans_name(width: float, seed: int, labelled_fraction: float | None = None,
-                       unlabelled_images: bool = False, subset_teachers: int | None = None) -> str:
+                       unlabelled_images: bool = False, subset_teachers: int | None = None,
+                       fold_teachers: int | None = None) -> str:
     """One student plans file per (width, labelled fraction, extra unlabelled images or not, seed): every one-teacher
     method of those trains from it. 'x' marks plans with extra unlabelled images; '_k3' the plans of a student of 3
-    subset teachers (their recipe lists those teachers instead of the protocol's teacher)."""
+    subset teachers (their recipe lists those teachers instead of the protocol's teacher); '_folds5' those of a
+    student of the teacher's 5 cross-validation folds."""
     fraction = "" if labelled_fraction is None else f"_f{_number_tag(labelled_fraction)}{'x' if unlabelled_images else ''}"
     teachers = "" if subset_teachers is None else f"_k{subset_teachers}"
-    return f"nnUNetPlans_evidence_w{_number_tag(width)}{fraction}{teachers}_s{seed}"
+    folds = "" if fold_teachers is None else f"_folds{fold_teachers}"
+    return f"nnUNetPlans_evidence_w{_number_tag(width)}{fraction}{teachers}{folds}_s{seed}"
 
 
 def parse_runs(specs: list[str]) -> list[tuple[str, float]]:
@@ -412,10 +421,37 @@ class Workspace:
                                                       "-pfile", join(folders[0], "plans.json"), "-o", summary, "-np", 1])
         return folders
 
+    def fold_teachers(self) -> str:
+        """The teacher of every cross-validation fold of the split's training cases (the protocol's teacher is fold 0's;
+        same plans, budget and seed), for the peer at its defaults (logit_all_folds); returns their model folder.
+        Not evaluated on the test cases: only the student distilled from them is a row."""
+        teacher = self.teacher()
+        for fold in range(crossval_folds(self)):
+            if fold != self.p.fold:
+                from nnunet_kd.compare import train_or_reuse
+
+                _, ran = train_or_reuse(self.env, self.log, self.p.dataset_id, self.p.dataset_name,
+                                        self.p.configuration, fold, TEACHER_TRAINER, TEACHER_PLANS, self.p.device,
+                                        quiet=True)
+                self.commands_run += ran
+        return teacher
+
+    def plan_all_folds_student(self, teacher_folder: str, width: float, seed: int) -> str:
+        """Plans of the peer at its defaults: every fold of the teacher as a teacher, their logits averaged (the folds
+        other than the student's trained on its validation cases: accepted, as the peer does; the test cases are
+        unseen by all of them)."""
+        return self.plan_student(
+            teacher_folder, width, seed,
+            plans_name=student_plans_name(width, seed, self.p.labelled_fraction, self.p.unlabelled_images is not None,
+                                          fold_teachers=crossval_folds(self)),
+            overrides=["methods.logit.teacher_aggregation=logit_mean"],
+            extra=["--teacher-fold", *range(crossval_folds(self)), "--allow-validation-overlap"])
+
     def plan_student(self, teacher_folder: str | list[str], width: float, seed: int, plans_name: str | None = None,
-                     overrides: list[str] = ()) -> str:
+                     overrides: list[str] = (), extra: list = ()) -> str:
         """Student plans at this protocol's budget; ``teacher_folder``: one teacher, or a list (the student of those
-        teachers, with plans of its own); ``overrides``: the planner's --set KEY=VALUE (a recipe sweep's variant)."""
+        teachers, with plans of its own); ``overrides``: the planner's --set KEY=VALUE (a recipe sweep's variant);
+        ``extra``: more planner arguments."""
         teachers = [teacher_folder] if isinstance(teacher_folder, str) else list(teacher_folder)
         name = plans_name or student_plans_name(width, seed, self.p.labelled_fraction, self.p.unlabelled_images is not None,
                                                 len(teachers) if len(teachers) > 1 else None)
@@ -428,7 +464,7 @@ class Workspace:
             "--width", width,
             "-o", name, "--epochs", self.p.student_epochs, "--iterations-per-epoch", self.p.iterations_per_epoch,
             "--val-iterations-per-epoch", self.p.val_iterations_per_epoch, "--seed", seed, "--overwrite"]
-            + [arg for assignment in overrides for arg in ("--set", assignment)])
+            + [arg for assignment in overrides for arg in ("--set", assignment)] + list(extra))
         return name
 
     def evaluate_on_test(self, folder: str, save_probabilities: bool = False) -> str:
@@ -470,9 +506,14 @@ def run_protocol(protocol: Protocol, report=None) -> None:
     subset_teachers = ws.subset_teachers() if any(m == "multi_teacher" for m, _ in protocol.runs) else None
     if subset_teachers and report:
         report(ws)
+    if any(m == "logit_all_folds" for m, _ in protocol.runs):
+        ws.fold_teachers()
     for method, width in protocol.runs:
         for seed in protocol.seeds:
-            plans = ws.plan_student(subset_teachers if method == "multi_teacher" else teacher, width, seed)
+            if method == "logit_all_folds":
+                plans = ws.plan_all_folds_student(teacher, width, seed)
+            else:
+                plans = ws.plan_student(subset_teachers if method == "multi_teacher" else teacher, width, seed)
             before = ws.commands_run
             folder = ws.train(TRAINERS[method], plans)
             ws.evaluate_on_test(folder)
@@ -773,17 +814,23 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
     """'<trainer>__nnUNetPlans_evidence_w0p25_s1__<cfg>' -> (method, 0.25, 1, None, None),
     '<trainer>__nnUNetPlans_evidence_w0p25_f0p5_s1__<cfg>' -> (method, 0.25, 1, 0.5, None) (labelled fraction) and
     'nnUNetTrainerKD_MultiTeacher__nnUNetPlans_evidence_w0p25_k3_s1__<cfg>' -> ('multi_teacher', 0.25, 1, None, 3)
-    (subset teachers); None for anything else."""
+    (subset teachers), 'nnUNetTrainerKD_Logit__nnUNetPlans_evidence_w0p5_folds5_s0__<cfg>' -> ('logit_all_folds',
+    0.5, 0, None, None) (the teacher's folds); None for anything else."""
     parts = name.split("__")
     if len(parts) != 3 or parts[2] != configuration or not parts[1].startswith("nnUNetPlans_evidence_w"):
         return None
     from nnunet_kd.pipeline import LEGACY_TRAINERS
 
-    methods = {v: k for k, v in TRAINERS.items()}
+    methods = {v: k for k, v in TRAINERS.items() if k != "logit_all_folds"}  # its trainer is logit's
     methods.update({old: methods[new] for new, olds in LEGACY_TRAINERS.items() if new in methods for old in olds})
     if parts[0] not in methods:
         return None
     width, _, seed = parts[1][len("nnUNetPlans_evidence_w"):].partition("_s")
+    width, _, folds = width.partition("_folds")
+    if folds:  # plans of the teacher's folds: only the peer at its defaults trains from them
+        if methods[parts[0]] != "logit" or not folds.isdigit():
+            return None
+        methods[parts[0]] = "logit_all_folds"
     width, _, teachers = width.partition("_k")
     width, _, fraction = width.partition("_f")
     fraction = fraction[:-1] if fraction.endswith("x") else fraction  # extra unlabelled images: collect() checks plans
@@ -794,6 +841,21 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
                 float(fraction.replace("p", ".")) if fraction else None, int(teachers) if teachers else None)
     except ValueError:  # another plans name that happens to share the prefix
         return None
+
+
+def crossval_folds(ws: "Workspace") -> int:
+    """The split's number of cross-validation folds of the training cases (5, as nnU-Net's)."""
+    return len(ws.split["crossval"])
+
+
+def fold_teachers_sha256(ws: "Workspace") -> str | None:
+    """One identity for the teacher's folds (their weights' hashes joined in fold order, like _teachers_sha256), or
+    None when one of them is not finished in this workspace."""
+    folder = ws.folder(TEACHER_TRAINER, TEACHER_PLANS)
+    checkpoints = [join(folder, f"fold_{f}", "checkpoint_final.pth") for f in range(crossval_folds(ws))]
+    if not all(isfile(c) for c in checkpoints):
+        return None
+    return "+".join(network_weights_sha256(c) for c in checkpoints)
 
 
 def _teacher_is_committed(ws: "Workspace") -> bool:
@@ -817,6 +879,8 @@ def collect(ws: "Workspace") -> dict:
     local = {name: join(ws.results, name) for name in os.listdir(ws.results)} if isdir(ws.results) else {}
     students, skipped = {}, []
     subset, subset_sha = _collect_subset_teachers(ws, local, committed, skipped)
+    folds_sha = fold_teachers_sha256(ws)
+    folds_committed = set()  # the fold ensembles of committed records used (one only, so that seeds pair)
     for name in sorted(set(local) | set(committed)):
         parsed = _parse_student_folder(name, p.configuration)
         if parsed is None:
@@ -835,7 +899,17 @@ def collect(ws: "Workspace") -> dict:
         record = _model_record(ws, local[name]) if name in local else None
         if record is None and name in committed:
             record = committed[name]
-            if record.get("teacher_network_weights_sha256") != (subset_sha if n_teachers else teacher_sha):
+            recorded = record.get("teacher_network_weights_sha256")
+            if method == "logit_all_folds":
+                # the folds here, or (a workspace without them) the committed students' one ensemble whose fold 0 is
+                # the protocol's teacher
+                if folds_sha is not None and recorded != folds_sha or folds_sha is None and (
+                        not str(recorded).startswith(f"{teacher_sha}+") or folds_committed - {recorded}):
+                    skipped.append(f"{name}: committed record of a student of other fold teachers (other network "
+                                   f"weights)")
+                    continue
+                folds_committed.add(recorded)
+            elif recorded != (subset_sha if n_teachers else teacher_sha):
                 skipped.append(f"{name}: committed record of a student of another teacher (other network weights)")
                 continue
         if record is None:
@@ -936,8 +1010,12 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
     ensemble = found.get("subset_ensemble")
     if ensemble is not None and ensemble.get("in_workspace"):
         written.append(save_ensemble_record(ws.p.records_dir, ensemble, _teachers_sha256(subset)))
+    folds_sha = fold_teachers_sha256(ws)
     for (method, _), by_seed in found["students"].items():
-        sha = _teachers_sha256(subset) if method == "multi_teacher" else teacher_sha
+        if method == "logit_all_folds" and folds_sha is None:
+            continue  # its fold teachers are not all here (a workspace that only reports committed records)
+        sha = _teachers_sha256(subset) if method == "multi_teacher" else folds_sha if method == "logit_all_folds" \
+            else teacher_sha
         written += [save_record(ws.p.records_dir, r, sha) for r in by_seed.values() if r["folder"]]
     return written
 
@@ -968,6 +1046,10 @@ def baselines_of(method: str, labelled_fraction: bool) -> list[str]:
     baselines = [] if method == "plain" else ["plain"] if method in CONTROLS else ["plain", *CONTROLS]
     if method == "multi_teacher":  # what k subset teachers give against one teacher trained on all of their cases
         baselines.append("adaptive")
+    if method == "logit_all_folds":  # what the peer's fold ensemble adds to its recipe from the one teacher
+        baselines.append("logit")
+    elif method not in ("plain", "logit") + CONTROLS:  # ours against the peer, from one teacher and at its defaults
+        baselines += ["logit", "logit_all_folds"]
     return baselines + ([ALL_LABELS_PLAIN] if labelled_fraction and method not in CONTROLS else [])
 
 
@@ -1091,7 +1173,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                                     "ema_gain_over_last_fifth": ema_check["gain_over_last_fifth"]}
     best = {}
     for (method, width) in found["students"]:
-        if method in ("plain", ALL_LABELS_PLAIN) + CONTROLS:
+        if method in ("plain", ALL_LABELS_PLAIN) + CONTROLS + VALIDATION_SEEN_BY_TEACHERS:
             continue
         row = next(r for r in rows if r["method"] == method and r["width"] == width)
         if str(width) not in best or row["validation_mean_dice"] > best[str(width)]["validation_mean_dice"]:
@@ -1110,6 +1192,12 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                                f"seeded subsets of the fold's training cases (nnUNetv2_kd_plan_subset_teachers -k {k} "
                                f"--seed 0); the ensemble row is nnUNetv2_ensemble of their test probabilities"}
            if k else {}),
+        **({"fold_teachers": f"'{LABELS['logit_all_folds']}': the teacher's {crossval_folds(ws)} cross-validation "
+                             f"folds of the training cases (same plans, budget and seed; fold {p.fold} is the teacher "
+                             f"row), their logits averaged (teacher_aggregation logit_mean, T and weights of "
+                             f"plans/logit.json); the other folds trained on this fold's validation cases, so its "
+                             f"validation Dice is optimistic and it is never the best KD by validation"}
+           if any(m == "logit_all_folds" for m, _ in found["students"]) else {}),
         **({"labelled_fraction_seed": p.labelled_fraction_seed,
             "labels": f"every student of this file except '{LABELS[ALL_LABELS_PLAIN]}' trains with labels on the same "
                       f"seeded fraction {p.labelled_fraction:g} of the fold's training cases (one draw, seed "

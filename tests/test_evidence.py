@@ -249,6 +249,7 @@ class _RecordWorkspace:
         from nnunet_kd.evidence import Protocol
 
         self.results = results
+        self.split = {"crossval": [{}, {}]}  # two cross-validation folds (two fold teachers)
         self.p = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="",
                           configuration="2d", runs=[], seeds=[0], teacher_epochs=5, student_epochs=4,
                           iterations_per_epoch=10, records_dir=records_dir, labelled_fraction=labelled_fraction)
@@ -445,6 +446,63 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     assert any("ensemble of other subset teachers" in reason for reason in retrained["skipped"])
     with pytest.raises(EvidenceError, match=r"subset teacher .*\(other network weights\)"):
         save_workspace_records(again, retrained)
+
+
+def test_the_peer_at_its_defaults_learns_from_every_fold_and_is_compared_with_the_peer_of_one_teacher(tmp_path):
+    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, VALIDATION_SEEN_BY_TEACHERS, collect,
+                                    load_records, paired_comparisons, save_workspace_records)
+
+    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10}}}}
+    ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
+    teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
+    fake_model_folder(ws, teacher_name, {}, weight=1.8)
+    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.5, 0)}__2d", budget, weight=1.2)
+    fake_model_folder(ws, f"nnUNetTrainerKD_Logit__{student_plans_name(0.5, 0)}__2d", budget, weight=1.3)
+    fake_model_folder(ws, f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.5, 0)}__2d", budget, weight=1.5)
+    peer = f"nnUNetTrainerKD_Logit__{student_plans_name(0.5, 0, fold_teachers=2)}__2d"
+    fake_model_folder(ws, peer, budget, weight=1.4)
+    assert student_plans_name(0.5, 0, fold_teachers=2) == "nnUNetPlans_evidence_w0p5_folds2_s0"
+    assert _parse_student_folder(peer, "2d") == ("logit_all_folds", 0.5, 0, None, None)
+    assert _parse_student_folder(f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.5, 0, fold_teachers=2)}__2d",
+                                 "2d") is None  # only the peer trains from the folds' plans
+    workspace = _RecordWorkspace(ws, records)
+
+    # fold 1's teacher not trained yet: the student is reported, but gets no record (its teachers have no identity)
+    found = collect(workspace)
+    assert sorted(found["students"]) == [("adaptive", 0.5), ("logit", 0.5), ("logit_all_folds", 0.5), ("plain", 0.5)]
+    assert not any("logit_all_folds" in str(w) or "folds2" in w for w in save_workspace_records(workspace, found))
+
+    # with both folds trained, its record names the two fold teachers, fold 0 (the protocol's teacher) first
+    fake_model_folder(ws, teacher_name, {}, fold=1, weight=1.9)
+    found = collect(workspace)
+    save_workspace_records(workspace, found)
+    teacher_sha = found["teacher"]["network_weights_sha256"]
+    recorded = load_records(records)[peer]["teacher_network_weights_sha256"]
+    assert recorded.startswith(f"{teacher_sha}+") and recorded.count("+") == 1
+
+    # compared with the plain student, the controls (where present), the peer from one teacher and the teacher; ours
+    # is compared with both peers
+    comparisons = {(c["method"], c["baseline"]): c["mean_diff"] for c in paired_comparisons(
+        found["students"], found["teacher"], ["case_010"], False)}
+    assert comparisons[("logit_all_folds", "plain")] == pytest.approx(0.7 - 0.6)
+    assert comparisons[("logit_all_folds", "logit")] == pytest.approx(0.7 - 0.65)
+    assert comparisons[("adaptive", "logit_all_folds")] == pytest.approx(0.75 - 0.7)
+    assert comparisons[("adaptive", "logit")] == pytest.approx(0.75 - 0.65)
+    assert ("logit", "logit_all_folds") not in comparisons
+    assert "logit_all_folds" in VALIDATION_SEEN_BY_TEACHERS  # never the best KD by validation (its folds saw it)
+
+    # a fresh workspace with only the protocol's teacher pools the committed record (its fold 0 is this teacher) ...
+    fresh = join(str(tmp_path), "fresh")
+    shutil.copytree(join(ws, teacher_name, "fold_0"), join(fresh, teacher_name, "fold_0"))
+    for rel in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        shutil.copy(join(ws, teacher_name, rel), join(fresh, teacher_name, rel))
+    pooled = collect(_RecordWorkspace(fresh, records))
+    assert sorted(pooled["students"][("logit_all_folds", 0.5)]) == [0] and pooled["skipped"] == []
+    # ... but not once other fold teachers are trained there
+    fake_model_folder(fresh, teacher_name, {}, fold=1, weight=2.5)
+    other = collect(_RecordWorkspace(fresh, records))
+    assert ("logit_all_folds", 0.5) not in other["students"]
+    assert any("other fold teachers" in reason for reason in other["skipped"])
 
 
 def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teacher_when_its_record_is_committed(
