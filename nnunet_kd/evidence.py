@@ -901,10 +901,11 @@ def collect(ws: "Workspace") -> dict:
             record = committed[name]
             recorded = record.get("teacher_network_weights_sha256")
             if method == "logit_all_folds":
-                # the folds here, or (a workspace without them) the committed students' one ensemble whose fold 0 is
-                # the protocol's teacher
+                # the folds here, or (a workspace without them) the committed students' one ensemble whose fold of
+                # this protocol is the protocol's teacher
+                members = str(recorded).split("+")
                 if folds_sha is not None and recorded != folds_sha or folds_sha is None and (
-                        not str(recorded).startswith(f"{teacher_sha}+") or folds_committed - {recorded}):
+                        len(members) <= p.fold or members[p.fold] != teacher_sha or folds_committed - {recorded}):
                     skipped.append(f"{name}: committed record of a student of other fold teachers (other network "
                                    f"weights)")
                     continue
