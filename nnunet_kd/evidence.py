@@ -359,11 +359,12 @@ class Workspace:
                                           self.p.configuration, self.p.fold)
         return join(self.results, f"{trainer}__{plans}__{self.p.configuration}")
 
-    def train(self, trainer: str, plans: str) -> str:
+    def train(self, trainer: str, plans: str, fold: int | None = None) -> str:
+        """``fold``: another cross-validation fold than the protocol's (a fold teacher)."""
         from nnunet_kd.compare import train_or_reuse
 
         folder, ran = train_or_reuse(self.env, self.log, self.p.dataset_id, self.p.dataset_name, self.p.configuration,
-                                     self.p.fold, trainer, plans, self.p.device, quiet=True)
+                                     self.p.fold if fold is None else fold, trainer, plans, self.p.device, quiet=True)
         self.commands_run += ran
         return folder
 
@@ -421,20 +422,13 @@ class Workspace:
                                                       "-pfile", join(folders[0], "plans.json"), "-o", summary, "-np", 1])
         return folders
 
-    def fold_teachers(self) -> str:
-        """The teacher of every cross-validation fold of the split's training cases (the protocol's teacher is fold 0's;
-        same plans, budget and seed), for the peer at its defaults (logit_all_folds); returns their model folder.
-        Not evaluated on the test cases: only the student distilled from them is a row."""
-        teacher = self.teacher()
+    def fold_teachers(self) -> None:
+        """The teacher of every other cross-validation fold of the split's training cases (self.teacher() is the
+        protocol fold's; same plans, budget and seed, in its model folder), for the peer at its defaults
+        (logit_all_folds). Not evaluated on the test cases: only the student distilled from them is a row."""
         for fold in range(crossval_folds(self)):
             if fold != self.p.fold:
-                from nnunet_kd.compare import train_or_reuse
-
-                _, ran = train_or_reuse(self.env, self.log, self.p.dataset_id, self.p.dataset_name,
-                                        self.p.configuration, fold, TEACHER_TRAINER, TEACHER_PLANS, self.p.device,
-                                        quiet=True)
-                self.commands_run += ran
-        return teacher
+                self.train(TEACHER_TRAINER, TEACHER_PLANS, fold)
 
     def plan_all_folds_student(self, teacher_folder: str, width: float, seed: int) -> str:
         """Plans of the peer at its defaults: every fold of the teacher as a teacher, their logits averaged (the folds
@@ -825,19 +819,20 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
     methods.update({old: methods[new] for new, olds in LEGACY_TRAINERS.items() if new in methods for old in olds})
     if parts[0] not in methods:
         return None
+    method = methods[parts[0]]
     width, _, seed = parts[1][len("nnUNetPlans_evidence_w"):].partition("_s")
     width, _, folds = width.partition("_folds")
     if folds:  # plans of the teacher's folds: only the peer at its defaults trains from them
-        if methods[parts[0]] != "logit" or not folds.isdigit():
+        if method != "logit" or not folds.isdigit():
             return None
-        methods[parts[0]] = "logit_all_folds"
+        method = "logit_all_folds"
     width, _, teachers = width.partition("_k")
     width, _, fraction = width.partition("_f")
     fraction = fraction[:-1] if fraction.endswith("x") else fraction  # extra unlabelled images: collect() checks plans
-    if (methods[parts[0]] == "multi_teacher") != bool(teachers):
+    if (method == "multi_teacher") != bool(teachers):
         return None  # a multi-teacher student trains only from its own plans, and only it does
     try:
-        return (methods[parts[0]], float(width.replace("p", ".")), int(seed),
+        return (method, float(width.replace("p", ".")), int(seed),
                 float(fraction.replace("p", ".")) if fraction else None, int(teachers) if teachers else None)
     except ValueError:  # another plans name that happens to share the prefix
         return None
@@ -870,7 +865,8 @@ def collect(ws: "Workspace") -> dict:
     """Every finished, evaluated model trained on this protocol's student budget: the workspace's, and the committed
     records (Protocol.records_dir) of models the workspace does not hold, when they learned from the same teacher
     checkpoint. A record's ``folder`` is None when the model is not in this workspace. With a labelled fraction, the
-    plain students of the same budget trained on all labels come as method ALL_LABELS_PLAIN."""
+    plain students of the same budget trained on all labels come as method ALL_LABELS_PLAIN. ``fold_teachers_sha256``:
+    the identity of the teacher's folds in this workspace (fold_teachers_sha256; None: not all finished here)."""
     p = ws.p
     committed = load_records(p.records_dir)
     teacher_folder = ws.folder(TEACHER_TRAINER, TEACHER_PLANS)
@@ -931,7 +927,7 @@ def collect(ws: "Workspace") -> dict:
                            f"protocol's {wanted}")
             continue
         students.setdefault((method, width), {})[seed] = record
-    return {"teacher": teacher, "students": students, "skipped": skipped, **subset}
+    return {"teacher": teacher, "students": students, "skipped": skipped, "fold_teachers_sha256": folds_sha, **subset}
 
 
 def _teachers_sha256(records: list[dict]) -> str:
@@ -1011,7 +1007,7 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
     ensemble = found.get("subset_ensemble")
     if ensemble is not None and ensemble.get("in_workspace"):
         written.append(save_ensemble_record(ws.p.records_dir, ensemble, _teachers_sha256(subset)))
-    folds_sha = fold_teachers_sha256(ws)
+    folds_sha = found.get("fold_teachers_sha256")
     for (method, _), by_seed in found["students"].items():
         if method == "logit_all_folds" and folds_sha is None:
             continue  # its fold teachers are not all here (a workspace that only reports committed records)

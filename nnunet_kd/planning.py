@@ -202,11 +202,11 @@ def _teacher_folds(teacher_fold) -> list:
     return folds
 
 
-def _teacher_name(index: int, folder_index: int, fold, n_folders: int, n_folds: int) -> str:
+def _teacher_name(folder_index: int, fold, n_folders: int, n_folds: int) -> str:
     """teacher<i> for several folders of one fold (the names every earlier planner wrote), fold<f> for the folds of
     one folder, teacher<i>_fold<f> for several of each."""
     if n_folds == 1:
-        return f"teacher{index}"
+        return f"teacher{folder_index}"
     return f"fold{fold}" if n_folders == 1 else f"teacher{folder_index}_fold{fold}"
 
 
@@ -310,8 +310,8 @@ def _student_recipe(teacher_folders: list[str], teacher_folds: list, teacher_che
         first = recipe.pop("teacher")
         recipe["teachers"] = [
             dict(first, model_folder=folder, fold=fold,
-                 name=_teacher_name(i * len(teacher_folds) + j, i, fold, len(teacher_folders), len(teacher_folds)))
-            for i, folder in enumerate(teacher_folders) for j, fold in enumerate(teacher_folds)]
+                 name=_teacher_name(i, fold, len(teacher_folders), len(teacher_folds)))
+            for i, folder in enumerate(teacher_folders) for fold in teacher_folds]
     recipe["training"].update({k: v for k, v in training.items() if v is not None})
     if labelled_fraction is not None:  # the KD students and their plain baseline train on the same labelled cases
         recipe["training"]["labelled_fraction"] = labelled_fraction

@@ -18,7 +18,8 @@ prediction there is memory, not a prediction). An item no teacher may teach gets
 
 The mixture the student distils is sum_k w_k p_k at the distillation temperature T (softmax of t_k / T; for regions
 the sigmoids), returned as logits at T (T log p; T logit q for regions) like nnunet_kd.losses.label_map, so every
-logit term uses it unchanged; with ``logit_mean`` it is sum_k w_k t_k, already logits. Pure torch, 2D and 3D, no gradient (teachers are frozen).
+logit term uses it unchanged; with ``logit_mean`` it is sum_k w_k t_k, already logits. Pure torch, 2D and 3D, no
+gradient (teachers are frozen).
 """
 from __future__ import annotations
 
@@ -69,16 +70,19 @@ def teacher_weights(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     with torch.no_grad():
-        ce = teacher_cross_entropy(teacher_logits, target, region_based)  # (B, K, *sp)
-        b, k = ce.shape[:2]
+        if weighting == "adaptive":
+            scores = -teacher_cross_entropy(teacher_logits, target, region_based) / tau  # (B, K, *sp)
+        else:  # uniform, logit_mean: equal scores, no cross-entropy to compute (every step, every level)
+            logits = _stack(teacher_logits)
+            scores = logits.new_zeros((*logits.shape[:2], *logits.shape[3:]))
+        b, k = scores.shape[:2]
         if allowed is None:
-            allowed = torch.ones((b, k), dtype=torch.bool, device=ce.device)
+            allowed = torch.ones((b, k), dtype=torch.bool, device=scores.device)
         if tuple(allowed.shape) != (b, k):
             raise ValueError(f"allowed must be (batch, teachers) = {(b, k)}, got {tuple(allowed.shape)}")
-        allowed_map = allowed.view(b, k, *([1] * (ce.dim() - 2))).expand_as(ce)
-        scores = -ce / tau if weighting == "adaptive" else torch.zeros_like(ce)  # uniform, logit_mean: equal
+        allowed_map = allowed.view(b, k, *([1] * (scores.dim() - 2))).expand_as(scores)
         scores = torch.where(allowed_map, scores, torch.full_like(scores, float("-inf")))
-        covered = allowed.any(1).view(b, 1, *([1] * (ce.dim() - 2))).expand(b, 1, *ce.shape[2:])
+        covered = allowed.any(1).view(b, 1, *([1] * (scores.dim() - 2))).expand(b, 1, *scores.shape[2:])
         # an item no teacher may teach: softmax over -inf only is NaN; give it zeros instead
         weights = torch.softmax(torch.where(covered.expand_as(scores), scores, torch.zeros_like(scores)), 1)
         weights = torch.where(allowed_map, weights, torch.zeros_like(weights))
