@@ -46,13 +46,3 @@ def masked_voxel_mean(per_voxel: torch.Tensor, mask: Optional[torch.Tensor]) -> 
     return (per_voxel * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def one_hot_labels(labels: torch.Tensor, num_classes: int, mask: Optional[torch.Tensor] = None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Integer label map (B, 1, *sp) -> one-hot (B, num_classes, *sp). Voxels outside ``mask`` count as class 0
-    here: their stored value (nnU-Net's ignore label) may lie outside [0, num_classes) and must not index the
-    one-hot; callers drop them with the mask."""
-    labels = labels.long()
-    if mask is not None:
-        labels = torch.where(mask, labels, torch.zeros_like(labels))
-    one_hot = torch.zeros((labels.shape[0], num_classes, *labels.shape[2:]), device=labels.device, dtype=dtype)
-    return one_hot.scatter_(1, labels, 1.0)

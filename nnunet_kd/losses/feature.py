@@ -68,7 +68,11 @@ class _AdaptedSquaredError(torch.autograd.Function):
         factor = 2.0 * grad_value
         grad_student = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_student = torch.matmul(weight.t(), scaled).mul_(factor)
+            # bmm over an expanded weight, not matmul: with grad mode off (as here) matmul folds the batch into
+            # one product by transposing scaled into a contiguous copy, which took over half of this backward
+            # (Hippocampus 2d, 8 -> 32 channels at 56x40); same values
+            weight_t = weight.t()
+            grad_student = torch.bmm(weight_t.expand(scaled.shape[0], *weight_t.shape), scaled).mul_(factor)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_weight_and_bias = torch.bmm(scaled, augmented.transpose(1, 2)).sum(0).mul_(factor)
             grad_weight, grad_bias = grad_weight_and_bias[:, :-1], grad_weight_and_bias[:, -1]

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from nnunet_kd.losses._common import check_mask, float32_region, one_hot_labels
+from nnunet_kd.losses._common import check_mask, float32_region
 
 
 def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
@@ -30,14 +30,12 @@ def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
     (one row per class)."""
     gts = gt_sorted.sum(-1, keepdim=True)
     hits = gt_sorted.cumsum(-1)
-    intersection = gts - hits
-    # cumsum(1 - gt) at position k is (k + 1) - cumsum(gt): one cumulative sum instead of two
+    # With k = position + 1: intersection = gts - hits and union = gts + k - hits (cumsum(1 - gt) is k - hits), so
+    # the Jaccard loss 1 - intersection / union is k / union: two element-wise passes fewer
     positions = torch.arange(1, gt_sorted.shape[-1] + 1, device=gt_sorted.device, dtype=gt_sorted.dtype)
-    union = gts + positions - hits  # >= 1 everywhere: each position adds to one of the two sums
-    jaccard = 1.0 - intersection / union
-    grad = jaccard.clone()
-    grad[..., 1:] -= jaccard[..., :-1]
-    return grad
+    union = (positions - hits).add_(gts)  # >= 1 everywhere: each position adds to one of the two sums
+    jaccard = positions / union
+    return torch.diff(jaccard, dim=-1, prepend=jaccard.new_zeros(jaccard.shape[:-1] + (1,)))
 
 
 class _LovaszExtension(torch.autograd.Function):
@@ -50,7 +48,8 @@ class _LovaszExtension(torch.autograd.Function):
     def forward(ctx, probabilities, foreground, valid, selected):
         # probabilities, foreground (C, N) float; valid (1, N) bool or None; selected (C,) float 0/1
         # foreground is 0 at invalid voxels already (_lovasz_flat)
-        errors = (foreground - probabilities).abs()
+        difference = probabilities - foreground
+        errors = difference.abs()
         if valid is not None:
             errors = torch.where(valid, errors, torch.full_like(errors, -1.0))
         order = _descending_order(errors)
@@ -64,7 +63,7 @@ class _LovaszExtension(torch.autograd.Function):
             grad_errors = torch.empty_like(errors).scatter_(-1, order, grad_sorted.mul_(weights[:, None]))
             if valid is not None:
                 grad_errors = grad_errors * valid
-            ctx.save_for_backward(grad_errors.mul_(torch.sign(probabilities - foreground)))
+            ctx.save_for_backward(grad_errors.mul_(difference.sign_()))
         return value
 
     @staticmethod
@@ -124,9 +123,12 @@ def lovasz_softmax(probabilities: torch.Tensor, labels: torch.Tensor, mask: Opti
     if mask is None and not labels.is_cuda and (labels.min() < 0 or labels.max() >= num_classes):  # no GPU sync
         raise ValueError(f"labels must lie in [0, {num_classes}) outside the mask, got [{int(labels.min())}, "
                          f"{int(labels.max())}]; pass a mask that excludes the ignore label")
-    foreground = one_hot_labels(labels, num_classes, mask, probabilities.dtype)
+    # one-hot straight in the (C, N) layout (labels have one channel, so their flat order is every class row's);
+    # voxels outside the mask may hold any value (nnU-Net's ignore label): _lovasz_flat zeroes them
+    classes_column = torch.arange(num_classes, device=labels.device)[:, None]
+    foreground = (labels.reshape(1, -1) == classes_column).to(probabilities.dtype)
     valid = None if mask is None else _flatten(mask)
-    return _lovasz_flat(_flatten(probabilities), _flatten(foreground), valid, classes)
+    return _lovasz_flat(_flatten(probabilities), foreground, valid, classes)
 
 
 def lovasz_sigmoid(probabilities: torch.Tensor, regions: torch.Tensor, mask: Optional[torch.Tensor] = None,
