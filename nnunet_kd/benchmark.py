@@ -530,8 +530,16 @@ def time_training_steps(kd, batches: list[dict], steps: int, warmup: int, device
     training["kd_step"]["loss_terms"] = list(kd.logged_terms)
     plain_s, kd_s = training["plain_student_step"]["median_s"], training["kd_step"]["median_s"]
     teacher_s = training["teacher_forward"]["median_s"]
-    ratios = {"kd_over_student_plus_teacher": kd_s / (plain_s + teacher_s), "kd_over_plain": kd_s / plain_s,
-              "teacher_forward_over_plain": teacher_s / plain_s}
+    # The same ratio round by round (the three calls of a round run back to back), then its median and quartiles:
+    # a shared CPU's speed drifts between rounds, and the ratio of separate medians mixes rounds of different speed
+    # (the README's KD-step section compares the two estimates over repeated identical runs)
+    per_round = [k / (p + t) for k, p, t in zip(training["kd_step"]["all_s"], training["plain_student_step"]["all_s"],
+                                                 training["teacher_forward"]["all_s"])]
+    quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    ratios = {"kd_over_student_plus_teacher": kd_s / (plain_s + teacher_s),
+              "kd_over_student_plus_teacher_paired": {"median": float(statistics.median(per_round)),
+                                                      "quartiles": [float(quartiles[0]), float(quartiles[2])]},
+              "kd_over_plain": kd_s / plain_s, "teacher_forward_over_plain": teacher_s / plain_s}
     return training, ratios
 
 
@@ -691,10 +699,13 @@ def _ms(s: float) -> str:
 
 def format_ratios(results: dict) -> str:
     r, t = results["ratios"], results["training"]
+    paired = r["kd_over_student_plus_teacher_paired"]
     return "\n".join([
         f"KD step / (plain student step + teacher forward) = {r['kd_over_student_plus_teacher']:.3f}  "
         f"({_ms(t['kd_step']['median_s'])} / ({_ms(t['plain_student_step']['median_s'])} + "
         f"{_ms(t['teacher_forward']['median_s'])}))",
+        f"KD step / (plain student step + teacher forward), round by round: median {paired['median']:.3f} "
+        f"(quartiles {paired['quartiles'][0]:.3f}-{paired['quartiles'][1]:.3f})",
         f"KD step / plain student step = {r['kd_over_plain']:.3f}",
     ])
 
