@@ -128,10 +128,22 @@ def _check_same_plans(folder: str, plans_file: str, fold: int) -> None:
             f"{folder}/fold_{fold} to train it again.")
 
 
-def inference_seconds(folder: str, fold: int, data: torch.Tensor, device: str, repeats: int) -> float:
-    """Median sliding-window prediction time of one preprocessed case with nnU-Net's predictor (no mirroring)."""
+def inference_seconds(folder: str, fold: int, data: torch.Tensor, device: str, repeats: int) -> dict:
+    """Sliding-window prediction times of one preprocessed case with nnU-Net's predictor (no mirroring), after one
+    untimed call: {'median_s', 'all_s'}."""
     predictor = make_predictor(folder, fold, device=torch.device(device), use_mirroring=False)
-    return median_inference_seconds(predictor, data, repeats=repeats, warmup=1)["median_s"]
+    return median_inference_seconds(predictor, data, repeats=repeats, warmup=1)
+
+
+def _inference_fields(timing: dict) -> dict:
+    return {"inference_s": timing["median_s"], "inference_all_s": timing["all_s"]}
+
+
+def format_seconds_with_spread(median_s: float, all_s: list | None) -> str:
+    """'0.05 [0.05-0.06]': the median and, with several timed runs, their range (one run: the time alone)."""
+    if not all_s or len(all_s) < 2:
+        return f"{median_s:.2f}"
+    return f"{median_s:.2f} [{min(all_s):.2f}-{max(all_s):.2f}]"
 
 
 def training_curves(folder: str, fold: int) -> dict:
@@ -202,7 +214,8 @@ def run_comparison(comparison: Comparison, env: dict, log: str, preprocess: bool
                      "parameters": cost["parameters"], "flops_per_patch": cost["flops_per_patch"],
                      "iterations_per_epoch": int(plans.get(PLANS_KEY, {}).get(c.configuration, {}).get(
                          "training", {}).get("num_iterations_per_epoch") or NNUNET_DEFAULT_ITERATIONS_PER_EPOCH),
-                     "inference_s": inference_seconds(folder, c.folds[0], volume, c.device, c.inference_repeats),
+                     **_inference_fields(inference_seconds(folder, c.folds[0], volume, c.device,
+                                                           c.inference_repeats)),
                      "curves": {str(fold): training_curves(folder, fold) for fold in c.folds}})
     add_gap_closed(rows)
     class_ids = sorted(rows[0]["dice_per_class"], key=int)
@@ -229,14 +242,16 @@ def format_table(rows: list[dict], class_ids: list[str], names: dict | None = No
     """Markdown table; with several folds a column shows each fold's mean Dice, so the spread is visible."""
     names = names or {}
     several_folds = any(len(r.get("mean_dice_per_fold") or []) > 1 for r in rows)
-    header = (["model", "params", "FLOPs/patch", "infer s"] + [f"Dice {names.get(k, k)}" for k in class_ids]
+    runs = max((len(r.get("inference_all_s") or []) for r in rows), default=0)
+    infer = f"infer s, median [range] of {runs}" if runs > 1 else "infer s"
+    header = (["model", "params", "FLOPs/patch", infer] + [f"Dice {names.get(k, k)}" for k in class_ids]
               + ["mean Dice"] + (["mean Dice per fold"] if several_folds else []) + ["gap closed"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         gap = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
         per_fold = [" / ".join(f"{d:.4f}" for d in r["mean_dice_per_fold"])] if several_folds else []
         cells = ([r["model"], format_count(r["parameters"]), format_count(r["flops_per_patch"]),
-                  f"{r['inference_s']:.2f}"] + [f"{r['dice_per_class'][k]:.4f}" for k in class_ids]
+                  format_seconds_with_spread(r["inference_s"], r.get("inference_all_s"))] + [f"{r['dice_per_class'][k]:.4f}" for k in class_ids]
                  + [f"{r['mean_dice']:.4f}"] + per_fold + [gap])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

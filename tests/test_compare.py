@@ -37,6 +37,15 @@ def test_table_shows_each_folds_mean_dice_when_there_are_several():
     assert "per fold" not in format_table([row], ["1", "2"])
 
 
+def test_table_shows_the_inference_times_median_and_range_when_timed_several_times():
+    row = {"model": "plain student", "parameters": 346065, "flops_per_patch": 1.11e9, "inference_s": 0.052,
+           "inference_all_s": [0.061, 0.052, 0.049], "dice_per_class": {"1": 0.9}, "mean_dice": 0.9,
+           "mean_dice_per_fold": [0.9], "gap_closed": None}
+    table = format_table([row], ["1"])
+    assert "| infer s, median [range] of 3 |" in table
+    assert "| 0.05 [0.05-0.06] |" in table.splitlines()[-1]
+
+
 def test_runs_of_older_workspaces_are_found_under_their_older_trainer_name(tmp_path):
     from nnunet_kd.pipeline import model_folder, trainer_of_existing_run
     results = str(tmp_path)
