@@ -135,10 +135,6 @@ def inference_seconds(folder: str, fold: int, data: torch.Tensor, device: str, r
     return median_inference_seconds(predictor, data, repeats=repeats, warmup=1)
 
 
-def _inference_fields(timing: dict) -> dict:
-    return {"inference_s": timing["median_s"], "inference_all_s": timing["all_s"]}
-
-
 def format_seconds_with_spread(median_s: float, all_s: list | None) -> str:
     """'0.05 [0.05-0.06]': the median and, with several timed runs, their range (one run: the time alone)."""
     if not all_s or len(all_s) < 2:
@@ -208,14 +204,14 @@ def run_comparison(comparison: Comparison, env: dict, log: str, preprocess: bool
         per_fold = [validation_summary(folder, fold) for fold in c.folds]
         dice = {k: float(np.mean([f["dice_per_class"][k] for f in per_fold])) for k in per_fold[0]["dice_per_class"]}
         cost = network_cost(plans, dataset_json, c.configuration)
+        inference = inference_seconds(folder, c.folds[0], volume, c.device, c.inference_repeats)
         rows.append({"model": label, "trainer": os.path.basename(folder).split("__")[0], "folder": folder,
                      "dice_per_class": dice, "mean_dice": float(np.mean([f["mean_dice"] for f in per_fold])),
                      "mean_dice_per_fold": [f["mean_dice"] for f in per_fold],
                      "parameters": cost["parameters"], "flops_per_patch": cost["flops_per_patch"],
                      "iterations_per_epoch": int(plans.get(PLANS_KEY, {}).get(c.configuration, {}).get(
                          "training", {}).get("num_iterations_per_epoch") or NNUNET_DEFAULT_ITERATIONS_PER_EPOCH),
-                     **_inference_fields(inference_seconds(folder, c.folds[0], volume, c.device,
-                                                           c.inference_repeats)),
+                     "inference_s": inference["median_s"], "inference_all_s": inference["all_s"],
                      "curves": {str(fold): training_curves(folder, fold) for fold in c.folds}})
     add_gap_closed(rows)
     class_ids = sorted(rows[0]["dice_per_class"], key=int)
@@ -251,7 +247,8 @@ def format_table(rows: list[dict], class_ids: list[str], names: dict | None = No
         gap = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
         per_fold = [" / ".join(f"{d:.4f}" for d in r["mean_dice_per_fold"])] if several_folds else []
         cells = ([r["model"], format_count(r["parameters"]), format_count(r["flops_per_patch"]),
-                  format_seconds_with_spread(r["inference_s"], r.get("inference_all_s"))] + [f"{r['dice_per_class'][k]:.4f}" for k in class_ids]
+                  format_seconds_with_spread(r["inference_s"], r.get("inference_all_s"))]
+                 + [f"{r['dice_per_class'][k]:.4f}" for k in class_ids]
                  + [f"{r['mean_dice']:.4f}"] + per_fold + [gap])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

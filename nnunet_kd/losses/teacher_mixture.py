@@ -32,12 +32,18 @@ FLOOR = 1e-8
 WEIGHTINGS = ("adaptive", "uniform", "logit_mean")
 
 
-def _stack(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+def _common_shape(teacher_logits: Sequence[torch.Tensor]) -> tuple:
+    """The one shape (B, C, *sp) of every teacher's logits."""
     if not teacher_logits:
         raise ValueError("at least one teacher's logits are needed")
     shapes = {tuple(t.shape) for t in teacher_logits}
     if len(shapes) != 1:
         raise ValueError(f"every teacher's logits must have one shape, got {sorted(shapes)}")
+    return shapes.pop()
+
+
+def _stack(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    _common_shape(teacher_logits)
     return torch.stack([t.detach().float() for t in teacher_logits], 1)  # (B, K, C, *sp)
 
 
@@ -72,9 +78,9 @@ def teacher_weights(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor
     with torch.no_grad():
         if weighting == "adaptive":
             scores = -teacher_cross_entropy(teacher_logits, target, region_based) / tau  # (B, K, *sp)
-        else:  # uniform, logit_mean: equal scores, no cross-entropy to compute (every step, every level)
-            logits = _stack(teacher_logits)
-            scores = logits.new_zeros((*logits.shape[:2], *logits.shape[3:]))
+        else:  # uniform, logit_mean: equal scores, no cross-entropy (nor a copy of the logits) every step and level
+            b, _, *spatial = _common_shape(teacher_logits)
+            scores = torch.zeros((b, len(teacher_logits), *spatial), device=teacher_logits[0].device)
         b, k = scores.shape[:2]
         if allowed is None:
             allowed = torch.ones((b, k), dtype=torch.bool, device=scores.device)
