@@ -14,6 +14,7 @@ protocol itself (split, statistics, plateau check) is nnunet_kd.evidence.
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import shlex
 import subprocess
@@ -72,6 +73,10 @@ def main(argv=None) -> None:
     parser.add_argument("--commit", action="store_true",
                         help="git commit the results files every time they are rewritten (long runs across sessions)")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--tag", default=None,
+                        help="A protocol at another student budget than the committed records' (e.g. 6000it): its "
+                             "results file (...-heldout-<tag>.json) and records folder (<dataset>-<configuration>-<tag>) "
+                             "are its own, so neither replaces the other budget's")
     parser.add_argument("--no-records", action="store_true",
                         help="Neither write nor read the committed per-model records (benchmarks/records/<dataset>-"
                              "<configuration>/): report this workspace's models only")
@@ -91,6 +96,9 @@ def main(argv=None) -> None:
         if not os.path.isdir(args.unlabelled_images):
             parser.error(f"--unlabelled-images {args.unlabelled_images}: not a folder.")
 
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", args.tag):
+        parser.error(f"--tag {args.tag!r}: letters, digits, '_' and '.' only (it becomes part of file names).")
+    tag = f"-{args.tag}" if args.tag else ""
     dataset = basename(os.path.normpath(args.raw_dataset))
     protocol = Protocol(
         raw_dataset=abspath(args.raw_dataset),
@@ -103,7 +111,7 @@ def main(argv=None) -> None:
         subset_teachers=args.subset_teachers, subset_teacher_epochs=args.subset_teacher_epochs,
         labelled_fraction_seed=args.labelled_fraction_seed,
         unlabelled_images=abspath(args.unlabelled_images) if args.unlabelled_images else None,
-        records_dir=None if args.no_records else join(RECORDS, f"{dataset}-{args.configuration}"),
+        records_dir=None if args.no_records else join(RECORDS, f"{dataset}-{args.configuration}{tag}"),
         teacher_archive=None if args.no_teacher_archive else join(expanduser(args.teacher_archive_root),
                                                                   f"{dataset}-{args.configuration}"))
     # The command that reproduces the results: --report-only and --commit change nothing that is measured.
@@ -111,7 +119,7 @@ def main(argv=None) -> None:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
     labels = "" if args.labelled_fraction is None else \
         f"-labelled{args.labelled_fraction:g}".replace(".", "p") + ("-extra-unlabelled" if args.unlabelled_images else "")
-    json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout{labels}.json")
+    json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout{labels}{tag}.json")
     # Latency is measured once per width on this machine and kept in the workspace, never committed: it is a figure of
     # the machine (and of its load). A width whose models all come from committed records is timed through its plans'
     # architecture, so every row of one file is timed on one machine.

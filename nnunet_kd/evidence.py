@@ -912,10 +912,9 @@ def collect(ws: "Workspace") -> dict:
         if record is None:
             continue
         training = record["plans"].get("kd", {}).get(p.configuration, {}).get("training", {})
-        if (training.get("num_epochs"), training.get("num_iterations_per_epoch")) != \
-                (p.student_epochs, p.iterations_per_epoch):
-            skipped.append(f"{name}: trained for {training.get('num_epochs')} x "
-                           f"{training.get('num_iterations_per_epoch')} iterations, not this protocol's budget")
+        budget = _training_budget(record["plans"], p.configuration)
+        if budget != (p.student_epochs, p.iterations_per_epoch):
+            skipped.append(f"{name}: trained for {budget[0]} x {budget[1]} iterations, not this protocol's budget")
             continue
         labels = (training.get("labelled_fraction"), training.get("labelled_fraction_seed", 0),
                   (training.get("unlabelled_images") or {}).get("source"))
@@ -994,6 +993,7 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
             f"This workspace's teacher is not the one of the committed records in {ws.p.records_dir} (other network "
             f"weights): its students' records would be mixed with those of another teacher. Restore the archived "
             f"teacher (run without --no-teacher-archive in a new --workdir), or pass --no-records.")
+    _refuse_replacing_another_budget(ws, found)
     written = [save_record(ws.p.records_dir, found["teacher"], None)] if found["teacher"]["folder"] else []
     subset = found.get("subset_teachers") or []
     for r in subset:
@@ -1015,6 +1015,32 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
             else teacher_sha
         written += [save_record(ws.p.records_dir, r, sha) for r in by_seed.values() if r["folder"]]
     return written
+
+
+def _training_budget(plans: dict, configuration: str) -> tuple:
+    training = plans.get("kd", {}).get(configuration, {}).get("training", {})
+    return training.get("num_epochs"), training.get("num_iterations_per_epoch")
+
+
+def _refuse_replacing_another_budget(ws: "Workspace", found: dict) -> None:
+    """A record is named after its model folder, which does not name the budget: a protocol at another student budget
+    (same plans names) would replace the committed records of the first one. Checked before anything is written."""
+    records_dir = ws.p.records_dir
+    for by_seed in found["students"].values():
+        for r in by_seed.values():
+            if not r["folder"]:
+                continue
+            path = join(records_dir, basename(r["folder"].rstrip("/")) + ".json")
+            if not isfile(path):
+                continue
+            before = _training_budget(load_json(path)["plans"], ws.p.configuration)
+            now = _training_budget(load_json(join(r["folder"], "plans.json")), ws.p.configuration)
+            if before != now:
+                raise EvidenceError(
+                    f"{path} records a model trained for {before[0]} x {before[1]} iterations; this workspace's "
+                    f"{basename(r['folder'].rstrip('/'))} trained for {now[0]} x {now[1]}: writing its record would "
+                    f"replace the other budget's. Give this budget records and results of their own with --tag (e.g. "
+                    f"--tag {now[0] * now[1]}it), or pass --no-records. Nothing was written.")
 
 
 def _trained_on_of(found: dict) -> dict:

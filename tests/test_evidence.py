@@ -305,6 +305,30 @@ def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_b
         save_workspace_records(third, found)
 
 
+def test_a_protocol_at_another_budget_may_not_replace_the_committed_records_of_the_first(tmp_path):
+    from nnunet_kd.evidence import TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, collect, save_workspace_records
+
+    records = join(str(tmp_path), "records")
+    short, long = join(str(tmp_path), "short"), join(str(tmp_path), "long")
+    student = f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d"
+    for ws, epochs in ((short, 4), (long, 8)):
+        fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})
+        fake_model_folder(ws, student, {"kd": {"2d": {"training": {"num_epochs": epochs,
+                                                                   "num_iterations_per_epoch": 10}}}}, weight=epochs)
+    first = _RecordWorkspace(short, records)
+    save_workspace_records(first, collect(first))
+    before = {name: open(join(records, name)).read() for name in os.listdir(records)}
+
+    second = _RecordWorkspace(long, records)
+    second.p.student_epochs = 8
+    with pytest.raises(EvidenceError, match=r"4 x 10 iterations.*8 x 10.*--tag 80it"):
+        save_workspace_records(second, collect(second))
+    assert {name: open(join(records, name)).read() for name in os.listdir(records)} == before  # nothing replaced
+
+    second.p.records_dir = records + "-80it"  # what --tag 80it gives
+    assert len(save_workspace_records(second, collect(second))) == 2
+
+
 def test_a_labelled_fraction_protocol_reports_its_students_and_the_plain_students_on_all_labels(tmp_path):
     from nnunet_kd.evidence import ALL_LABELS_PLAIN, TEACHER_PLANS, TEACHER_TRAINER, collect
 
