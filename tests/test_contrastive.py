@@ -30,6 +30,37 @@ def test_perfect_alignment_gives_the_known_minimum_and_swapped_classes_raise_it(
     assert dense_contrastive_loss(swapped, teacher, labels, max_per_class=10, temperature=tau) > aligned + 1.0
 
 
+def _supcon_written_out(anchors, anchor_labels, keys, key_labels, own, tau):
+    """The SupCon loss of the module doc, with the explicit (A, K) positive mask and log-softmax."""
+    log_p = F.log_softmax(anchors @ keys.t() / tau, dim=1)
+    positive = (anchor_labels[:, None] == key_labels[None, :]).float()
+    positive[torch.arange(len(own)), own] = 1.0
+    return (-(log_p * positive).sum(1) / positive.sum(1)).mean()
+
+
+def test_value_and_gradients_match_the_supcon_formula_written_out_with_a_queue_of_constant_keys():
+    torch.manual_seed(0)
+    anchors = F.normalize(torch.randn(12, 5), dim=1).requires_grad_()
+    batch_keys = F.normalize(torch.randn(12, 5), dim=1).requires_grad_()
+    queue_keys = F.normalize(torch.randn(7, 5), dim=1)
+    labels, queue_labels = torch.randint(0, 3, (12,)), torch.randint(0, 3, (7,))
+    labels[:3] = torch.tensor([0, 1, 2])  # every class present among the anchors
+    own = torch.arange(12)
+    loss = supervised_infonce(anchors, labels, batch_keys, labels, own, 0.2, queue_keys, queue_labels)
+    grads = torch.autograd.grad(loss, (anchors, batch_keys))
+    expected = _supcon_written_out(anchors, labels, torch.cat([batch_keys, queue_keys]),
+                                   torch.cat([labels, queue_labels]), own, 0.2)
+    expected_grads = torch.autograd.grad(expected, (anchors, batch_keys))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for g, e in zip(grads, expected_grads):
+        assert torch.allclose(g, e, rtol=1e-5, atol=1e-7)
+    # the exponentials saved for the backward are scaled in place: a second backward through the same graph is refused
+    loss = supervised_infonce(anchors, labels, batch_keys, labels, own, 0.2, queue_keys, queue_labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
 def test_in_batch_teacher_keys_keep_their_gradient_and_queue_entries_are_detached():
     # The teacher-side projection head must train: its outputs (the in-batch teacher keys) carry a gradient; the
     # queue holds constants from earlier steps.

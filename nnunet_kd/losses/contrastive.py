@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_kd.losses._common import float32_region
+
 
 def sample_voxels(labels: torch.Tensor, valid: Optional[torch.Tensor], max_per_class: int,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -54,33 +56,76 @@ def gather_voxels(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat[index // flat.shape[2], :, index % flat.shape[2]]
 
 
+class _LogSumExpOfSimilarities(torch.autograd.Function):
+    """logsumexp over keys of anchors @ keys^T, per anchor, for (A, D) anchors against (K, D) keys whose first
+    ``n_trained`` rows need a gradient (the in-batch teacher keys) and the rest none (the queue's constants).
+    The A x K matrix is this term's whole cost (6,144 anchors x 10,240 keys at the preset: 250 MB per pass), so it
+    is allocated once and exponentiated in place, and the backward scales it in place into the gradient of the
+    logits (the softmax's normalisation and the incoming gradient in one pass): five passes over it instead of
+    autograd's nine, no further A x K allocations, and no key gradient for the queue's rows."""
+
+    @staticmethod
+    def forward(ctx, anchors, keys, n_trained):
+        shifted_exp = anchors @ keys.t()
+        top = shifted_exp.amax(1, keepdim=True)
+        total = shifted_exp.sub_(top).exp_().sum(1, keepdim=True)
+        ctx.save_for_backward(anchors, keys, shifted_exp, total)
+        ctx.n_trained = n_trained
+        ctx.used = False
+        return (top + total.log()).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_lse):
+        if ctx.used:  # the saved exponentials were scaled in place by the first backward
+            raise RuntimeError("the contrastive term's backward runs once per forward (no retain_graph)")
+        ctx.used = True
+        anchors, keys, shifted_exp, total = ctx.saved_tensors
+        grad_logits = shifted_exp.mul_(grad_lse[:, None] / total)  # softmax x incoming gradient
+        grad_anchors = grad_logits @ keys if ctx.needs_input_grad[0] else None
+        grad_keys = None
+        if ctx.needs_input_grad[1]:
+            grad_keys = torch.zeros_like(keys)
+            grad_keys[:ctx.n_trained] = grad_logits[:, :ctx.n_trained].t() @ anchors
+        return grad_anchors, grad_keys, None
+
+
 def supervised_infonce(anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: torch.Tensor,
                        key_labels: torch.Tensor, same_voxel: Optional[torch.Tensor] = None,
-                       temperature: float = 0.1) -> torch.Tensor:
-    """Mean SupCon loss of ``anchors`` (A, D) against ``keys`` (K, D), both L2-normalised; a key is a positive of an
-    anchor when their labels agree (``same_voxel`` (A,) index of each anchor's own key, always a positive). Anchors
-    without any negative or positive are skipped (an exact 0 when none remains)."""
+                       temperature: float = 0.1, constant_keys: Optional[torch.Tensor] = None,
+                       constant_key_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean SupCon loss of ``anchors`` (A, D) against ``keys`` (K, D) and ``constant_keys`` (Q, D: keys that get no
+    gradient, e.g. a memory queue), all L2-normalised; a key is a positive of an anchor when their labels agree
+    (``same_voxel`` (A,) index of each anchor's own key in ``keys``, always a positive). Anchors without any negative
+    or positive are skipped (an exact 0 when none remains)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     anchors, keys = anchors.float(), keys.float()
-    logits = anchors @ keys.t() / temperature  # (A, K); keys keep their graph (see the module doc)
+    n_trained = keys.shape[0]
+    if constant_keys is not None and constant_keys.shape[0]:
+        keys = torch.cat([keys, constant_keys.detach().float()])
+        key_labels = torch.cat([key_labels, constant_key_labels.to(key_labels.device)])
+    # the temperature scales the (A, D) anchors rather than the (A, K) logits; keys keep their graph (module doc)
+    scaled = anchors / temperature
+    with float32_region(anchors.device):  # under autocast the product and the in-place softmax would run in fp16
+        lse = _LogSumExpOfSimilarities.apply(scaled, keys, n_trained)
     # log p(positive) summed over positives = (sum of positive logits) - |P| logsumexp: the positive logits of an
     # anchor of class c sum to a . (sum of the keys of class c) / tau, so no (A, K) mask or log-probability tensor is
-    # built (the A x K matrices dominate this term's time and memory: 6,144 anchors x 10,240 keys at the preset).
+    # built.
     classes, key_class = torch.unique(key_labels, return_inverse=True)
     key_sums = torch.zeros((classes.numel(), keys.shape[1]), device=keys.device).index_add(0, key_class, keys)
-    key_counts = torch.bincount(key_class, minlength=classes.numel()).to(logits.dtype)
+    key_counts = torch.bincount(key_class, minlength=classes.numel()).to(lse.dtype)
     match = anchor_labels.view(-1, 1) == classes.view(1, -1)  # (A, C): an anchor's class among the keys', if any
     has_class = match.any(1)
     anchor_class = match.to(torch.long).argmax(1)
-    positive_sum = (anchors * key_sums[anchor_class]).sum(1) / temperature * has_class
+    positive_sum = (scaled * key_sums[anchor_class]).sum(1) * has_class
     n_positive = key_counts[anchor_class] * has_class
     if same_voxel is not None:  # the anchor's own key is a positive even where its label differs
-        own_other = (key_labels[same_voxel] != anchor_labels).to(logits.dtype)
-        positive_sum = positive_sum + (anchors * keys[same_voxel]).sum(1) / temperature * own_other
+        own_other = (key_labels[same_voxel] != anchor_labels).to(lse.dtype)
+        positive_sum = positive_sum + (scaled * keys[same_voxel]).sum(1) * own_other
         n_positive = n_positive + own_other
     has_both = (n_positive > 0) & (n_positive < keys.shape[0])
-    per_anchor = torch.logsumexp(logits, dim=1) - positive_sum / n_positive.clamp(min=1)
+    per_anchor = lse - positive_sum / n_positive.clamp(min=1)
     weight = has_both.to(per_anchor.dtype)
     return (per_anchor * weight).sum() / weight.sum().clamp(min=1.0)
 
@@ -135,12 +180,11 @@ def dense_contrastive_loss(student_embeddings: torch.Tensor, teacher_embeddings:
     student = F.normalize(student.float(), dim=1)
     teacher = F.normalize(teacher.float(), dim=1)
     sampled_labels = labels.reshape(-1).long()[index]
-    keys, key_labels = teacher, sampled_labels
-    if queue is not None and queue.embeddings.shape[0]:
-        keys = torch.cat([teacher, queue.embeddings.to(teacher.device)])
-        key_labels = torch.cat([sampled_labels, queue.labels.to(teacher.device)])
+    queued = queue is not None and queue.embeddings.shape[0] > 0
     own = torch.arange(index.numel(), device=student.device)
-    loss = supervised_infonce(student, sampled_labels, keys, key_labels, own, temperature)
+    loss = supervised_infonce(student, sampled_labels, teacher, sampled_labels, own, temperature,
+                              queue.embeddings.to(teacher.device) if queued else None,
+                              queue.labels if queued else None)
     if queue is not None:
         queue.push(teacher, sampled_labels)
     return loss
