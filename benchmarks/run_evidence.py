@@ -53,6 +53,10 @@ def main(argv=None) -> None:
     parser.add_argument("--student-epochs", type=int, required=True)
     parser.add_argument("--iterations-per-epoch", type=int, required=True)
     parser.add_argument("--val-iterations-per-epoch", type=int, default=10)
+    parser.add_argument("--student-val-iterations-per-epoch", type=int, default=None,
+                        help="The students' validation batches per epoch (default: --val-iterations-per-epoch; the "
+                             "teacher keeps that): more where a batch holds few slices, so that the plateau test "
+                             "reads a curve above its noise")
     parser.add_argument("--max-batch-size", type=int, default=None, help="Cap on nnU-Net's planned batch size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--labelled-fraction", type=float, default=None,
@@ -107,6 +111,7 @@ def main(argv=None) -> None:
         configuration=args.configuration, runs=parse_runs(args.runs), seeds=args.seeds,
         teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
+        student_val_iterations_per_epoch=args.student_val_iterations_per_epoch,
         max_batch_size=args.max_batch_size, device=args.device, labelled_fraction=args.labelled_fraction,
         subset_teachers=args.subset_teachers, subset_teacher_epochs=args.subset_teacher_epochs,
         labelled_fraction_seed=args.labelled_fraction_seed,

@@ -279,6 +279,10 @@ class Protocol:
     student_epochs: int
     iterations_per_epoch: int
     val_iterations_per_epoch: int = 10
+    # The students' own (None: val_iterations_per_epoch). Their plateau test reads their validation curve: where a
+    # validation batch holds few slices (PROMISE12 2d: 4) it needs more batches than the teacher was trained with,
+    # and the teacher (archived, reused) keeps its own plans.
+    student_val_iterations_per_epoch: int | None = None
     max_batch_size: int | None = None
     # Students on part of the labels (issue: multi-scale contrastive KD): every student of this protocol, plain and KD,
     # trains with labels on the same seeded fraction of the fold's training cases (one draw, seed
@@ -299,6 +303,10 @@ class Protocol:
     # What outlives the session (committed; see "Across sessions" below). None: the workspace only.
     records_dir: str | None = None       # one record per finished model
     teacher_archive: str | None = None   # the teacher, as a plain nnU-Net model folder
+
+    @property
+    def student_val_iterations(self) -> int:
+        return self.student_val_iterations_per_epoch or self.val_iterations_per_epoch
 
     @property
     def subset_teacher_budget(self) -> int:
@@ -457,7 +465,7 @@ class Workspace:
             "-d", self.p.dataset_id, "-c", self.p.configuration, *[a for t in teachers for a in ("--teacher", t)],
             "--width", width,
             "-o", name, "--epochs", self.p.student_epochs, "--iterations-per-epoch", self.p.iterations_per_epoch,
-            "--val-iterations-per-epoch", self.p.val_iterations_per_epoch, "--seed", seed, "--overwrite"]
+            "--val-iterations-per-epoch", self.p.student_val_iterations, "--seed", seed, "--overwrite"]
             + [arg for assignment in overrides for arg in ("--set", assignment)] + list(extra))
         return name
 
@@ -913,8 +921,9 @@ def collect(ws: "Workspace") -> dict:
             continue
         training = record["plans"].get("kd", {}).get(p.configuration, {}).get("training", {})
         budget = _training_budget(record["plans"], p.configuration)
-        if budget != (p.student_epochs, p.iterations_per_epoch):
-            skipped.append(f"{name}: trained for {budget[0]} x {budget[1]} iterations, not this protocol's budget")
+        if budget != (p.student_epochs, p.iterations_per_epoch, p.student_val_iterations):
+            skipped.append(f"{name}: trained for {budget[0]} x {budget[1]} iterations ({budget[2]} validation "
+                           f"iterations per epoch), not this protocol's budget")
             continue
         labels = (training.get("labelled_fraction"), training.get("labelled_fraction_seed", 0),
                   (training.get("unlabelled_images") or {}).get("source"))
@@ -1018,8 +1027,10 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
 
 
 def _training_budget(plans: dict, configuration: str) -> tuple:
+    """(epochs, iterations per epoch, validation iterations per epoch) of a model's budget plans."""
     training = plans.get("kd", {}).get(configuration, {}).get("training", {})
-    return training.get("num_epochs"), training.get("num_iterations_per_epoch")
+    return (training.get("num_epochs"), training.get("num_iterations_per_epoch"),
+            training.get("num_val_iterations_per_epoch"))
 
 
 def _refuse_replacing_another_budget(ws: "Workspace", found: dict) -> None:
@@ -1037,10 +1048,11 @@ def _refuse_replacing_another_budget(ws: "Workspace", found: dict) -> None:
             now = _training_budget(load_json(join(r["folder"], "plans.json")), ws.p.configuration)
             if before != now:
                 raise EvidenceError(
-                    f"{path} records a model trained for {before[0]} x {before[1]} iterations; this workspace's "
-                    f"{basename(r['folder'].rstrip('/'))} trained for {now[0]} x {now[1]}: writing its record would "
-                    f"replace the other budget's. Give this budget records and results of their own with --tag (e.g. "
-                    f"--tag {now[0] * now[1]}it), or pass --no-records. Nothing was written.")
+                    f"{path} records a model trained for {before[0]} x {before[1]} iterations ({before[2]} validation "
+                    f"iterations per epoch); this workspace's {basename(r['folder'].rstrip('/'))} trained for {now[0]} "
+                    f"x {now[1]} ({now[2]}): writing its record would replace the other budget's. Give this budget "
+                    f"records and results of their own with --tag (e.g. --tag {now[0] * now[1]}it), or pass "
+                    f"--no-records. Nothing was written.")
 
 
 def _trained_on_of(found: dict) -> dict:
@@ -1235,6 +1247,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                     "student_iterations": p.student_epochs * p.iterations_per_epoch,
                     "student_epochs": p.student_epochs, "iterations_per_epoch": p.iterations_per_epoch,
                     "val_iterations_per_epoch": p.val_iterations_per_epoch,
+                    "student_val_iterations_per_epoch": p.student_val_iterations,
                     "batch_size": teacher_cfg["batch_size"], "patch_size": teacher_cfg["patch_size"]},
         "device": p.device, "device_name": device_label(p.device), "torch": torch.__version__,
         "host": platform.node(), "command": command,

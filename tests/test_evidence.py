@@ -262,7 +262,7 @@ def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_b
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, archive_teacher, collect,
                                     load_records, restore_teacher, save_workspace_records)
 
-    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10}}}}
+    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
     session1, session2 = join(str(tmp_path), "s1"), join(str(tmp_path), "s2")
     records, archive = join(str(tmp_path), "records"), join(str(tmp_path), "teachers", "t")
     teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
@@ -314,26 +314,31 @@ def test_a_protocol_at_another_budget_may_not_replace_the_committed_records_of_t
     for ws, epochs in ((short, 4), (long, 8)):
         fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})
         fake_model_folder(ws, student, {"kd": {"2d": {"training": {"num_epochs": epochs,
-                                                                   "num_iterations_per_epoch": 10}}}}, weight=epochs)
+                                                                   "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}, weight=epochs)
     first = _RecordWorkspace(short, records)
     save_workspace_records(first, collect(first))
     before = {name: open(join(records, name)).read() for name in os.listdir(records)}
 
     second = _RecordWorkspace(long, records)
     second.p.student_epochs = 8
-    with pytest.raises(EvidenceError, match=r"4 x 10 iterations.*8 x 10.*--tag 80it"):
+    with pytest.raises(EvidenceError, match=r"4 x 10 iterations \(10 validation.*8 x 10 \(10\).*--tag 80it"):
         save_workspace_records(second, collect(second))
     assert {name: open(join(records, name)).read() for name in os.listdir(records)} == before  # nothing replaced
 
     second.p.records_dir = records + "-80it"  # what --tag 80it gives
     assert len(save_workspace_records(second, collect(second))) == 2
 
+    # students validated on more batches per epoch than the protocol's are another protocol's models
+    second.p.student_val_iterations_per_epoch = 50
+    found = collect(second)
+    assert found["students"] == {} and "(10 validation iterations per epoch), not this protocol" in found["skipped"][0]
+
 
 def test_a_labelled_fraction_protocol_reports_its_students_and_the_plain_students_on_all_labels(tmp_path):
     from nnunet_kd.evidence import ALL_LABELS_PLAIN, TEACHER_PLANS, TEACHER_TRAINER, collect
 
     def budget(fraction=None, seed=0):
-        training = {"num_epochs": 4, "num_iterations_per_epoch": 10}
+        training = {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}
         if fraction is not None:
             training.update(labelled_fraction=fraction, labelled_fraction_seed=seed)
         return {"kd": {"2d": {"training": training}}}
@@ -396,8 +401,8 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     from nnunet_kd.evidence import (SUBSET_ENSEMBLE, SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, collect,
                                     load_records, paired_comparisons, save_workspace_records)
 
-    student_budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10}}}}
-    teacher_budget = {"kd": {"2d": {"training": {"num_epochs": 5, "num_iterations_per_epoch": 10}}}}
+    student_budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
+    teacher_budget = {"kd": {"2d": {"training": {"num_epochs": 5, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
     fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", teacher_budget, weight=1.8)
     fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", student_budget, weight=1.2)
@@ -476,7 +481,7 @@ def test_the_peer_at_its_defaults_learns_from_every_fold_and_is_compared_with_th
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, VALIDATION_SEEN_BY_TEACHERS, collect,
                                     load_records, paired_comparisons, save_workspace_records)
 
-    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10}}}}
+    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
     teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
     fake_model_folder(ws, teacher_name, {}, weight=1.8)
@@ -535,7 +540,7 @@ def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teache
     from nnunet_kd.evidence import SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, collect, run_protocol
 
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
-    at_three = {"kd": {"2d": {"training": {"num_epochs": 3, "num_iterations_per_epoch": 10}}}}
+    at_three = {"kd": {"2d": {"training": {"num_epochs": 3, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
     for i in (1, 2):
         fake_model_folder(ws, f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}{i}of2__2d", at_three, weight=1.0 + i / 10)
     workspace = _RecordWorkspace(ws, records)
@@ -585,7 +590,7 @@ def test_records_name_the_machine_that_trained_each_model_and_a_restored_teacher
     from nnunet_kd.evidence import (TRAINED_ON_FILE, _trained_on_of, archive_teacher, collect, restore_teacher,
                                     save_workspace_records, this_machine, load_records)
 
-    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10}}}}
+    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
     teacher = fake_model_folder(ws, "nnUNetTrainerBudget__nnUNetPlans_evidence_teacher__2d", {"plans_name": "t"})
     student = fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", budget, weight=1.2)
