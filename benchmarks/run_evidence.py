@@ -7,15 +7,16 @@
 
 Trains what is missing (resumable: finished models are reused, an interrupted one resumes with --c) in --workdir
 (outside the repository), predicts the held-out test cases with nnUNetv2_predict, evaluates them with nnU-Net's
-evaluation, and rewrites benchmarks/results/<dataset>-<configuration>-<device>-heldout.{json,md,_width_sweep.png,
-_curves.png} after every model, from every finished model of the workspace trained on the same budget. The
-protocol itself (split, statistics, plateau check) is nnunet_kd.evidence.
+evaluation, and rewrites benchmarks/results/<dataset>-<configuration>-<device>-heldout[-<tag>].{json,md,
+_width_sweep.png,_curves.png} after every model, from every finished model of the workspace trained on the same
+budget (and of the committed records in benchmarks/records/<dataset>-<configuration>[-<tag>]/). The protocol itself
+(split, statistics, plateau check) is nnunet_kd.evidence.
 """
 from __future__ import annotations
 
 import argparse
-import re
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -79,11 +80,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--tag", default=None,
                         help="A protocol at another student budget than the committed records' (e.g. 6000it): its "
-                             "results file (...-heldout-<tag>.json) and records folder (<dataset>-<configuration>-<tag>) "
-                             "are its own, so neither replaces the other budget's")
+                             "results file (...-heldout[-labelled<fraction>]-<tag>.json) and records folder "
+                             "(<dataset>-<configuration>-<tag>) are its own, so neither replaces the other budget's")
     parser.add_argument("--no-records", action="store_true",
                         help="Neither write nor read the committed per-model records (benchmarks/records/<dataset>-"
-                             "<configuration>/): report this workspace's models only")
+                             "<configuration>[-<tag>]/): report this workspace's models only")
     parser.add_argument("--teacher-archive-root", default=TEACHERS,
                         help="Folder of teacher archives (<dataset>-<configuration>/ inside), outside the repository")
     parser.add_argument("--no-teacher-archive", action="store_true",
@@ -92,6 +93,8 @@ def main(argv=None) -> None:
     if args.labelled_fraction is not None and not 0 < args.labelled_fraction < 1:
         parser.error(f"--labelled-fraction {args.labelled_fraction}: expected a fraction in (0, 1), e.g. 0.5 (leave it "
                      f"out to train on all labels).")
+    if args.student_val_iterations_per_epoch is not None and args.student_val_iterations_per_epoch < 1:
+        parser.error(f"--student-val-iterations-per-epoch {args.student_val_iterations_per_epoch}: expected at least 1.")
     if args.subset_teachers < 2:
         parser.error(f"--subset-teachers {args.subset_teachers}: expected at least 2 teachers.")
     if args.unlabelled_images is not None:

@@ -955,12 +955,12 @@ def _collect_subset_teachers(ws: "Workspace", local: dict, committed: dict, skip
         record = (_model_record(ws, local[name]) if name in local else None) if here else committed.get(name)
         if record is None:
             return {}, None
-        training = record["plans"].get("kd", {}).get(p.configuration, {}).get("training", {})
-        if (training.get("num_epochs"), training.get("num_iterations_per_epoch")) != \
-                (p.subset_teacher_budget, p.iterations_per_epoch):
-            skipped.append(f"{name}: trained for {training.get('num_epochs')} x "
-                           f"{training.get('num_iterations_per_epoch')} iterations, not this protocol's subset-teacher "
-                           f"budget ({p.subset_teacher_budget} x {p.iterations_per_epoch})")
+        budget = _training_budget(record["plans"], p.configuration)
+        wanted = (p.subset_teacher_budget, p.iterations_per_epoch, p.val_iterations_per_epoch)
+        if budget != wanted:
+            skipped.append(f"{name}: trained for {budget[0]} x {budget[1]} iterations ({budget[2]} validation "
+                           f"iterations per epoch), not this protocol's subset-teacher budget ({wanted[0]} x "
+                           f"{wanted[1]}, {wanted[2]})")
             return {}, None
         records.append(record)
     sha = _teachers_sha256(records)
@@ -996,13 +996,13 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
         return []
     teacher_sha = found["teacher"]["network_weights_sha256"]
     records = load_records(ws.p.records_dir)
+    _refuse_replacing_another_budget(ws, found, records)
     committed = records.get(basename(ws.folder(TEACHER_TRAINER, TEACHER_PLANS)))
     if committed is not None and committed["network_weights_sha256"] != teacher_sha:
         raise EvidenceError(
             f"This workspace's teacher is not the one of the committed records in {ws.p.records_dir} (other network "
             f"weights): its students' records would be mixed with those of another teacher. Restore the archived "
             f"teacher (run without --no-teacher-archive in a new --workdir), or pass --no-records.")
-    _refuse_replacing_another_budget(ws, found)
     written = [save_record(ws.p.records_dir, found["teacher"], None)] if found["teacher"]["folder"] else []
     subset = found.get("subset_teachers") or []
     for r in subset:
@@ -1033,26 +1033,25 @@ def _training_budget(plans: dict, configuration: str) -> tuple:
             training.get("num_val_iterations_per_epoch"))
 
 
-def _refuse_replacing_another_budget(ws: "Workspace", found: dict) -> None:
+def _refuse_replacing_another_budget(ws: "Workspace", found: dict, records: dict) -> None:
     """A record is named after its model folder, which does not name the budget: a protocol at another student budget
-    (same plans names) would replace the committed records of the first one. Checked before anything is written."""
-    records_dir = ws.p.records_dir
+    (same plans names) would replace the committed records (``records``) of the first one. Checked before anything
+    is written."""
     for by_seed in found["students"].values():
         for r in by_seed.values():
-            if not r["folder"]:
+            name = basename(r["folder"].rstrip("/")) if r["folder"] else None
+            if name not in records:
                 continue
-            path = join(records_dir, basename(r["folder"].rstrip("/")) + ".json")
-            if not isfile(path):
-                continue
-            before = _training_budget(load_json(path)["plans"], ws.p.configuration)
-            now = _training_budget(load_json(join(r["folder"], "plans.json")), ws.p.configuration)
+            before = _training_budget(records[name]["plans"], ws.p.configuration)
+            now = _training_budget(r["plans"], ws.p.configuration)
             if before != now:
+                tag = f"{now[0] * now[1]}it" + (f"_val{now[2]}" if before[2] != now[2] else "")
                 raise EvidenceError(
-                    f"{path} records a model trained for {before[0]} x {before[1]} iterations ({before[2]} validation "
-                    f"iterations per epoch); this workspace's {basename(r['folder'].rstrip('/'))} trained for {now[0]} "
-                    f"x {now[1]} ({now[2]}): writing its record would replace the other budget's. Give this budget "
-                    f"records and results of their own with --tag (e.g. --tag {now[0] * now[1]}it), or pass "
-                    f"--no-records. Nothing was written.")
+                    f"{join(ws.p.records_dir, name + '.json')} records a model trained for {before[0]} x {before[1]} "
+                    f"iterations ({before[2]} validation iterations per epoch); this workspace's {name} trained for "
+                    f"{now[0]} x {now[1]} ({now[2]}): writing its record would replace the other budget's. Give this "
+                    f"budget records and results of their own with --tag (e.g. --tag {tag}), or pass --no-records. "
+                    f"Nothing was written.")
 
 
 def _trained_on_of(found: dict) -> dict:

@@ -61,6 +61,17 @@ def test_value_and_gradients_match_the_supcon_formula_written_out_with_a_queue_o
         loss.backward()
 
 
+def test_a_fully_masked_batch_without_a_queue_gives_an_exact_zero_that_backpropagates():
+    # e.g. out-of-sample routing on a batch of the teacher's own training cases, on the first step (empty queue)
+    labels = torch.randint(0, 3, (2, 1, 6, 5))
+    student = torch.randn(2, 4, 6, 5, requires_grad=True)
+    nothing = torch.zeros_like(labels, dtype=torch.bool)
+    for queue in (None, TeacherEmbeddingQueue(size=8, dim=4)):
+        loss = dense_contrastive_loss(student, torch.randn(2, 4, 6, 5), labels, nothing, queue=queue)
+        loss.backward()
+        assert loss.item() == 0.0 and student.grad is not None and student.grad.abs().sum() == 0
+
+
 def test_in_batch_teacher_keys_keep_their_gradient_and_queue_entries_are_detached():
     # The teacher-side projection head must train: its outputs (the in-batch teacher keys) carry a gradient; the
     # queue holds constants from earlier steps.

@@ -242,6 +242,12 @@ def test_the_archived_teacher_restores_into_a_fresh_workspace_without_optimiser_
         restore_teacher(archive, join(str(tmp_path), "ws4", "t"), 0, plans_file)
 
 
+def _budget(epochs: int) -> dict:
+    """Budget plans of ``epochs`` x 10 iterations, 10 validation iterations per epoch."""
+    return {"kd": {"2d": {"training": {"num_epochs": epochs, "num_iterations_per_epoch": 10,
+                                       "num_val_iterations_per_epoch": 10}}}}
+
+
 class _RecordWorkspace:
     """What collect() reads of a Workspace: its protocol, its results folder and the teacher's folder name."""
 
@@ -262,7 +268,7 @@ def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_b
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, archive_teacher, collect,
                                     load_records, restore_teacher, save_workspace_records)
 
-    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
+    budget = _budget(4)
     session1, session2 = join(str(tmp_path), "s1"), join(str(tmp_path), "s2")
     records, archive = join(str(tmp_path), "records"), join(str(tmp_path), "teachers", "t")
     teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
@@ -313,25 +319,33 @@ def test_a_protocol_at_another_budget_may_not_replace_the_committed_records_of_t
     student = f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d"
     for ws, epochs in ((short, 4), (long, 8)):
         fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})
-        fake_model_folder(ws, student, {"kd": {"2d": {"training": {"num_epochs": epochs,
-                                                                   "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}, weight=epochs)
+        fake_model_folder(ws, student, _budget(epochs), weight=epochs)
     first = _RecordWorkspace(short, records)
     save_workspace_records(first, collect(first))
     before = {name: open(join(records, name)).read() for name in os.listdir(records)}
 
     second = _RecordWorkspace(long, records)
     second.p.student_epochs = 8
-    with pytest.raises(EvidenceError, match=r"4 x 10 iterations \(10 validation.*8 x 10 \(10\).*--tag 80it"):
+    with pytest.raises(EvidenceError, match=r"4 x 10 iterations \(10 validation.*8 x 10 \(10\).*--tag 80it\)"):
         save_workspace_records(second, collect(second))
     assert {name: open(join(records, name)).read() for name in os.listdir(records)} == before  # nothing replaced
 
     second.p.records_dir = records + "-80it"  # what --tag 80it gives
     assert len(save_workspace_records(second, collect(second))) == 2
 
-    # students validated on more batches per epoch than the protocol's are another protocol's models
+    # students validated on more batches per epoch than the protocol's are another protocol's models, and the fix
+    # offered for their records names the validation batches too
     second.p.student_val_iterations_per_epoch = 50
     found = collect(second)
     assert found["students"] == {} and "(10 validation iterations per epoch), not this protocol" in found["skipped"][0]
+    third = join(str(tmp_path), "val50")
+    fake_model_folder(third, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})
+    fake_model_folder(third, student, {"kd": {"2d": {"training": {
+        "num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 50}}}})
+    validated_more = _RecordWorkspace(third, records)
+    validated_more.p.student_val_iterations_per_epoch = 50
+    with pytest.raises(EvidenceError, match=r"--tag 40it_val50"):
+        save_workspace_records(validated_more, collect(validated_more))
 
 
 def test_a_labelled_fraction_protocol_reports_its_students_and_the_plain_students_on_all_labels(tmp_path):
@@ -401,8 +415,8 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     from nnunet_kd.evidence import (SUBSET_ENSEMBLE, SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, collect,
                                     load_records, paired_comparisons, save_workspace_records)
 
-    student_budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
-    teacher_budget = {"kd": {"2d": {"training": {"num_epochs": 5, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
+    student_budget = _budget(4)
+    teacher_budget = _budget(5)
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
     fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", teacher_budget, weight=1.8)
     fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", student_budget, weight=1.2)
@@ -481,7 +495,7 @@ def test_the_peer_at_its_defaults_learns_from_every_fold_and_is_compared_with_th
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, VALIDATION_SEEN_BY_TEACHERS, collect,
                                     load_records, paired_comparisons, save_workspace_records)
 
-    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
+    budget = _budget(4)
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
     teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
     fake_model_folder(ws, teacher_name, {}, weight=1.8)
@@ -540,7 +554,7 @@ def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teache
     from nnunet_kd.evidence import SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, collect, run_protocol
 
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
-    at_three = {"kd": {"2d": {"training": {"num_epochs": 3, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
+    at_three = _budget(3)
     for i in (1, 2):
         fake_model_folder(ws, f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}{i}of2__2d", at_three, weight=1.0 + i / 10)
     workspace = _RecordWorkspace(ws, records)
@@ -548,7 +562,7 @@ def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teache
     # Subset teachers of 3 epochs are not those of a protocol whose subset teachers train at the teacher's 5...
     found = collect(workspace)
     assert "subset_teachers" not in found
-    assert any("not this protocol's subset-teacher budget (5 x 10)" in reason for reason in found["skipped"])
+    assert any("not this protocol's subset-teacher budget (5 x 10, 10)" in reason for reason in found["skipped"])
     # ...and are those of a protocol that gives them 3.
     workspace.p.subset_teacher_epochs = 3
     assert len(collect(workspace)["subset_teachers"]) == 2
@@ -590,7 +604,7 @@ def test_records_name_the_machine_that_trained_each_model_and_a_restored_teacher
     from nnunet_kd.evidence import (TRAINED_ON_FILE, _trained_on_of, archive_teacher, collect, restore_teacher,
                                     save_workspace_records, this_machine, load_records)
 
-    budget = {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}}}}
+    budget = _budget(4)
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
     teacher = fake_model_folder(ws, "nnUNetTrainerBudget__nnUNetPlans_evidence_teacher__2d", {"plans_name": "t"})
     student = fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", budget, weight=1.2)

@@ -97,14 +97,20 @@ def supervised_infonce(anchors: torch.Tensor, anchor_labels: torch.Tensor, keys:
     """Mean SupCon loss of ``anchors`` (A, D) against ``keys`` (K, D) and ``constant_keys`` (Q, D: keys that get no
     gradient, e.g. a memory queue), all L2-normalised; a key is a positive of an anchor when their labels agree
     (``same_voxel`` (A,) index of each anchor's own key in ``keys``, always a positive). Anchors without any negative
-    or positive are skipped (an exact 0 when none remains)."""
+    or positive are skipped (an exact 0 when none remains, e.g. no anchor at all)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if constant_keys is not None and (constant_key_labels is None
+                                      or constant_key_labels.shape[0] != constant_keys.shape[0]):
+        raise ValueError(f"constant_keys ({tuple(constant_keys.shape)}) need one label each, got "
+                         f"{None if constant_key_labels is None else tuple(constant_key_labels.shape)}")
     anchors, keys = anchors.float(), keys.float()
     n_trained = keys.shape[0]
     if constant_keys is not None and constant_keys.shape[0]:
-        keys = torch.cat([keys, constant_keys.detach().float()])
+        keys = torch.cat([keys, constant_keys.detach().to(keys.device, torch.float32)])
         key_labels = torch.cat([key_labels, constant_key_labels.to(key_labels.device)])
+    if anchors.shape[0] == 0 or keys.shape[0] == 0:  # nothing sampled (a fully masked batch) and an empty queue
+        return anchors.sum() * 0.0
     # the temperature scales the (A, D) anchors rather than the (A, K) logits; keys keep their graph (module doc)
     scaled = anchors / temperature
     with float32_region(anchors.device):  # under autocast the product and the in-place softmax would run in fp16
@@ -183,8 +189,7 @@ def dense_contrastive_loss(student_embeddings: torch.Tensor, teacher_embeddings:
     queued = queue is not None and queue.embeddings.shape[0] > 0
     own = torch.arange(index.numel(), device=student.device)
     loss = supervised_infonce(student, sampled_labels, teacher, sampled_labels, own, temperature,
-                              queue.embeddings.to(teacher.device) if queued else None,
-                              queue.labels if queued else None)
+                              queue.embeddings if queued else None, queue.labels if queued else None)
     if queue is not None:
         queue.push(teacher, sampled_labels)
     return loss
