@@ -348,6 +348,22 @@ def test_a_protocol_at_another_budget_may_not_replace_the_committed_records_of_t
         save_workspace_records(validated_more, collect(validated_more))
 
 
+def test_students_may_validate_on_more_batches_than_the_teachers_they_learn_from():
+    from nnunet_kd.evidence import Protocol, Workspace
+
+    ws = object.__new__(Workspace)  # no nnU-Net folders: only the planners' command lines are looked at
+    ws.p = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="", configuration="2d",
+                    runs=[], seeds=[0], teacher_epochs=5, student_epochs=4, iterations_per_epoch=10,
+                    val_iterations_per_epoch=10, student_val_iterations_per_epoch=50)
+    ws.env, calls = {}, []
+    ws.command = lambda name, args, env=None: calls.append((name, [str(a) for a in args]))
+    ws.train = lambda trainer, plans: join("/results", plans)
+    ws.plan_student("/results/teacher", 0.25, 0)
+    ws.subset_teachers(evaluate=False)
+    validation_batches = {name: args[args.index("--val-iterations-per-epoch") + 1] for name, args in calls}
+    assert validation_batches == {"nnUNetv2_kd_plan_student": "50", "nnUNetv2_kd_plan_subset_teachers": "10"}
+
+
 def test_a_labelled_fraction_protocol_reports_its_students_and_the_plain_students_on_all_labels(tmp_path):
     from nnunet_kd.evidence import ALL_LABELS_PLAIN, TEACHER_PLANS, TEACHER_TRAINER, collect
 
