@@ -919,11 +919,10 @@ def collect(ws: "Workspace") -> dict:
                 continue
         if record is None:
             continue
-        training = record["plans"].get("kd", {}).get(p.configuration, {}).get("training", {})
-        budget = _training_budget(record["plans"], p.configuration)
+        training = _training_section(record["plans"], p.configuration)
+        budget = _training_budget(training)
         if budget != (p.student_epochs, p.iterations_per_epoch, p.student_val_iterations):
-            skipped.append(f"{name}: trained for {budget[0]} x {budget[1]} iterations ({budget[2]} validation "
-                           f"iterations per epoch), not this protocol's budget")
+            skipped.append(f"{name}: trained for {_budget_text(budget)}, not this protocol's budget")
             continue
         labels = (training.get("labelled_fraction"), training.get("labelled_fraction_seed", 0),
                   (training.get("unlabelled_images") or {}).get("source"))
@@ -955,12 +954,11 @@ def _collect_subset_teachers(ws: "Workspace", local: dict, committed: dict, skip
         record = (_model_record(ws, local[name]) if name in local else None) if here else committed.get(name)
         if record is None:
             return {}, None
-        budget = _training_budget(record["plans"], p.configuration)
+        budget = _training_budget(_training_section(record["plans"], p.configuration))
         wanted = (p.subset_teacher_budget, p.iterations_per_epoch, p.val_iterations_per_epoch)
         if budget != wanted:
-            skipped.append(f"{name}: trained for {budget[0]} x {budget[1]} iterations ({budget[2]} validation "
-                           f"iterations per epoch), not this protocol's subset-teacher budget ({wanted[0]} x "
-                           f"{wanted[1]}, {wanted[2]})")
+            skipped.append(f"{name}: trained for {_budget_text(budget)}, not this protocol's subset-teacher budget "
+                           f"({wanted[0]} x {wanted[1]}, {wanted[2]})")
             return {}, None
         records.append(record)
     sha = _teachers_sha256(records)
@@ -1026,11 +1024,19 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
     return written
 
 
-def _training_budget(plans: dict, configuration: str) -> tuple:
-    """(epochs, iterations per epoch, validation iterations per epoch) of a model's budget plans."""
-    training = plans.get("kd", {}).get(configuration, {}).get("training", {})
+def _training_section(plans: dict, configuration: str) -> dict:
+    """A model's budget plans' ``kd.<configuration>.training`` (empty when absent: a record is read, not validated)."""
+    return plans.get("kd", {}).get(configuration, {}).get("training", {})
+
+
+def _training_budget(training: dict) -> tuple:
+    """(epochs, iterations per epoch, validation iterations per epoch) of a training section."""
     return (training.get("num_epochs"), training.get("num_iterations_per_epoch"),
             training.get("num_val_iterations_per_epoch"))
+
+
+def _budget_text(budget: tuple) -> str:
+    return f"{budget[0]} x {budget[1]} iterations ({budget[2]} validation iterations per epoch)"
 
 
 def _refuse_replacing_another_budget(ws: "Workspace", found: dict, records: dict) -> None:
@@ -1042,14 +1048,13 @@ def _refuse_replacing_another_budget(ws: "Workspace", found: dict, records: dict
             name = basename(r["folder"].rstrip("/")) if r["folder"] else None
             if name not in records:
                 continue
-            before = _training_budget(records[name]["plans"], ws.p.configuration)
-            now = _training_budget(r["plans"], ws.p.configuration)
+            before = _training_budget(_training_section(records[name]["plans"], ws.p.configuration))
+            now = _training_budget(_training_section(r["plans"], ws.p.configuration))
             if before != now:
                 tag = f"{now[0] * now[1]}it" + (f"_val{now[2]}" if before[2] != now[2] else "")
                 raise EvidenceError(
-                    f"{join(ws.p.records_dir, name + '.json')} records a model trained for {before[0]} x {before[1]} "
-                    f"iterations ({before[2]} validation iterations per epoch); this workspace's {name} trained for "
-                    f"{now[0]} x {now[1]} ({now[2]}): writing its record would replace the other budget's. Give this "
+                    f"{join(ws.p.records_dir, name + '.json')} records a model trained for {_budget_text(before)}; "
+                    f"this workspace's {name} trained for {now[0]} x {now[1]} ({now[2]}): writing its record would replace the other budget's. Give this "
                     f"budget records and results of their own with --tag (e.g. --tag {tag}), or pass --no-records. "
                     f"Nothing was written.")
 
