@@ -36,6 +36,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
             average_gradients(parameters)
             optimizer.step()
         torch.save({k: v.detach().clone() for k, v in adapter.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
+        # both ranks done before either tears gloo down: one full-suite run (2026-12-06) had rank 0 abort in teardown
+        # ("terminate called without an active exception") while its peer was still closing its pair
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
