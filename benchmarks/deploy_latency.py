@@ -148,6 +148,8 @@ def worker(args) -> None:
 
 
 def main(argv=None) -> None:
+    from nnunet_kd.cost import seconds_with_range
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preprocessed", required=True, help="$nnUNet_preprocessed/DatasetXXX_Name (plans + data)")
     parser.add_argument("-c", "--configuration", default="3d_fullres")
@@ -219,8 +221,8 @@ def main(argv=None) -> None:
     lines = ["| model | threads | parameters | median s [min-max] | speed-up vs teacher | vs PyTorch student | "
              "peak RSS MiB (increase while predicting) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['threads']} | {r['parameters']:,} | {r['median_s']:.3f} "
-                     f"[{r['min_s']:.3f}-{r['max_s']:.3f}] | {r['speedup_over_teacher']:.2f}x | "
+        lines.append(f"| {r['model']} | {r['threads']} | {r['parameters']:,} | {seconds_with_range(r['median_s'], r['min_s'], r['max_s'])} "
+                     f"| {r['speedup_over_teacher']:.2f}x | "
                      f"{r.get('speedup_over_student_pytorch', float('nan')):.2f}x | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} (+{r['peak_memory_increase_bytes'] / 2**20:.0f}) |")
     r0 = rows[0]

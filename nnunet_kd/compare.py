@@ -135,11 +135,10 @@ def inference_seconds(folder: str, fold: int, data: torch.Tensor, device: str, r
     return median_inference_seconds(predictor, data, repeats=repeats, warmup=1)
 
 
-def format_seconds_with_spread(median_s: float, all_s: list | None) -> str:
-    """'0.05 [0.05-0.06]': the median and, with several timed runs, their range (one run: the time alone)."""
-    if not all_s or len(all_s) < 2:
-        return f"{median_s:.2f}"
-    return f"{median_s:.2f} [{min(all_s):.2f}-{max(all_s):.2f}]"
+def _inference_text(median_s: float, all_s: list | None) -> str:
+    from nnunet_kd.cost import seconds_with_range
+    several = all_s is not None and len(all_s) > 1
+    return seconds_with_range(median_s, min(all_s) if several else None, max(all_s) if several else None, digits=2)
 
 
 def training_curves(folder: str, fold: int) -> dict:
@@ -247,7 +246,7 @@ def format_table(rows: list[dict], class_ids: list[str], names: dict | None = No
         gap = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
         per_fold = [" / ".join(f"{d:.4f}" for d in r["mean_dice_per_fold"])] if several_folds else []
         cells = ([r["model"], format_count(r["parameters"]), format_count(r["flops_per_patch"]),
-                  format_seconds_with_spread(r["inference_s"], r.get("inference_all_s"))]
+                  _inference_text(r["inference_s"], r.get("inference_all_s"))]
                  + [f"{r['dice_per_class'][k]:.4f}" for k in class_ids]
                  + [f"{r['mean_dice']:.4f}"] + per_fold + [gap])
         lines.append("| " + " | ".join(cells) + " |")

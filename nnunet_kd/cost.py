@@ -175,6 +175,15 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def seconds_with_range(median_s: float, min_s: float | None = None, max_s: float | None = None,
+                       digits: int = 3) -> str:
+    """'0.770 [0.716-0.888]': a median time and the range of the timed runs it came from; the median alone when there
+    is no range (one run). The one wording of a timing in every table this project writes."""
+    if min_s is None or max_s is None:
+        return f"{median_s:.{digits}f}"
+    return f"{median_s:.{digits}f} [{min_s:.{digits}f}-{max_s:.{digits}f}]"
+
+
 def median_inference_seconds(predictor, data: torch.Tensor, repeats: int = 3, warmup: int = 1) -> dict:
     """Time ``predictor.predict_sliding_window_return_logits(data)`` (data: preprocessed, shape (c, x, y, z)).
 

@@ -1279,7 +1279,7 @@ def _fmt_ci(mean: float, ci: list) -> str:
 
 def format_tables(result: dict) -> str:
     """Markdown: the models table, then the paired comparisons, then the plateau check."""
-    from nnunet_kd.cost import format_count
+    from nnunet_kd.cost import format_count, seconds_with_range
 
     labels, names = list(result["labels"]), result["labels"]
     header = (["model", "width", "seeds", "params", "latency s (1 thread)", "test mean Dice [95% CI]"]
@@ -1288,7 +1288,7 @@ def format_tables(result: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["models"]:
         lat = r["latency"].get("threads_1", {})
-        lat_text = f"{lat['median_s']:.3f} ({lat['min_s']:.3f}-{lat['max_s']:.3f})" if lat else ""
+        lat_text = seconds_with_range(lat["median_s"], lat["min_s"], lat["max_s"]) if lat else ""
         cells = ([r["model"], f"{r['width']:g}", str(len(r["seeds"])), format_count(r["parameters"]), lat_text,
                   _fmt_ci(r["test_mean_dice"], r["test_mean_dice_ci95"])]
                  + [f"{r['test_dice_per_class'][k]:.4f}" for k in labels]

@@ -8,7 +8,8 @@ from torch import nn
 
 from nnunet_kd.cost import _flops_on  # noqa: F401  (private, used to check the meta path itself)
 from nnunet_kd.cost import (build_network_from_plans, count_flops, count_parameters, format_count,
-                            make_predictor, median_inference_seconds, network_cost)
+                            make_predictor, median_inference_seconds, network_cost,
+                            seconds_with_range)
 
 PATCH = [8, 16, 16]
 DATASET_JSON = {
@@ -172,6 +173,12 @@ def test_predictor_and_timing(tmp_path):
                                         (4.56e9, "4.56 G"), (999_999, "1.00 M"), (2.5e12, "2.50 T")])
 def test_format_count(n, expected):
     assert format_count(n) == expected
+
+
+def test_every_timing_table_writes_a_median_and_its_range_one_way():
+    assert seconds_with_range(0.7704, 0.7163, 0.8881) == "0.770 [0.716-0.888]"
+    assert seconds_with_range(0.0512, 0.05, 0.0601, digits=2) == "0.05 [0.05-0.06]"
+    assert seconds_with_range(0.7704) == "0.770"  # one timed run: no range to show
 
 
 class _Payload:
