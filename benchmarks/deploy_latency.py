@@ -221,8 +221,9 @@ def main(argv=None) -> None:
     lines = ["| model | threads | parameters | median s [min-max] | speed-up vs teacher | vs PyTorch student | "
              "peak RSS MiB (increase while predicting) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['threads']} | {r['parameters']:,} | {seconds_with_range(r['median_s'], r['min_s'], r['max_s'])} "
-                     f"| {r['speedup_over_teacher']:.2f}x | "
+        timing = seconds_with_range(r["median_s"], r["min_s"], r["max_s"])
+        lines.append(f"| {r['model']} | {r['threads']} | {r['parameters']:,} | {timing} | "
+                     f"{r['speedup_over_teacher']:.2f}x | "
                      f"{r.get('speedup_over_student_pytorch', float('nan')):.2f}x | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} (+{r['peak_memory_increase_bytes'] / 2**20:.0f}) |")
     r0 = rows[0]
