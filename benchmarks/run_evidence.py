@@ -26,6 +26,7 @@ HERE = dirname(abspath(__file__))
 RESULTS = join(HERE, "results")
 SPLITS = join(HERE, "splits")
 RECORDS = join(HERE, "records")    # one record per finished model, committed (sessions end; machines change)
+SWEEPS = join(HERE, "sweeps")      # the recipe variants a run METHOD:VARIANT@WIDTH names
 # The protocol's teacher, kept so that later runs distil from the same one. Outside the repository: its checkpoint
 # (7.8 MB for Hippocampus 2d) exceeds the project's 5 MiB limit on tracked files; copy the folder along (or point
 # --teacher-archive at a shared one) to continue on another machine.
@@ -36,8 +37,9 @@ def main(argv=None) -> None:
     import torch
 
     from nnunet_kd.compare import device_label
-    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, Protocol, Workspace, _model_record, build_report,
-                                    collect, parse_runs, run_protocol, save_workspace_records, write_report)
+    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, Workspace, _model_record,
+                                    build_report, check_variants, collect, parse_runs, run_protocol,
+                                    save_workspace_records, write_report)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -48,7 +50,11 @@ def main(argv=None) -> None:
     parser.add_argument("--split-file", default=None, help="Default: benchmarks/splits/<dataset>.json")
     parser.add_argument("--workdir", default=None, help="Default: ~/kd_evidence/<dataset>-<configuration>")
     parser.add_argument("--runs", nargs="+", default=["plain@0.25", "adaptive@0.25"], metavar="METHOD@WIDTH",
-                        help="Students to train, in this order, each for every seed")
+                        help="Students to train, in this order, each for every seed. METHOD:VARIANT@WIDTH trains a "
+                             "recipe variant of a KD method, one of the variants of --sweeps-dir/METHOD.json (the "
+                             "validation sweep's overrides; e.g. multiscale_contrastive:noContrastive@0.25), compared "
+                             "with the method's preset as well")
+    parser.add_argument("--sweeps-dir", default=SWEEPS, help="Folder of the sweep files that define recipe variants")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--teacher-epochs", type=int, required=True)
     parser.add_argument("--student-epochs", type=int, required=True)
@@ -121,7 +127,12 @@ def main(argv=None) -> None:
         unlabelled_images=abspath(args.unlabelled_images) if args.unlabelled_images else None,
         records_dir=None if args.no_records else join(RECORDS, f"{dataset}-{args.configuration}{tag}"),
         teacher_archive=None if args.no_teacher_archive else join(expanduser(args.teacher_archive_root),
-                                                                  f"{dataset}-{args.configuration}"))
+                                                                  f"{dataset}-{args.configuration}"),
+        sweeps_dir=abspath(args.sweeps_dir))
+    try:
+        check_variants(protocol)
+    except EvidenceError as e:
+        parser.error(str(e))
     # The command that reproduces the results: --report-only and --commit change nothing that is measured.
     command = "python benchmarks/run_evidence.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))

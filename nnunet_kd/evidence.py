@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -164,6 +165,31 @@ COLORS = {"plain": "tab:blue", "adaptive": "tab:red", "logit": "tab:green", "msk
 CONTROLS = ("plain_seg_weight", "label_teacher")
 
 
+# A recipe variant of a KD method under the held-out protocol, 'METHOD:VARIANT' (e.g.
+# 'multiscale_contrastive:noContrastive'): the named --set overrides of that method's sweep file
+# (<Protocol.sweeps_dir>/<METHOD>.json, nnunet_kd.sweep), the same ones its validation sweep ran. Its plans name carries
+# '_v<VARIANT>'; it is compared with everything its method is compared with and with the method's preset itself (what
+# the variant changes). Variant names are letters and digits only: they name plans files.
+VARIANT_SEPARATOR = ":"
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9]+$")
+# Methods without a recipe of their own to vary: the plain student; the peer at its defaults is defined by them.
+NO_VARIANTS = ("plain", "logit_all_folds")
+
+
+def method_and_variant(method: str) -> tuple[str, str | None]:
+    """'multiscale_contrastive:noContrastive' -> ('multiscale_contrastive', 'noContrastive'); 'adaptive' -> ('adaptive',
+    None)."""
+    base, sep, variant = method.partition(VARIANT_SEPARATOR)
+    return base, (variant if sep else None)
+
+
+def label_of(method: str) -> str:
+    """A row's name in tables and plots; a variant is its method's name and the variant's."""
+    base, variant = method_and_variant(method)
+    name = LABELS.get(base, base)
+    return name if variant is None else f"{name}, variant {variant}"
+
+
 def _row_order(key: tuple) -> tuple:
     """Widest first; within a width the plain student, then the methods, then the controls."""
     method, width = key
@@ -177,25 +203,34 @@ def _number_tag(value: float) -> str:
 
 def student_plans_name(width: float, seed: int, labelled_fraction: float | None = None,
                        unlabelled_images: bool = False, subset_teachers: int | None = None,
-                       fold_teachers: int | None = None) -> str:
+                       fold_teachers: int | None = None, variant: str | None = None) -> str:
     """One student plans file per (width, labelled fraction, extra unlabelled images or not, seed): every one-teacher
     method of those trains from it. 'x' marks plans with extra unlabelled images; '_k3' the plans of a student of 3
     subset teachers (their recipe lists those teachers instead of the protocol's teacher); '_folds5' those of a
-    student of the teacher's 5 cross-validation folds."""
+    student of the teacher's 5 cross-validation folds; '_v<name>' those of a recipe variant (its overrides are in the
+    plans, so it cannot share the method's)."""
     fraction = "" if labelled_fraction is None else f"_f{_number_tag(labelled_fraction)}{'x' if unlabelled_images else ''}"
     teachers = "" if subset_teachers is None else f"_k{subset_teachers}"
     folds = "" if fold_teachers is None else f"_folds{fold_teachers}"
-    return f"nnUNetPlans_evidence_w{_number_tag(width)}{fraction}{teachers}{folds}_s{seed}"
+    tag = "" if variant is None else f"_v{variant}"
+    return f"nnUNetPlans_evidence_w{_number_tag(width)}{fraction}{teachers}{folds}{tag}_s{seed}"
 
 
 def parse_runs(specs: list[str]) -> list[tuple[str, float]]:
-    """'adaptive@0.25' -> ('adaptive', 0.25); refuses unknown methods and widths outside (0, 4]."""
+    """'adaptive@0.25' -> ('adaptive', 0.25), 'multiscale_contrastive:noContrastive@0.25' ->
+    ('multiscale_contrastive:noContrastive', 0.25); refuses unknown methods, malformed variants and widths outside
+    (0, 4]. Whether the variant exists in its sweep file is checked before any training (check_variants)."""
     runs = []
     for spec in specs:
         method, sep, width = spec.partition("@")
-        if method not in TRAINERS or not sep:
-            raise ValueError(f"run '{spec}': expected METHOD@WIDTH with METHOD one of {sorted(TRAINERS)}, e.g. "
-                             f"adaptive@0.25.")
+        base, variant = method_and_variant(method)
+        if base not in TRAINERS or not sep:
+            raise ValueError(f"run '{spec}': expected METHOD@WIDTH or METHOD:VARIANT@WIDTH with METHOD one of "
+                             f"{sorted(TRAINERS)}, e.g. adaptive@0.25.")
+        if variant is not None and (base in NO_VARIANTS or not VARIANT_NAME.match(variant)):
+            raise ValueError(f"run '{spec}': a variant is METHOD:VARIANT@WIDTH with VARIANT (letters and digits) a "
+                             f"variant of the sweep file of METHOD, one of the KD methods "
+                             f"{sorted(set(TRAINERS) - set(NO_VARIANTS))}, e.g. multiscale_contrastive:seg1@0.25.")
         try:
             value = float(width)
         except ValueError:
@@ -204,6 +239,53 @@ def parse_runs(specs: list[str]) -> list[tuple[str, float]]:
             raise ValueError(f"run '{spec}': width must be in (0, 4].")
         runs.append((method, value))
     return runs
+
+
+def variant_overrides(sweeps_dir: str | None, method: str) -> list[str]:
+    """The --set overrides of a variant 'METHOD:VARIANT' as its sweep file defines them now (the file's 'base' first,
+    as the sweep ran them); raises EvidenceError naming the file when it has no such variant."""
+    from nnunet_kd.sweep import SweepError, load_sweep
+
+    base, variant = method_and_variant(method)
+    path = join(sweeps_dir or "", f"{base}.json")
+    if not sweeps_dir or not isfile(path):
+        raise EvidenceError(f"Run '{method}': no sweep file {path} defines the variants of '{base}'. Pass --sweeps-dir "
+                            f"(the folder of benchmarks/sweeps/<method>.json) or run '{base}' without a variant.")
+    try:
+        sweep = load_sweep(path)
+    except SweepError as e:
+        raise EvidenceError(str(e)) from None
+    if sweep.method != base or variant not in sweep.variants:
+        raise EvidenceError(f"Run '{method}': {path} (a sweep of '{sweep.method}') has no variant '{variant}'; its "
+                            f"variants: {', '.join(sweep.variants)}. Add it there (a name, 'why' and 'set') or pick one.")
+    return sweep.overrides(variant)
+
+
+def check_variants(protocol: "Protocol") -> None:
+    """Before any training: every variant the protocol runs is defined in its sweep file."""
+    for method, _ in protocol.runs:
+        if method_and_variant(method)[1] is not None:
+            variant_overrides(protocol.sweeps_dir, method)
+
+
+def overrides_not_held(plans: dict, configuration: str, overrides: list[str]) -> list[str]:
+    """The overrides (KEY=VALUE, KEY a path in the plans' kd.<configuration> recipe, VALUE as the planner's --set
+    parses it) that a model's plans do not hold: a record of a variant whose definition has changed since."""
+    from nnunet_kd.planning import parse_override
+
+    recipe = plans.get("kd", {}).get(configuration, {})
+    missing = []
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        node = recipe
+        for key in path.split("."):
+            node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is _ABSENT or node != value:
+            missing.append(assignment)
+    return missing
+
+
+_ABSENT = object()
 
 
 # ---------------------------------------------------------------------------------------------------- test set
@@ -303,6 +385,8 @@ class Protocol:
     # What outlives the session (committed; see "Across sessions" below). None: the workspace only.
     records_dir: str | None = None       # one record per finished model
     teacher_archive: str | None = None   # the teacher, as a plain nnU-Net model folder
+    # Where the variants of runs 'METHOD:VARIANT' are defined: <sweeps_dir>/<METHOD>.json (benchmarks/sweeps).
+    sweeps_dir: str | None = None
 
     @property
     def student_val_iterations(self) -> int:
@@ -450,13 +534,14 @@ class Workspace:
             extra=["--teacher-fold", *range(crossval_folds(self)), "--allow-validation-overlap"])
 
     def plan_student(self, teacher_folder: str | list[str], width: float, seed: int, plans_name: str | None = None,
-                     overrides: list[str] = (), extra: list = ()) -> str:
+                     overrides: list[str] = (), extra: list = (), variant: str | None = None) -> str:
         """Student plans at this protocol's budget; ``teacher_folder``: one teacher, or a list (the student of those
         teachers, with plans of its own); ``overrides``: the planner's --set KEY=VALUE (a recipe sweep's variant);
-        ``extra``: more planner arguments."""
+        ``extra``: more planner arguments; ``variant``: the name of the recipe variant ``overrides`` define (plans of
+        its own)."""
         teachers = [teacher_folder] if isinstance(teacher_folder, str) else list(teacher_folder)
         name = plans_name or student_plans_name(width, seed, self.p.labelled_fraction, self.p.unlabelled_images is not None,
-                                                len(teachers) if len(teachers) > 1 else None)
+                                                len(teachers) if len(teachers) > 1 else None, variant=variant)
         labels = [] if self.p.labelled_fraction is None else \
             ["--labelled-fraction", self.p.labelled_fraction, "--labelled-fraction-seed", self.p.labelled_fraction_seed]
         if self.p.unlabelled_images is not None:
@@ -494,30 +579,35 @@ class Workspace:
 
 def run_protocol(protocol: Protocol, report=None) -> None:
     """Train and evaluate everything the protocol names that is not finished; ``report()`` after every model."""
+    check_variants(protocol)  # a misspelt variant stops here, before hours of training
     ws = Workspace(protocol)
     ws.preprocess()
     teacher = None
     # Multi-teacher students learn from the subset teachers only: the protocol's teacher is trained for them only
     # when no committed record holds it (the report compares every student with it).
-    if any(m != "multi_teacher" for m, _ in protocol.runs) or not _teacher_is_committed(ws):
+    bases = [method_and_variant(m)[0] for m, _ in protocol.runs]
+    if any(m != "multi_teacher" for m in bases) or not _teacher_is_committed(ws):
         teacher = ws.teacher()
         ws.evaluate_on_test(teacher)
         ws.archive_teacher(teacher)
         if report:
             report(ws)
-    subset_teachers = ws.subset_teachers() if any(m == "multi_teacher" for m, _ in protocol.runs) else None
+    subset_teachers = ws.subset_teachers() if "multi_teacher" in bases else None
     if subset_teachers and report:
         report(ws)
-    if any(m == "logit_all_folds" for m, _ in protocol.runs):
+    if "logit_all_folds" in bases:
         ws.fold_teachers()
     for method, width in protocol.runs:
+        base, variant = method_and_variant(method)
         for seed in protocol.seeds:
-            if method == "logit_all_folds":
+            if base == "logit_all_folds":
                 plans = ws.plan_all_folds_student(teacher, width, seed)
             else:
-                plans = ws.plan_student(subset_teachers if method == "multi_teacher" else teacher, width, seed)
+                plans = ws.plan_student(subset_teachers if base == "multi_teacher" else teacher, width, seed,
+                                        overrides=[] if variant is None else variant_overrides(protocol.sweeps_dir, method),
+                                        variant=variant)
             before = ws.commands_run
-            folder = ws.train(TRAINERS[method], plans)
+            folder = ws.train(TRAINERS[base], plans)
             ws.evaluate_on_test(folder)
             if report and ws.commands_run > before:  # a reused, already reported model changes nothing
                 report(ws)
@@ -817,7 +907,8 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
     '<trainer>__nnUNetPlans_evidence_w0p25_f0p5_s1__<cfg>' -> (method, 0.25, 1, 0.5, None) (labelled fraction) and
     'nnUNetTrainerKD_MultiTeacher__nnUNetPlans_evidence_w0p25_k3_s1__<cfg>' -> ('multi_teacher', 0.25, 1, None, 3)
     (subset teachers), 'nnUNetTrainerKD_Logit__nnUNetPlans_evidence_w0p5_folds5_s0__<cfg>' -> ('logit_all_folds',
-    0.5, 0, None, None) (the teacher's folds); None for anything else."""
+    0.5, 0, None, None) (the teacher's folds), '<KD trainer>__nnUNetPlans_evidence_w0p25_f0p5_vseg1_s0__<cfg>' ->
+    ('<method>:seg1', 0.25, 0, 0.5, None) (a recipe variant); None for anything else."""
     parts = name.split("__")
     if len(parts) != 3 or parts[2] != configuration or not parts[1].startswith("nnUNetPlans_evidence_w"):
         return None
@@ -829,6 +920,9 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
         return None
     method = methods[parts[0]]
     width, _, seed = parts[1][len("nnUNetPlans_evidence_w"):].partition("_s")
+    width, _, variant = width.partition("_v")
+    if variant and (method in NO_VARIANTS or not VARIANT_NAME.match(variant)):
+        return None
     width, _, folds = width.partition("_folds")
     if folds:  # plans of the teacher's folds: only the peer at its defaults trains from them
         if method != "logit" or not folds.isdigit():
@@ -839,6 +933,8 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
     fraction = fraction[:-1] if fraction.endswith("x") else fraction  # extra unlabelled images: collect() checks plans
     if (method == "multi_teacher") != bool(teachers):
         return None  # a multi-teacher student trains only from its own plans, and only it does
+    if variant:
+        method = f"{method}{VARIANT_SEPARATOR}{variant}"
     try:
         return (method, float(width.replace("p", ".")), int(seed),
                 float(fraction.replace("p", ".")) if fraction else None, int(teachers) if teachers else None)
@@ -933,6 +1029,17 @@ def collect(ws: "Workspace") -> dict:
             skipped.append(f"{name}: trained with (labelled fraction, its seed, unlabelled images) {labels}, not this "
                            f"protocol's {wanted}")
             continue
+        if method_and_variant(method)[1] is not None:
+            try:
+                not_held = overrides_not_held(record["plans"], p.configuration, variant_overrides(p.sweeps_dir, method))
+            except EvidenceError as e:
+                skipped.append(f"{name}: {e}")
+                continue
+            if not_held:
+                skipped.append(f"{name}: its plans do not hold {', '.join(not_held)}: the variant's definition in "
+                               f"{join(p.sweeps_dir, method_and_variant(method)[0] + '.json')} changed after it was "
+                               f"trained; delete the model folder (and its record) to train the variant as defined now")
+                continue
         students.setdefault((method, width), {})[seed] = record
     return {"teacher": teacher, "students": students, "skipped": skipped, "fold_teachers_sha256": folds_sha, **subset}
 
@@ -1016,6 +1123,7 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
         written.append(save_ensemble_record(ws.p.records_dir, ensemble, _teachers_sha256(subset)))
     folds_sha = found.get("fold_teachers_sha256")
     for (method, _), by_seed in found["students"].items():
+        method = method_and_variant(method)[0]
         if method == "logit_all_folds" and folds_sha is None:
             continue  # its fold teachers are not all here (a workspace that only reports committed records)
         sha = _teachers_sha256(subset) if method == "multi_teacher" else folds_sha if method == "logit_all_folds" \
@@ -1082,6 +1190,9 @@ def baselines_of(method: str, labelled_fraction: bool) -> list[str]:
     cost, and how much of it a method recovers)."""
     if method == ALL_LABELS_PLAIN:
         return []
+    base, variant = method_and_variant(method)
+    if variant is not None:  # and with the method's preset: what the variant's overrides change
+        return [*baselines_of(base, labelled_fraction), base]
     baselines = [] if method == "plain" else ["plain"] if method in CONTROLS else ["plain", *CONTROLS]
     if method == "multi_teacher":  # what k subset teachers give against one teacher trained on all of their cases
         baselines.append("adaptive")
@@ -1112,7 +1223,7 @@ def paired_comparisons(students: dict, teacher: dict, cases: list[str], labelled
         dice = _dice_matrix([by_seed[s] for s in seeds], cases)
         comparisons.append({"method": method, "baseline": "teacher", "width": width, "seeds": seeds,
                             **paired_bootstrap(dice - teacher_dice)})
-        if method == "multi_teacher" and subset_ensemble is not None:
+        if method_and_variant(method)[0] == "multi_teacher" and subset_ensemble is not None:
             comparisons.append({"method": method, "baseline": "subset_teachers_ensemble", "width": width,
                                 "seeds": seeds, **paired_bootstrap(dice - _dice_matrix([subset_ensemble], cases))})
     return comparisons
@@ -1189,7 +1300,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
         records = [by_seed[s] for s in seeds]
         plans = records[0]["plans"]
         cost = network_cost(plans, dataset_json, p.configuration)
-        rows.append({"model": LABELS[method], "method": method, "width": width, "seeds": seeds,
+        rows.append({"model": label_of(method), "method": method, "width": width, "seeds": seeds,
                      "parameters": cost["parameters"], "flops_per_patch": cost["flops_per_patch"],
                      "latency": timed(f"width {width}", records),
                      **_summarise(records, cases, voxel_ml, labels)})
@@ -1212,7 +1323,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                                     "ema_gain_over_last_fifth": ema_check["gain_over_last_fifth"]}
     best = {}
     for (method, width) in found["students"]:
-        if method in ("plain", ALL_LABELS_PLAIN) + CONTROLS + VALIDATION_SEEN_BY_TEACHERS:
+        if method_and_variant(method)[0] in ("plain", ALL_LABELS_PLAIN) + CONTROLS + VALIDATION_SEEN_BY_TEACHERS:
             continue
         row = next(r for r in rows if r["method"] == method and r["width"] == width)
         if str(width) not in best or row["validation_mean_dice"] > best[str(width)]["validation_mean_dice"]:
@@ -1226,6 +1337,10 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
         "n_fold_train": len(ws.split["crossval"][p.fold]["train"]), "n_validation": len(ws.split["crossval"][p.fold]["val"]),
         "seeds": sorted({s for v in found["students"].values() for s in v}), "teacher_seed": p.teacher_seed,
         "labelled_fraction": p.labelled_fraction,
+        **({"variants": {m: {"sweep_file": os.path.relpath(join(p.sweeps_dir, method_and_variant(m)[0] + ".json")),
+                             "set": variant_overrides(p.sweeps_dir, m)}
+                         for m in sorted({m for m, _ in found["students"] if method_and_variant(m)[1] is not None})}}
+           if any(method_and_variant(m)[1] is not None for m, _ in found["students"]) else {}),
         **({"subset_teachers": f"{k} teachers, each trained for {p.subset_teacher_budget * p.iterations_per_epoch} "
                                f"iterations ({p.subset_teacher_budget} epochs) with the teacher's seed on one of {k} disjoint "
                                f"seeded subsets of the fold's training cases (nnUNetv2_kd_plan_subset_teachers -k {k} "
@@ -1299,7 +1414,7 @@ def format_tables(result: dict) -> str:
                   "per seed |", "|---|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         per_seed = " / ".join(f"{v:+.4f}" for v in c.get("mean_diff_per_seed", []))  # older results: none
-        lines.append(f"| {LABELS[c['method']]} | {LABELS.get(c['baseline'], c['baseline'])} | {c['width']:g} | {len(c['seeds'])} | {c['n_cases']} "
+        lines.append(f"| {label_of(c['method'])} | {label_of(c['baseline'])} | {c['width']:g} | {len(c['seeds'])} | {c['n_cases']} "
                      f"| {c['mean_diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | "
                      f"{'yes' if c['ci95'][0] > 0 else 'no'} | {per_seed} |")
     lines += ["", "| plain student width | seeds | validation pseudo-Dice gain over the last fifth (fit) | EMA gain "
@@ -1352,7 +1467,7 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
                 if marker == "o":
                     text, anchor, dy, va = f"w={r['width']:g}\n{seeds}", r["test_mean_dice_ci95"][0], -4, "top"
                 else:
-                    method_name = LABELS.get(r["method"], r["method"]).split(" (")[0]
+                    method_name = label_of(r["method"]).split(" (")[0]
                     text, anchor, dy, va = f"{textwrap.fill(method_name, 16)}\n{seeds}", r["test_mean_dice_ci95"][1], \
                         4, "bottom"
                 ax.annotate(text, (xi, anchor), textcoords="offset points", xytext=(0, dy), fontsize=7, color=color,
@@ -1395,9 +1510,10 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
             curves = [c["pseudo_dice"] for c in by_seed.values()]
             n = min(len(c) for c in curves)
             mean = np.mean([c[:n] for c in curves], axis=0)
+            base, variant = method_and_variant(method)
             ax.plot(np.arange(1, n + 1) * its, mean, marker="o" if n < 5 else None, markersize=3,
-                    color=COLORS.get(method),
-                    label=f"{LABELS[method]} ({len(curves)} seed{'' if len(curves) == 1 else 's'})")
+                    color=COLORS.get(base), linestyle="-" if variant is None else ":",  # a variant: its method's colour
+                    label=f"{label_of(method)} ({len(curves)} seed{'' if len(curves) == 1 else 's'})")
         ax.set_title(f"width {width:g}", fontsize=9)
         ax.set_xlabel("training iterations", fontsize=9)
         ax.set_ylabel("validation pseudo Dice per epoch (mean over seeds)", fontsize=9)

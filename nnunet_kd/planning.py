@@ -155,15 +155,21 @@ def _check_own_student_plans(plans: dict, output_file: str, output_plans_name: s
         refuse("has no 'configurations'")
 
 
-def _apply_override(recipe: dict, assignment: str) -> None:
-    """--set methods.adaptive.weights.kl=0.5 (value parsed as JSON, else kept as a string)."""
+def parse_override(assignment: str) -> tuple[str, object]:
+    """'methods.adaptive.weights.kl=0.5' -> ('methods.adaptive.weights.kl', 0.5): the value parsed as JSON, else kept
+    as a string (how --set reads it)."""
     if "=" not in assignment:
         raise PlanningError(f"--set expects KEY=VALUE, got '{assignment}'.")
     path, value = assignment.split("=", 1)
     try:
-        value = json.loads(value)
+        return path, json.loads(value)
     except json.JSONDecodeError:
-        pass
+        return path, value
+
+
+def _apply_override(recipe: dict, assignment: str) -> None:
+    """--set methods.adaptive.weights.kl=0.5 (value parsed as JSON, else kept as a string)."""
+    path, value = parse_override(assignment)
     keys = path.split(".")
     node = recipe
     for key in keys[:-1]:

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from os.path import isfile, join
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_kd.evidence import (TRAINERS, Workspace, _fmt_ci, _number_tag, _voxel_volume_ml, mean_foreground_dice,
-                                paired_bootstrap, per_case_metrics, plateau)
-
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9]+$")
+from nnunet_kd.evidence import (TRAINERS, VARIANT_NAME, Workspace, _fmt_ci, _number_tag, _voxel_volume_ml,
+                                mean_foreground_dice, paired_bootstrap, per_case_metrics, plateau)
 
 
 class SweepError(ValueError):

@@ -251,14 +251,16 @@ def _budget(epochs: int) -> dict:
 class _RecordWorkspace:
     """What collect() reads of a Workspace: its protocol, its results folder and the teacher's folder name."""
 
-    def __init__(self, results: str, records_dir: str, labelled_fraction: float | None = None):
+    def __init__(self, results: str, records_dir: str, labelled_fraction: float | None = None,
+                 sweeps_dir: str | None = None):
         from nnunet_kd.evidence import Protocol
 
         self.results = results
         self.split = {"crossval": [{}, {}]}  # two cross-validation folds (two fold teachers)
         self.p = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="",
                           configuration="2d", runs=[], seeds=[0], teacher_epochs=5, student_epochs=4,
-                          iterations_per_epoch=10, records_dir=records_dir, labelled_fraction=labelled_fraction)
+                          iterations_per_epoch=10, records_dir=records_dir, labelled_fraction=labelled_fraction,
+                          sweeps_dir=sweeps_dir)
 
     def folder(self, trainer: str, plans: str) -> str:
         return join(self.results, f"{trainer}__{plans}__2d")
@@ -681,3 +683,76 @@ def test_a_width_known_only_from_committed_records_is_timed_through_its_plans_on
         assert one_thread["runs"] == 2 and 0 < one_thread["min_s"] <= one_thread["median_s"] <= one_thread["max_s"]
     with pytest.raises(ValueError, match="model folder or the plans"):
         latency(ws, None, None)
+
+
+def test_a_recipe_variant_runs_under_the_protocol_with_plans_of_its_own():
+    from nnunet_kd.evidence import ALL_LABELS_PLAIN, baselines_of, label_of
+
+    assert parse_runs(["multiscale_contrastive:noContrastive@0.25"]) == [("multiscale_contrastive:noContrastive", 0.25)]
+    # the plain student and the peer at its defaults have no recipe to vary; a variant name becomes part of a file name
+    for bad in ("plain:seg1@0.25", "logit_all_folds:x@0.5", "adaptive:@0.25", "adaptive:kl_05@0.25", "nokd:a@0.25"):
+        with pytest.raises(ValueError, match="METHOD"):
+            parse_runs([bad])
+    plans = student_plans_name(0.25, 1, 0.5, variant="noContrastive")
+    assert plans == "nnUNetPlans_evidence_w0p25_f0p5_vnoContrastive_s1"
+    assert plans != student_plans_name(0.25, 1, 0.5)  # never the preset's plans: the overrides are in the plans
+    assert _parse_student_folder(f"nnUNetTrainerKD_MultiScaleContrastive__{plans}__2d", "2d") == \
+        ("multiscale_contrastive:noContrastive", 0.25, 1, 0.5, None)
+    assert _parse_student_folder(f"nnUNetTrainerBudget__{plans}__2d", "2d") is None
+    name = f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 0, subset_teachers=3, variant='uniform')}__2d"
+    assert _parse_student_folder(name, "2d") == ("multi_teacher:uniform", 0.25, 0, None, 3)
+    # compared with everything its method is compared with, and with the method's preset (what the variant changes)
+    assert baselines_of("multiscale_contrastive:noContrastive", True) == \
+        baselines_of("multiscale_contrastive", True) + ["multiscale_contrastive"]
+    assert ALL_LABELS_PLAIN in baselines_of("multiscale_contrastive:noContrastive", True)
+    assert label_of("multiscale_contrastive:noContrastive") == "multi-scale contrastive KD, variant noContrastive"
+
+
+def test_a_variant_is_what_its_sweep_file_says_now_and_an_older_definition_is_left_out(tmp_path):
+    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, check_variants, collect,
+                                    paired_comparisons)
+
+    sweeps = join(str(tmp_path), "sweeps")
+    os.makedirs(sweeps)
+    with open(join(sweeps, "multiscale_contrastive.json"), "w") as f:
+        json.dump({"method": "multiscale_contrastive", "baseline": "default",
+                   "variants": {"default": {"why": "the preset", "set": []},
+                                "seg1": {"why": "full segmentation weight",
+                                         "set": ["methods.multiscale_contrastive.weights.segmentation=1.0"]}}}, f)
+
+    def plans(segmentation_weight: float) -> dict:
+        return {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10,
+                                           "num_val_iterations_per_epoch": 10},
+                              "methods": {"multiscale_contrastive": {"weights": {"segmentation": segmentation_weight}}}}}}
+
+    ws = join(str(tmp_path), "ws")
+    fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})
+    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", plans(0.4), weight=1.2)
+    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0)}__2d", plans(0.4),
+                      weight=1.3)
+    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg1')}__2d",
+                      plans(1.0), weight=1.5)
+    found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
+    assert sorted(found["students"]) == [("multiscale_contrastive", 0.25), ("multiscale_contrastive:seg1", 0.25),
+                                         ("plain", 0.25)]
+    comparisons = {(c["method"], c["baseline"]): c["mean_diff"] for c in
+                   paired_comparisons(found["students"], found["teacher"], ["case_010"], labelled_fraction=False)}
+    assert comparisons[("multiscale_contrastive:seg1", "multiscale_contrastive")] == pytest.approx(0.75 - 0.65)
+    assert comparisons[("multiscale_contrastive:seg1", "plain")] == pytest.approx(0.75 - 0.6)
+
+    # The sweep file now defines seg1 otherwise: the model trained as the old seg1 is left out, with the reason.
+    with open(join(sweeps, "multiscale_contrastive.json")) as f:
+        sweep = json.load(f)
+    sweep["variants"]["seg1"]["set"] = ["methods.multiscale_contrastive.weights.segmentation=0.8"]
+    with open(join(sweeps, "multiscale_contrastive.json"), "w") as f:
+        json.dump(sweep, f)
+    found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
+    assert ("multiscale_contrastive:seg1", 0.25) not in found["students"]
+    assert len(found["skipped"]) == 1 and "segmentation=0.8" in found["skipped"][0] and "changed" in found["skipped"][0]
+
+    # A variant the sweep file does not define stops the protocol before any training, naming the file.
+    protocol = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="",
+                        configuration="2d", runs=parse_runs(["multiscale_contrastive:seg2@0.25"]), seeds=[0],
+                        teacher_epochs=5, student_epochs=4, iterations_per_epoch=10, sweeps_dir=sweeps)
+    with pytest.raises(EvidenceError, match=r"multiscale_contrastive\.json .* no variant 'seg2'.*default, seg1"):
+        check_variants(protocol)
