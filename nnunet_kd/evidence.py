@@ -1243,6 +1243,15 @@ def _summarise(records: list[dict], cases: list[str], voxel_ml: dict, labels: li
             "test_mean_dice_per_seed": [float(v) for v in dice.mean(axis=1)]}
 
 
+def subset_teacher_rows(found: dict) -> tuple[list[dict], dict | None]:
+    """The subset teachers and their ensemble that a results file reports: only a file with multi-teacher students has
+    them (a workspace holds them for every protocol it runs, e.g. one on part of the labels, where they would be rows
+    that nothing is compared with)."""
+    if not any(method_and_variant(m)[0] == "multi_teacher" for m, _ in found["students"]):
+        return [], None
+    return found.get("subset_teachers") or [], found.get("subset_ensemble")
+
+
 def build_report(ws: "Workspace", command: str, latency_cache_file: str | None = None,
                  found: dict | None = None) -> dict:
     """The results document: protocol, one row per model (mean over seeds and test cases), paired comparisons,
@@ -1284,17 +1293,18 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                  "parameters": teacher_cost["parameters"], "flops_per_patch": teacher_cost["flops_per_patch"],
                  "latency": timed("teacher", [teacher]),
                  **_summarise([teacher], cases, voxel_ml, labels)})
-    k = len(found.get("subset_teachers") or [])
-    for i, record in enumerate(found.get("subset_teachers") or [], 1):
+    subset_teachers, subset_ensemble = subset_teacher_rows(found)
+    k = len(subset_teachers)
+    for i, record in enumerate(subset_teachers, 1):
         rows.append({"model": f"{LABELS['subset_teacher']} {i} of {k}", "method": "subset_teacher", "width": 1.0,
                      "seeds": [p.teacher_seed], "parameters": teacher_cost["parameters"],
                      "flops_per_patch": teacher_cost["flops_per_patch"], "latency": timed("teacher", [teacher]),
                      **_summarise([record], cases, voxel_ml, labels)})
-    if found.get("subset_ensemble"):
+    if subset_ensemble:
         rows.append({"model": f"{LABELS['subset_teachers_ensemble']} ({k})", "method": "subset_teachers_ensemble",
                      "width": 1.0, "seeds": [p.teacher_seed], "parameters": k * teacher_cost["parameters"],
                      "flops_per_patch": k * teacher_cost["flops_per_patch"], "latency": {},
-                     **_summarise([found["subset_ensemble"]], cases, voxel_ml, labels)})
+                     **_summarise([subset_ensemble], cases, voxel_ml, labels)})
     for (method, width), by_seed in sorted(found["students"].items(), key=lambda kv: _row_order(kv[0])):
         seeds = sorted(by_seed)
         records = [by_seed[s] for s in seeds]
@@ -1306,7 +1316,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                      **_summarise(records, cases, voxel_ml, labels)})
 
     comparisons = paired_comparisons(found["students"], teacher, cases, p.labelled_fraction is not None,
-                                     found.get("subset_ensemble"))
+                                     subset_ensemble)
 
     plateaus = {}
     for (method, width), by_seed in found["students"].items():

@@ -466,6 +466,12 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     assert comparisons[("multi_teacher", "teacher")] == pytest.approx(0.75 - 0.9)
     assert comparisons[("multi_teacher", "subset_teachers_ensemble")] == pytest.approx(0.75 - 0.6)
     assert ("adaptive", "subset_teachers_ensemble") not in comparisons
+    # The subset teachers and their ensemble are rows of a file with a multi-teacher student, and of no other file
+    # of the same workspace.
+    from nnunet_kd.evidence import subset_teacher_rows
+    assert subset_teacher_rows(found) == (found["subset_teachers"], found["subset_ensemble"])
+    without = dict(found, students={k: v for k, v in found["students"].items() if k[0] != "multi_teacher"})
+    assert subset_teacher_rows(without) == ([], None)
 
     # Records: the multi-teacher student names the set of teachers it learned from, the others the protocol teacher;
     # a fresh workspace pools them.
