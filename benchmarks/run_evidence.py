@@ -113,11 +113,15 @@ def main(argv=None) -> None:
         parser.error(f"--tag {args.tag!r}: letters, digits, '_' and '.' only (it becomes part of file names).")
     tag = f"-{args.tag}" if args.tag else ""
     dataset = basename(os.path.normpath(args.raw_dataset))
+    try:
+        runs = parse_runs(args.runs)
+    except ValueError as e:
+        parser.error(str(e))
     protocol = Protocol(
         raw_dataset=abspath(args.raw_dataset),
         split_file=abspath(args.split_file or join(SPLITS, f"{dataset}.json")), n_test=args.n_test,
         workdir=abspath(expanduser(args.workdir or f"~/kd_evidence/{dataset}-{args.configuration}")),
-        configuration=args.configuration, runs=parse_runs(args.runs), seeds=args.seeds,
+        configuration=args.configuration, runs=runs, seeds=args.seeds,
         teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
         student_val_iterations_per_epoch=args.student_val_iterations_per_epoch,

@@ -193,7 +193,8 @@ def label_of(method: str) -> str:
 def _row_order(key: tuple) -> tuple:
     """Widest first; within a width the plain student, then the methods, then the controls."""
     method, width = key
-    return -width, (-1 if method == ALL_LABELS_PLAIN else 0 if method == "plain" else 2 if method in CONTROLS else 1), \
+    base = method_and_variant(method)[0]
+    return -width, (-1 if method == ALL_LABELS_PLAIN else 0 if method == "plain" else 2 if base in CONTROLS else 1), \
         method
 
 
@@ -255,17 +256,66 @@ def variant_overrides(sweeps_dir: str | None, method: str) -> list[str]:
         sweep = load_sweep(path)
     except SweepError as e:
         raise EvidenceError(str(e)) from None
-    if sweep.method != base or variant not in sweep.variants:
-        raise EvidenceError(f"Run '{method}': {path} (a sweep of '{sweep.method}') has no variant '{variant}'; its "
-                            f"variants: {', '.join(sweep.variants)}. Add it there (a name, 'why' and 'set') or pick one.")
+    if sweep.method != base:
+        raise EvidenceError(f"Run '{method}': {path} is a sweep of '{sweep.method}', not of '{base}': fix its 'method' "
+                            f"or pass the --sweeps-dir that holds the sweep file of '{base}'.")
+    if variant not in sweep.variants:
+        raise EvidenceError(f"Run '{method}': {path} has no variant '{variant}'; its variants: "
+                            f"{', '.join(sweep.variants)}. Add it there (a name, 'why' and 'set') or pick one.")
     return sweep.overrides(variant)
 
 
+def variant_recipe(method: str, overrides: list[str]) -> dict:
+    """The recipe a variant's plans hold: the shipped presets with the variant's overrides applied, as the student
+    planner applies them. Refuses (EvidenceError) an override of a setting the presets do not have: the planner would
+    add a misspelt key silently and train the preset under the variant's name."""
+    from nnunet_kd.planning import PlanningError, apply_override, parse_override
+    from nnunet_kd.recipe import default_recipe
+
+    recipe = default_recipe(None)
+    for assignment in overrides:
+        path, _ = parse_override(assignment)
+        node = recipe
+        for key in path.split(".")[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or path.split(".")[-1] not in node:
+            raise EvidenceError(f"Variant '{method}': '{assignment}' sets {path}, which the shipped recipe (plans/*.json "
+                                f"presets) does not have: fix the name in its sweep file.")
+        try:
+            apply_override(recipe, assignment)
+        except PlanningError as e:
+            raise EvidenceError(f"Variant '{method}': {e}") from None
+    return recipe
+
+
 def check_variants(protocol: "Protocol") -> None:
-    """Before any training: every variant the protocol runs is defined in its sweep file."""
+    """Before any training: every variant the protocol runs is defined in its sweep file and sets settings that the
+    recipe has."""
     for method, _ in protocol.runs:
         if method_and_variant(method)[1] is not None:
-            variant_overrides(protocol.sweeps_dir, method)
+            variant_recipe(method, variant_overrides(protocol.sweeps_dir, method))
+
+
+def variant_differences(plans: dict, configuration: str, method: str, overrides: list[str]) -> list[str]:
+    """What a variant model's plans hold otherwise than the variant as defined now (its method's whole section of
+    the recipe, preset plus overrides, and any override outside that section): empty when it is the variant. A model
+    of an earlier definition of the variant, or of an earlier preset, is another recipe."""
+    base = method_and_variant(method)[0]
+    wanted = variant_recipe(method, overrides)["methods"][base]
+    held = plans.get("kd", {}).get(configuration, {}).get("methods", {}).get(base, {})
+    differences = [f"methods.{base}.{key}" for key in sorted(set(held) | set(wanted))
+                   if key not in held or key not in wanted or not _same_setting(held[key], wanted[key])]
+    prefix = f"methods.{base}."
+    return differences + overrides_not_held(plans, configuration, [a for a in overrides if not a.startswith(prefix)])
+
+
+def _same_setting(a, b) -> bool:
+    """Equal settings, and of the same JSON type (true is not 1)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_setting(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    return (isinstance(a, bool), a) == (isinstance(b, bool), b)
 
 
 def overrides_not_held(plans: dict, configuration: str, overrides: list[str]) -> list[str]:
@@ -280,7 +330,7 @@ def overrides_not_held(plans: dict, configuration: str, overrides: list[str]) ->
         node = recipe
         for key in path.split("."):
             node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
-        if node is _ABSENT or node != value:
+        if node is _ABSENT or not _same_setting(node, value):
             missing.append(assignment)
     return missing
 
@@ -920,8 +970,8 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
         return None
     method = methods[parts[0]]
     width, _, seed = parts[1][len("nnUNetPlans_evidence_w"):].partition("_s")
-    width, _, variant = width.partition("_v")
-    if variant and (method in NO_VARIANTS or not VARIANT_NAME.match(variant)):
+    width, has_variant, variant = width.partition("_v")
+    if has_variant and (method == "plain" or not VARIANT_NAME.match(variant)):
         return None
     width, _, folds = width.partition("_folds")
     if folds:  # plans of the teacher's folds: only the peer at its defaults trains from them
@@ -933,7 +983,9 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
     fraction = fraction[:-1] if fraction.endswith("x") else fraction  # extra unlabelled images: collect() checks plans
     if (method == "multi_teacher") != bool(teachers):
         return None  # a multi-teacher student trains only from its own plans, and only it does
-    if variant:
+    if has_variant and method in NO_VARIANTS:
+        return None
+    if has_variant:
         method = f"{method}{VARIANT_SEPARATOR}{variant}"
     try:
         return (method, float(width.replace("p", ".")), int(seed),
@@ -1031,14 +1083,16 @@ def collect(ws: "Workspace") -> dict:
             continue
         if method_and_variant(method)[1] is not None:
             try:
-                not_held = overrides_not_held(record["plans"], p.configuration, variant_overrides(p.sweeps_dir, method))
+                differences = variant_differences(record["plans"], p.configuration, method,
+                                                  variant_overrides(p.sweeps_dir, method))
             except EvidenceError as e:
                 skipped.append(f"{name}: {e}")
                 continue
-            if not_held:
-                skipped.append(f"{name}: its plans do not hold {', '.join(not_held)}: the variant's definition in "
-                               f"{join(p.sweeps_dir, method_and_variant(method)[0] + '.json')} changed after it was "
-                               f"trained; delete the model folder (and its record) to train the variant as defined now")
+            if differences:
+                skipped.append(f"{name}: its plans differ from the variant as defined now (the presets with the "
+                               f"overrides of {join(p.sweeps_dir, method_and_variant(method)[0] + '.json')}) in "
+                               f"{', '.join(differences)}: the variant or the preset changed after it was trained; "
+                               f"delete the model folder (and its record) to train the variant as defined now")
                 continue
         students.setdefault((method, width), {})[seed] = record
     return {"teacher": teacher, "students": students, "skipped": skipped, "fold_teachers_sha256": folds_sha, **subset}
@@ -1169,7 +1223,7 @@ def _refuse_replacing_another_budget(ws: "Workspace", found: dict, records: dict
 
 def _trained_on_of(found: dict) -> dict:
     """Model name -> the machine that trained it (records made before records named it: 'not recorded')."""
-    records = [found["teacher"], *(found.get("subset_teachers") or []),
+    records = [found["teacher"], *subset_teacher_rows(found)[0],
                *(r for by_seed in found["students"].values() for r in by_seed.values())]
     out = {}
     for r in records:
@@ -1347,7 +1401,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
         "n_fold_train": len(ws.split["crossval"][p.fold]["train"]), "n_validation": len(ws.split["crossval"][p.fold]["val"]),
         "seeds": sorted({s for v in found["students"].values() for s in v}), "teacher_seed": p.teacher_seed,
         "labelled_fraction": p.labelled_fraction,
-        **({"variants": {m: {"sweep_file": os.path.relpath(join(p.sweeps_dir, method_and_variant(m)[0] + ".json")),
+        **({"variants": {m: {"sweep_file": os.path.relpath(join(p.sweeps_dir, method_and_variant(m)[0] + ".json")),  # as split_file
                              "set": variant_overrides(p.sweeps_dir, m)}
                          for m in sorted({m for m, _ in found["students"] if method_and_variant(m)[1] is not None})}}
            if any(method_and_variant(m)[1] is not None for m, _ in found["students"]) else {}),
@@ -1477,7 +1531,8 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
                 if marker == "o":
                     text, anchor, dy, va = f"w={r['width']:g}\n{seeds}", r["test_mean_dice_ci95"][0], -4, "top"
                 else:
-                    method_name = label_of(r["method"]).split(" (")[0]
+                    base, variant = method_and_variant(r["method"])
+                    method_name = LABELS.get(base, base).split(" (")[0] + ("" if variant is None else f", {variant}")
                     text, anchor, dy, va = f"{textwrap.fill(method_name, 16)}\n{seeds}", r["test_mean_dice_ci95"][1], \
                         4, "bottom"
                 ax.annotate(text, (xi, anchor), textcoords="offset points", xytext=(0, dy), fontsize=7, color=color,
@@ -1509,6 +1564,8 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
     fig, axes = plt.subplots(1, max(1, len(widths)), figsize=(5 * max(1, len(widths)), 4), squeeze=False)
     its = pr["budgets"]["iterations_per_epoch"]
     t_curve = np.mean([c["pseudo_dice"] for c in result["curves"]["teacher"].values()], axis=0)
+    variants = sorted({key.split("@")[0] for key in result["curves"] if VARIANT_SEPARATOR in key})
+    linestyles = {v: style for v, style in zip(variants, [":", "-.", (0, (5, 2)), (0, (1, 3)), (0, (3, 1, 1, 1, 1, 1))] * 4)}
     for ax, width in zip(axes[0], widths):
         ax.plot(np.arange(1, len(t_curve) + 1) * its, t_curve, color="black", linestyle="--", label="teacher")
         for key, by_seed in sorted(result["curves"].items()):
@@ -1522,7 +1579,7 @@ def plot_report(result: dict, out_prefix: str) -> list[str]:
             mean = np.mean([c[:n] for c in curves], axis=0)
             base, variant = method_and_variant(method)
             ax.plot(np.arange(1, n + 1) * its, mean, marker="o" if n < 5 else None, markersize=3,
-                    color=COLORS.get(base), linestyle="-" if variant is None else ":",  # a variant: its method's colour
+                    color=COLORS.get(base), linestyle=linestyles.get(method, "-"),  # a variant: its method's colour
                     label=f"{label_of(method)} ({len(curves)} seed{'' if len(curves) == 1 else 's'})")
         ax.set_title(f"width {width:g}", fontsize=9)
         ax.set_xlabel("training iterations", fontsize=9)

@@ -167,7 +167,7 @@ def parse_override(assignment: str) -> tuple[str, object]:
         return path, value
 
 
-def _apply_override(recipe: dict, assignment: str) -> None:
+def apply_override(recipe: dict, assignment: str) -> None:
     """--set methods.adaptive.weights.kl=0.5 (value parsed as JSON, else kept as a string)."""
     path, value = parse_override(assignment)
     keys = path.split(".")
@@ -329,7 +329,7 @@ def _student_recipe(teacher_folders: list[str], teacher_folds: list, teacher_che
             if "temperature" in section:
                 section["temperature"] = temperature
     for assignment in overrides:
-        _apply_override(recipe, assignment)
+        apply_override(recipe, assignment)
     return recipe
 
 

@@ -691,8 +691,9 @@ def test_a_width_known_only_from_committed_records_is_timed_through_its_plans_on
         latency(ws, None, None)
 
 
-def test_a_recipe_variant_runs_under_the_protocol_with_plans_of_its_own():
-    from nnunet_kd.evidence import ALL_LABELS_PLAIN, baselines_of, label_of
+def test_a_recipe_variant_runs_under_the_protocol_with_plans_of_its_own(tmp_path, monkeypatch):
+    from nnunet_kd import evidence
+    from nnunet_kd.evidence import ALL_LABELS_PLAIN, baselines_of, label_of, run_protocol
 
     assert parse_runs(["multiscale_contrastive:noContrastive@0.25"]) == [("multiscale_contrastive:noContrastive", 0.25)]
     # the plain student and the peer at its defaults have no recipe to vary; a variant name becomes part of a file name
@@ -701,64 +702,113 @@ def test_a_recipe_variant_runs_under_the_protocol_with_plans_of_its_own():
             parse_runs([bad])
     plans = student_plans_name(0.25, 1, 0.5, variant="noContrastive")
     assert plans == "nnUNetPlans_evidence_w0p25_f0p5_vnoContrastive_s1"
-    assert plans != student_plans_name(0.25, 1, 0.5)  # never the preset's plans: the overrides are in the plans
     assert _parse_student_folder(f"nnUNetTrainerKD_MultiScaleContrastive__{plans}__2d", "2d") == \
         ("multiscale_contrastive:noContrastive", 0.25, 1, 0.5, None)
     assert _parse_student_folder(f"nnUNetTrainerBudget__{plans}__2d", "2d") is None
     name = f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 0, subset_teachers=3, variant='uniform')}__2d"
     assert _parse_student_folder(name, "2d") == ("multi_teacher:uniform", 0.25, 0, None, 3)
+    # names no planner of ours writes are not read as the preset: an empty variant, a variant of the peer's folds
+    for odd in ("nnUNetPlans_evidence_w0p25_v_s0", "nnUNetPlans_evidence_w0p5_folds5_vx_s0"):
+        assert _parse_student_folder(f"nnUNetTrainerKD_Logit__{odd}__2d", "2d") is None
     # compared with everything its method is compared with, and with the method's preset (what the variant changes)
     assert baselines_of("multiscale_contrastive:noContrastive", True) == \
         baselines_of("multiscale_contrastive", True) + ["multiscale_contrastive"]
     assert ALL_LABELS_PLAIN in baselines_of("multiscale_contrastive:noContrastive", True)
     assert label_of("multiscale_contrastive:noContrastive") == "multi-scale contrastive KD, variant noContrastive"
 
+    # run_protocol plans the variant with its sweep file's overrides, under its own name, and trains the method's trainer
+    sweeps = _write_sweep(tmp_path, {"noContrastive": ["methods.multiscale_contrastive.weights.contrastive=0.0"]})
+    planned, trained = [], []
+
+    class Recorder:
+        def __init__(self, protocol):
+            self.p = protocol
+
+        def plan_student(self, teacher, width, seed, **kwargs):
+            planned.append((width, seed, kwargs))
+            return "plans"
+
+        def train(self, trainer, plans):
+            trained.append(trainer)
+            return "folder"
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: "teacher folder"
+
+    monkeypatch.setattr(evidence, "Workspace", Recorder)
+    workspace = _RecordWorkspace(str(tmp_path), None, sweeps_dir=sweeps)
+    workspace.p.runs = parse_runs(["multiscale_contrastive:noContrastive@0.25", "multiscale_contrastive@0.25"])
+    run_protocol(workspace.p)
+    assert planned == [(0.25, 0, {"overrides": ["methods.multiscale_contrastive.weights.contrastive=0.0"],
+                                  "variant": "noContrastive"}),
+                       (0.25, 0, {"overrides": [], "variant": None})]
+    assert trained == ["nnUNetTrainerKD_MultiScaleContrastive"] * 2
+
+
+def _write_sweep(tmp_path, variants: dict, method: str = "multiscale_contrastive") -> str:
+    """A sweep file of ``method`` in <tmp_path>/sweeps with the preset and ``variants`` (name -> overrides)."""
+    sweeps = join(str(tmp_path), "sweeps")
+    os.makedirs(sweeps, exist_ok=True)
+    with open(join(sweeps, f"{method}.json"), "w") as f:
+        json.dump({"method": method, "baseline": "default",
+                   "variants": {"default": {"why": "the preset", "set": []},
+                                **{name: {"why": "a test", "set": overrides} for name, overrides in variants.items()}}},
+                  f)
+    return sweeps
+
 
 def test_a_variant_is_what_its_sweep_file_says_now_and_an_older_definition_is_left_out(tmp_path):
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, check_variants, collect,
-                                    paired_comparisons)
+                                    paired_comparisons, variant_recipe)
 
-    sweeps = join(str(tmp_path), "sweeps")
-    os.makedirs(sweeps)
-    with open(join(sweeps, "multiscale_contrastive.json"), "w") as f:
-        json.dump({"method": "multiscale_contrastive", "baseline": "default",
-                   "variants": {"default": {"why": "the preset", "set": []},
-                                "seg1": {"why": "full segmentation weight",
-                                         "set": ["methods.multiscale_contrastive.weights.segmentation=1.0"]}}}, f)
+    seg1 = ["methods.multiscale_contrastive.weights.segmentation=1.0"]
+    sweeps = _write_sweep(tmp_path, {"seg1": seg1})
 
-    def plans(segmentation_weight: float) -> dict:
+    def plans(overrides: list[str]) -> dict:
+        """Plans as the student planner writes them for these overrides."""
+        recipe = variant_recipe("multiscale_contrastive:x", overrides)
         return {"kd": {"2d": {"training": {"num_epochs": 4, "num_iterations_per_epoch": 10,
-                                           "num_val_iterations_per_epoch": 10},
-                              "methods": {"multiscale_contrastive": {"weights": {"segmentation": segmentation_weight}}}}}}
+                                           "num_val_iterations_per_epoch": 10}, "methods": recipe["methods"]}}}
 
     ws = join(str(tmp_path), "ws")
     fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})
-    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", plans(0.4), weight=1.2)
-    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0)}__2d", plans(0.4),
+    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", plans([]), weight=1.2)
+    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0)}__2d", plans([]),
                       weight=1.3)
     fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg1')}__2d",
-                      plans(1.0), weight=1.5)
+                      plans(seg1), weight=1.5)
     found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
     assert sorted(found["students"]) == [("multiscale_contrastive", 0.25), ("multiscale_contrastive:seg1", 0.25),
                                          ("plain", 0.25)]
+    assert found["skipped"] == []
     comparisons = {(c["method"], c["baseline"]): c["mean_diff"] for c in
                    paired_comparisons(found["students"], found["teacher"], ["case_010"], labelled_fraction=False)}
     assert comparisons[("multiscale_contrastive:seg1", "multiscale_contrastive")] == pytest.approx(0.75 - 0.65)
     assert comparisons[("multiscale_contrastive:seg1", "plain")] == pytest.approx(0.75 - 0.6)
 
-    # The sweep file now defines seg1 otherwise: the model trained as the old seg1 is left out, with the reason.
-    with open(join(sweeps, "multiscale_contrastive.json")) as f:
-        sweep = json.load(f)
-    sweep["variants"]["seg1"]["set"] = ["methods.multiscale_contrastive.weights.segmentation=0.8"]
-    with open(join(sweeps, "multiscale_contrastive.json"), "w") as f:
-        json.dump(sweep, f)
-    found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
-    assert ("multiscale_contrastive:seg1", 0.25) not in found["students"]
-    assert len(found["skipped"]) == 1 and "segmentation=0.8" in found["skipped"][0] and "changed" in found["skipped"][0]
+    # The sweep file now defines seg1 otherwise, or drops its override: the model trained as the old seg1 is another
+    # recipe, left out with the setting that differs.
+    for redefined in (["methods.multiscale_contrastive.weights.segmentation=0.8"], []):
+        _write_sweep(tmp_path, {"seg1": redefined})
+        found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
+        assert ("multiscale_contrastive:seg1", 0.25) not in found["students"]
+        assert len(found["skipped"]) == 1 and "methods.multiscale_contrastive.weights" in found["skipped"][0]
 
-    # A variant the sweep file does not define stops the protocol before any training, naming the file.
-    protocol = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="",
-                        configuration="2d", runs=parse_runs(["multiscale_contrastive:seg2@0.25"]), seeds=[0],
-                        teacher_epochs=5, student_epochs=4, iterations_per_epoch=10, sweeps_dir=sweeps)
-    with pytest.raises(EvidenceError, match=r"multiscale_contrastive\.json .* no variant 'seg2'.*default, seg1"):
-        check_variants(protocol)
+    # Refused before any training, naming the file: a variant the sweep file does not define, a setting the recipe
+    # does not have (the planner would add the misspelt key and train the preset under the variant's name), a sweep
+    # file of another method.
+    _write_sweep(tmp_path, {"seg1": seg1, "typo": ["methods.multiscale_contrastive.weights.segmentaton=1.0"]})
+    _write_sweep(tmp_path, {"x": []}, method="adaptive")
+    with open(join(sweeps, "adaptive.json")) as f:
+        other = json.load(f)
+    other["method"] = "logit"
+    with open(join(sweeps, "adaptive.json"), "w") as f:
+        json.dump(other, f)
+    for run, message in (("multiscale_contrastive:seg2@0.25", r"multiscale_contrastive\.json has no variant 'seg2'.*default, seg1"),
+                         ("multiscale_contrastive:typo@0.25", r"weights\.segmentaton, which the shipped recipe .* does not have"),
+                         ("adaptive:x@0.25", r"adaptive\.json is a sweep of 'logit', not of 'adaptive'")):
+        protocol = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="",
+                            configuration="2d", runs=parse_runs([run]), seeds=[0], teacher_epochs=5, student_epochs=4,
+                            iterations_per_epoch=10, sweeps_dir=sweeps)
+        with pytest.raises(EvidenceError, match=message):
+            check_variants(protocol)

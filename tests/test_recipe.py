@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nnunet_kd.planning import _apply_override
+from nnunet_kd.planning import apply_override
 from nnunet_kd.recipe import RecipeError, available_methods, default_recipe, parse_recipe
 
 PLANS_FILE = "/data/nnUNet_preprocessed/Dataset004_X/nnUNetPlans_kdstudent.json"
@@ -111,7 +111,7 @@ def test_json_nan_and_infinity_in_the_plans_file_are_refused(tmp_path):
 ])
 def test_set_overrides_go_through_the_same_checks(assignment, message):
     plans = student_plans()
-    _apply_override(plans["kd"]["3d_fullres"], assignment)
+    apply_override(plans["kd"]["3d_fullres"], assignment)
     method = assignment.split(".")[1]
     with pytest.raises(RecipeError, match=message) as error:
         parse_recipe(plans, "3d_fullres", method, PLANS_FILE)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_kd.evidence import _parse_student_folder
-from nnunet_kd.planning import _apply_override, _check_plans_name
+from nnunet_kd.evidence import _parse_student_folder, variant_recipe
+from nnunet_kd.planning import apply_override, _check_plans_name
 from nnunet_kd.recipe import default_recipe, parse_recipe
 from nnunet_kd.sweep import SweepError, load_sweep, sweep_plans_name
 
@@ -24,8 +24,10 @@ def test_every_variant_of_a_shipped_sweep_is_a_valid_recipe_that_changes_the_pre
         recipe = default_recipe("/teacher/folder")
         recipe["student"] = {}
         for assignment in sweep.overrides(name):
-            _apply_override(recipe, assignment)
+            apply_override(recipe, assignment)
         parsed[name] = parse_recipe({"kd": {"2d": recipe}}, "2d", sweep.method, f"{name}.json")
+        # ...and sets only settings the presets have (the held-out protocol refuses a misspelt one)
+        variant_recipe(f"{sweep.method}:{name}", sweep.overrides(name))
     baseline = parsed[sweep.baseline]
     for name, recipe in parsed.items():
         if name != sweep.baseline:
