@@ -120,8 +120,10 @@ def _check_same_plans(folder: str, plans_file: str, fold: int) -> None:
     """A finished run is reused only when it was trained with exactly the plans of this comparison (the plans copy
     nnU-Net keeps in the model folder): a rerun with a longer budget, another width or seed must not silently
     report the old models. Nothing is deleted: the user chooses."""
+    from nnunet_kd.recipe import without_nulls
+
     used = join(folder, "plans.json")
-    if isfile(used) and isfile(plans_file) and load_json(used) != load_json(plans_file):
+    if isfile(used) and isfile(plans_file) and without_nulls(load_json(used)) != without_nulls(load_json(plans_file)):
         raise StaleRunError(
             f"{folder}/fold_{fold} is a finished run, but it was trained with other plans ({used}) than this "
             f"comparison asks for ({plans_file}: another budget, width or seed). Use a new --workdir, or delete "

@@ -300,9 +300,12 @@ def variant_differences(plans: dict, configuration: str, method: str, overrides:
     """What a variant model's plans hold otherwise than the variant as defined now (its method's whole section of
     the recipe, preset plus overrides, and any override outside that section): empty when it is the variant. A model
     of an earlier definition of the variant, or of an earlier preset, is another recipe."""
+    from nnunet_kd.recipe import without_nulls
+
     base = method_and_variant(method)[0]
-    wanted = variant_recipe(method, overrides)["methods"][base]
-    held = plans.get("kd", {}).get(configuration, {}).get("methods", {}).get(base, {})
+    # null and absent are one setting (recipe.without_nulls): a preset that gains a setting at null is the same recipe
+    wanted = without_nulls(variant_recipe(method, overrides)["methods"][base])
+    held = without_nulls(plans.get("kd", {}).get(configuration, {}).get("methods", {}).get(base, {}))
     differences = [f"methods.{base}.{key}" for key in sorted(set(held) | set(wanted))
                    if key not in held or key not in wanted or not _same_setting(held[key], wanted[key])]
     prefix = f"methods.{base}."

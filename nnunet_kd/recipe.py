@@ -81,6 +81,17 @@ def load_preset(method: str) -> dict:
     return preset
 
 
+def without_nulls(value):
+    """A recipe (or plans) with every null setting removed, recursively: the parser reads an absent setting as null,
+    so plans written before a preset gained a setting at null (its earlier behaviour) hold the same recipe as plans
+    written after, and compare equal this way."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def default_recipe(teacher_model_folder: str | None) -> dict:
     """A complete recipe with every shipped method at its preset values."""
     return {
@@ -132,6 +143,11 @@ class Recipe:
     # The fold's training cases outside labelled_fraction and the plans' unlabelled images enter training with the
     # segmentation loss masked (the method's train_on_unlabelled); None: no unlabelled images in the plans.
     train_on_unlabelled: bool = False
+    # The share of a batch's samples drawn, in expectation, from those unlabelled cases; None: in proportion to the
+    # number of cases (nnU-Net's uniform draw over the training cases). With half the fold unlabelled, a proportional
+    # draw leaves half of each batch to the segmentation loss, so the student sees half the labelled samples a plain
+    # student of the same budget sees; a smaller share trades teacher-only samples for labelled ones.
+    unlabelled_batch_share: float | None = None
     unlabelled_images: dict | None = None
     reconstruction_weight: float | None = None
 
@@ -266,6 +282,17 @@ def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) 
                               f"'uniform' or 'logit_mean', "
                               f"or teacher_routing to false. {fix}")
         aggregation["train_on_unlabelled"] = bool(settings.get("train_on_unlabelled", False))
+        share = settings.get("unlabelled_batch_share")
+        if share is not None:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+                raise RecipeError(f"{where}: unlabelled_batch_share must be a number between 0 and 1 (exclusive: the "
+                                  f"share of a batch's samples drawn from the unlabelled cases), or null to draw in "
+                                  f"proportion to the number of cases; got {share!r}. {fix}")
+            if not aggregation["train_on_unlabelled"]:
+                raise RecipeError(f"{where}: unlabelled_batch_share {share} applies to the unlabelled cases of "
+                                  f"train_on_unlabelled, which is false: set it to null, or train_on_unlabelled to "
+                                  f"true. {fix}")
+        aggregation["unlabelled_batch_share"] = None if share is None else float(share)
         if aggregation["train_on_unlabelled"]:
             label_only = [t for t in terms if not term_class_of(t).uses_teacher]
             if label_only:

@@ -38,8 +38,8 @@ from nnunet_kd.progress import KDLocalLogger, term_key
 from nnunet_kd.provenance import record_training_cases
 from nnunet_kd.recipe import parse_recipe, plans_file_path
 from nnunet_kd.teacher import TeacherError
-from nnunet_kd.unlabelled import (CombinedDataset, WithoutClassLocations, empty_class_locations, labelled_samples,
-                                  pseudo_labels_for_unlabelled, segmentation_loss_on_labelled)
+from nnunet_kd.unlabelled import (CombinedDataset, WithoutClassLocations, draws_per_case, empty_class_locations,
+                                  labelled_samples, pseudo_labels_for_unlabelled, segmentation_loss_on_labelled)
 
 # Checkpoint keys of our own, next to nnU-Net's. nnU-Net's predictor reads only 'network_weights', so the
 # student checkpoint stays loadable by plain nnU-Net; nnUNetv2_kd_export removes these keys altogether.
@@ -158,7 +158,17 @@ class nnUNetTrainerKD(nnUNetTrainer):
         if extra:
             folder = join(self.preprocessed_dataset_folder_base, self.kd_recipe.unlabelled_images["folder"])
             datasets.append(infer_dataset_class(folder)(folder, sorted(extra)))
-        return CombinedDataset(datasets), dataset_val
+        share = self.kd_recipe.unlabelled_batch_share
+        if share is None:
+            return CombinedDataset(datasets), dataset_val
+        labelled_draws, unlabelled_draws = draws_per_case(len(dataset_tr.identifiers), len(self.unlabelled_keys), share)
+        combined = CombinedDataset(datasets, draws={**{k: labelled_draws for k in dataset_tr.identifiers},
+                                                    **{k: unlabelled_draws for k in self.unlabelled_keys}})
+        achieved = unlabelled_draws * len(self.unlabelled_keys) / len(combined.identifiers)
+        self.print_to_log_file(f"unlabelled_batch_share {share}: each labelled case drawn with weight {labelled_draws}, "
+                               f"each unlabelled one with weight {unlabelled_draws} (unlabelled share of a batch "
+                               f"{achieved:.3f} in expectation).")
+        return combined, dataset_val
 
     def on_train_start(self):
         super().on_train_start()

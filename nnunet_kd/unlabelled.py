@@ -146,11 +146,32 @@ class _DatasetView(nnUNetBaseDataset):
         raise NotImplementedError(f"{cls.__name__} is built from datasets, not from a folder")
 
 
+def draws_per_case(n_labelled: int, n_unlabelled: int, unlabelled_share: float,
+                   max_draws: int = 64) -> tuple[int, int]:
+    """(a, b): list every labelled case a times and every unlabelled case b times among the identifiers that nnU-Net's
+    data loader draws from uniformly, so that unlabelled cases fill ``unlabelled_share`` of a batch's samples in
+    expectation: b n_u / (a n_l + b n_u) as close to the share as integers up to ``max_draws`` allow (the smallest
+    such pair). nnU-Net's loader takes sampling probabilities only where the trainer's get_dataloaders builds it, and
+    starts its workers there, so the weights travel as multiplicities of the dataset's identifiers."""
+    if n_labelled < 1 or n_unlabelled < 1 or not 0 < unlabelled_share < 1:
+        raise ValueError(f"draws_per_case needs labelled and unlabelled cases and a share in (0, 1), got "
+                         f"{n_labelled}, {n_unlabelled}, {unlabelled_share}")
+    best = None
+    for b in range(1, max_draws + 1):
+        for a in {max(1, min(max_draws, int(b * n_unlabelled * (1 - unlabelled_share) / (n_labelled * unlabelled_share)) + d))
+                  for d in (0, 1)}:
+            error = abs(b * n_unlabelled / (a * n_labelled + b * n_unlabelled) - unlabelled_share)
+            if best is None or error < best[0] - 1e-12:
+                best = (error, a, b)
+    return best[1], best[2]
+
+
 class CombinedDataset(_DatasetView):
     """Several nnU-Net datasets (each its own folder and format) served as one: ``identifiers`` is their union, and
-    ``load_case`` reads a case from the dataset that holds it."""
+    ``load_case`` reads a case from the dataset that holds it. ``draws``: identifier -> how many times it is listed
+    (default once), the weight of a case in nnU-Net's uniform draw over ``identifiers``."""
 
-    def __init__(self, datasets: Sequence[nnUNetBaseDataset]):
+    def __init__(self, datasets: Sequence[nnUNetBaseDataset], draws: dict | None = None):
         self.datasets = list(datasets)
         self.owner = {}
         for dataset in self.datasets:
@@ -159,7 +180,7 @@ class CombinedDataset(_DatasetView):
                     raise ValueError(f"case {identifier} is in {self.owner[identifier].source_folder} and in "
                                      f"{dataset.source_folder}")
                 self.owner[identifier] = dataset
-        self.identifiers = sorted(self.owner)
+        self.identifiers = [i for i in sorted(self.owner) for _ in range((draws or {}).get(i, 1))]
         self.source_folder = self.datasets[0].source_folder
         self.folder_with_segs_from_previous_stage = None
 

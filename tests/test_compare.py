@@ -106,3 +106,22 @@ def test_comparison_trains_students_on_one_budget_and_reports_everything(workspa
     with pytest.raises(StaleRunError, match=r"fold_0 is a finished run, but it was trained with other plans"):
         run_comparison(comparison, ws.env, join(ws.root, "commands.log"), preprocess=False)
     assert os.path.getmtime(join(plain["folder"], "fold_0", "checkpoint_final.pth")) == before
+
+
+def test_a_finished_run_is_reused_when_its_plans_only_lack_a_setting_that_is_null_now(tmp_path):
+    """A preset that gains a setting at null (its earlier behaviour) leaves every finished run reusable; any real
+    change of a setting still refuses the run."""
+    from nnunet_kd.compare import _check_same_plans
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    used = {"kd": {"2d": {"methods": {"m": {"weights": {"kl": 0.5}, "train_on_unlabelled": True}}}}}
+    (folder / "plans.json").write_text(json.dumps(used))
+    now = json.loads(json.dumps(used))
+    now["kd"]["2d"]["methods"]["m"]["unlabelled_batch_share"] = None
+    (tmp_path / "now.json").write_text(json.dumps(now))
+    _check_same_plans(str(folder), str(tmp_path / "now.json"), 0)
+    now["kd"]["2d"]["methods"]["m"]["unlabelled_batch_share"] = 0.25
+    (tmp_path / "now.json").write_text(json.dumps(now))
+    with pytest.raises(StaleRunError, match="trained with other plans"):
+        _check_same_plans(str(folder), str(tmp_path / "now.json"), 0)

@@ -19,7 +19,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 from conftest import CONFIGURATION, DATASET_ID, DATASET_NAME
 from nnunet_kd.distill.step import TeacherOutputs
 from nnunet_kd.recipe import RecipeError, default_recipe, parse_recipe
-from nnunet_kd.unlabelled import (UnlabelledImagesError, check_unlabelled_images, labelled_samples,
+from nnunet_kd.unlabelled import (UnlabelledImagesError, check_unlabelled_images, draws_per_case, labelled_samples,
                                   pseudo_labels_for_unlabelled, segmentation_loss_on_labelled)
 
 METHOD = "multiscale_contrastive"
@@ -56,6 +56,30 @@ def test_unlabelled_samples_cannot_feed_a_term_that_reads_only_labels():
     plans["kd"][CONFIGURATION]["methods"][METHOD]["weights"]["lovasz"] = 0.5
     with pytest.raises(RecipeError, match=r"student\.json.*label-only term\(s\) \['lovasz'\]"):
         parse_recipe(plans, CONFIGURATION, METHOD, "student.json")
+
+
+def test_the_unlabelled_share_of_a_batch_is_a_recipe_setting_checked_with_the_plans_file_named():
+    assert parse_recipe(_recipe(), CONFIGURATION, METHOD, "student.json").unlabelled_batch_share is None
+    assert parse_recipe(_recipe(unlabelled_batch_share=0.25), CONFIGURATION, METHOD,
+                        "student.json").unlabelled_batch_share == 0.25
+    for bad in (0, 1, -0.1, 1.5, "half", True):
+        with pytest.raises(RecipeError, match=r"student\.json.*unlabelled_batch_share must be a number between 0 and 1"):
+            parse_recipe(_recipe(unlabelled_batch_share=bad), CONFIGURATION, METHOD, "student.json")
+    with pytest.raises(RecipeError, match=r"student\.json.*train_on_unlabelled, which is false"):
+        parse_recipe(_recipe(unlabelled_batch_share=0.25, train_on_unlabelled=False), CONFIGURATION, METHOD,
+                     "student.json")
+
+
+def test_draws_per_case_give_the_unlabelled_share_of_a_uniform_draw():
+    # half the fold unlabelled: a quarter of each batch unlabelled means listing every labelled case three times
+    assert draws_per_case(60, 60, 0.25) == (3, 1)
+    assert draws_per_case(60, 60, 0.5) == (1, 1)  # the smallest pair
+    assert draws_per_case(13, 43, 0.5) == (43, 13)  # 13 labelled + 14 unlabelled fold cases + 29 extra images
+    a, b = draws_per_case(27, 29, 0.3)
+    assert b * 29 / (a * 27 + b * 29) == pytest.approx(0.3, abs=1e-3)
+    for bad in ((0, 5, 0.5), (5, 0, 0.5), (5, 5, 0.0), (5, 5, 1.0)):
+        with pytest.raises(ValueError):
+            draws_per_case(*bad)
 
 
 # ------------------------------------------------------------------ unlabelled samples, on tensors
@@ -197,6 +221,16 @@ def test_the_labelled_subset_and_the_unlabelled_rest_reach_the_data_loader_and_t
     dataset_tr, dataset_val = trainer.get_tr_and_val_datasets()
     assert dataset_tr.identifiers == sorted(set(labelled) | trainer.unlabelled_keys)
     assert dataset_val.identifiers == sorted(fold_val)
+    # unlabelled_batch_share: nnU-Net's uniform draw over the identifiers gives the unlabelled cases that share
+    import dataclasses
+    from collections import Counter
+    recipe = trainer.kd_recipe
+    trainer.kd_recipe = dataclasses.replace(recipe, unlabelled_batch_share=0.25)
+    weighted = Counter(trainer.get_tr_and_val_datasets()[0].identifiers)
+    trainer.kd_recipe = recipe
+    a, b = draws_per_case(len(labelled), len(trainer.unlabelled_keys), 0.25)
+    assert weighted == {**{k: a for k in labelled}, **{k: b for k in trainer.unlabelled_keys}}
+    assert sum(weighted[k] for k in trainer.unlabelled_keys) / sum(weighted.values()) == pytest.approx(0.25, abs=0.02)
     data, seg, _, properties = dataset_tr.load_case(extra[0])  # an extra image: nnU-Net's format, no label
     assert data.shape[0] == 1 and set(np.unique(seg[:])) <= {-1, 0}
     assert all(len(v) == 0 for v in properties["class_locations"].values())
