@@ -242,13 +242,18 @@ def parse_runs(specs: list[str]) -> list[tuple[str, float]]:
     return runs
 
 
+def sweep_file_of(sweeps_dir: str | None, method: str) -> str:
+    """<sweeps_dir>/<METHOD>.json: the sweep file that defines the variants of the method of 'METHOD[:VARIANT]'."""
+    return join(sweeps_dir or "", f"{method_and_variant(method)[0]}.json")
+
+
 def variant_overrides(sweeps_dir: str | None, method: str) -> list[str]:
     """The --set overrides of a variant 'METHOD:VARIANT' as its sweep file defines them now (the file's 'base' first,
     as the sweep ran them); raises EvidenceError naming the file when it has no such variant."""
     from nnunet_kd.sweep import SweepError, load_sweep
 
     base, variant = method_and_variant(method)
-    path = join(sweeps_dir or "", f"{base}.json")
+    path = sweep_file_of(sweeps_dir, method)
     if not sweeps_dir or not isfile(path):
         raise EvidenceError(f"Run '{method}': no sweep file {path} defines the variants of '{base}'. Pass --sweeps-dir "
                             f"(the folder of benchmarks/sweeps/<method>.json) or run '{base}' without a variant.")
@@ -974,7 +979,7 @@ def _parse_student_folder(name: str, configuration: str) -> tuple[str, float, in
     method = methods[parts[0]]
     width, _, seed = parts[1][len("nnUNetPlans_evidence_w"):].partition("_s")
     width, has_variant, variant = width.partition("_v")
-    if has_variant and (method == "plain" or not VARIANT_NAME.match(variant)):
+    if has_variant and not VARIANT_NAME.match(variant):
         return None
     width, _, folds = width.partition("_folds")
     if folds:  # plans of the teacher's folds: only the peer at its defaults trains from them
@@ -1093,7 +1098,7 @@ def collect(ws: "Workspace") -> dict:
                 continue
             if differences:
                 skipped.append(f"{name}: its plans differ from the variant as defined now (the presets with the "
-                               f"overrides of {join(p.sweeps_dir, method_and_variant(method)[0] + '.json')}) in "
+                               f"overrides of {sweep_file_of(p.sweeps_dir, method)}) in "
                                f"{', '.join(differences)}: the variant or the preset changed after it was trained; "
                                f"delete the model folder (and its record) to train the variant as defined now")
                 continue
@@ -1397,6 +1402,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
             best[str(width)] = {"method": method, "validation_mean_dice": row["validation_mean_dice"]}
 
     teacher_cfg = teacher_plans["configurations"][p.configuration]
+    variants = sorted({m for m, _ in found["students"] if method_and_variant(m)[1] is not None})
     protocol = {
         "dataset": p.dataset_name, "configuration": p.configuration, "fold": p.fold,
         "split_file": os.path.relpath(p.split_file, os.getcwd()) if os.path.isabs(p.split_file) else p.split_file,
@@ -1404,10 +1410,8 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
         "n_fold_train": len(ws.split["crossval"][p.fold]["train"]), "n_validation": len(ws.split["crossval"][p.fold]["val"]),
         "seeds": sorted({s for v in found["students"].values() for s in v}), "teacher_seed": p.teacher_seed,
         "labelled_fraction": p.labelled_fraction,
-        **({"variants": {m: {"sweep_file": os.path.relpath(join(p.sweeps_dir, method_and_variant(m)[0] + ".json")),  # as split_file
-                             "set": variant_overrides(p.sweeps_dir, m)}
-                         for m in sorted({m for m, _ in found["students"] if method_and_variant(m)[1] is not None})}}
-           if any(method_and_variant(m)[1] is not None for m, _ in found["students"]) else {}),
+        **({"variants": {m: {"sweep_file": os.path.relpath(sweep_file_of(p.sweeps_dir, m)),  # as split_file
+                             "set": variant_overrides(p.sweeps_dir, m)} for m in variants}} if variants else {}),
         **({"subset_teachers": f"{k} teachers, each trained for {p.subset_teacher_budget * p.iterations_per_epoch} "
                                f"iterations ({p.subset_teacher_budget} epochs) with the teacher's seed on one of {k} disjoint "
                                f"seeded subsets of the fold's training cases (nnUNetv2_kd_plan_subset_teachers -k {k} "
