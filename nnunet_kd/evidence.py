@@ -274,16 +274,13 @@ def variant_recipe(method: str, overrides: list[str]) -> dict:
     """The recipe a variant's plans hold: the shipped presets with the variant's overrides applied, as the student
     planner applies them. Refuses (EvidenceError) an override of a setting the presets do not have: the planner would
     add a misspelt key silently and train the preset under the variant's name."""
-    from nnunet_kd.planning import PlanningError, apply_override, parse_override
+    from nnunet_kd.planning import MISSING, PlanningError, apply_override, parse_override, setting_at
     from nnunet_kd.recipe import default_recipe
 
     recipe = default_recipe(None)
     for assignment in overrides:
         path, _ = parse_override(assignment)
-        node = recipe
-        for key in path.split(".")[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or path.split(".")[-1] not in node:
+        if setting_at(recipe, path) is MISSING:
             raise EvidenceError(f"Variant '{method}': '{assignment}' sets {path}, which the shipped recipe (plans/*.json "
                                 f"presets) does not have: fix the name in its sweep file.")
         try:
@@ -329,21 +326,16 @@ def _same_setting(a, b) -> bool:
 def overrides_not_held(plans: dict, configuration: str, overrides: list[str]) -> list[str]:
     """The overrides (KEY=VALUE, KEY a path in the plans' kd.<configuration> recipe, VALUE as the planner's --set
     parses it) that a model's plans do not hold: a record of a variant whose definition has changed since."""
-    from nnunet_kd.planning import parse_override
+    from nnunet_kd.planning import MISSING, parse_override, setting_at
 
     recipe = plans.get("kd", {}).get(configuration, {})
     missing = []
     for assignment in overrides:
         path, value = parse_override(assignment)
-        node = recipe
-        for key in path.split("."):
-            node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
-        if node is _ABSENT or not _same_setting(node, value):
+        held = setting_at(recipe, path)
+        if held is MISSING or not _same_setting(held, value):
             missing.append(assignment)
     return missing
-
-
-_ABSENT = object()
 
 
 # ---------------------------------------------------------------------------------------------------- test set

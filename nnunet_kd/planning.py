@@ -167,6 +167,21 @@ def parse_override(assignment: str) -> tuple[str, object]:
         return path, value
 
 
+# What setting_at returns for a path the recipe does not hold (None is a setting's value: a preset's "not set").
+MISSING = object()
+
+
+def setting_at(recipe: dict, path: str):
+    """The value at a dotted recipe path ('methods.adaptive.weights.kl'), or MISSING where a key on the way is absent
+    or is not a section."""
+    node = recipe
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return MISSING
+        node = node[key]
+    return node
+
+
 def apply_override(recipe: dict, assignment: str) -> None:
     """--set methods.adaptive.weights.kl=0.5 (value parsed as JSON, else kept as a string)."""
     path, value = parse_override(assignment)

@@ -812,3 +812,104 @@ def test_a_variant_is_what_its_sweep_file_says_now_and_an_older_definition_is_le
                             iterations_per_epoch=10, sweeps_dir=sweeps)
         with pytest.raises(EvidenceError, match=message):
             check_variants(protocol)
+
+
+def _hand_record(dice_per_case: dict, plans: dict, validation: float, curve: list[float], fp_voxels: float = 0.0) -> dict:
+    """A finished model as collect() hands it to build_report: per-case test metrics of labels '1' and '2' (both the
+    given Dice), validation Dice, validation curves, plans; not in this workspace (a committed record)."""
+    return {"folder": None, "plans": plans, "validation_mean_dice": validation, "network_weights_sha256": "0" * 64,
+            "curves": {"pseudo_dice": list(curve), "ema_fg_dice": list(curve)},
+            "test": {case: {label: {"Dice": d, "FP": fp_voxels, "FN": 0.0, "TP": 1.0, "n_ref": 1.0, "n_pred": 1.0}
+                            for label in ("1", "2")} for case, d in dice_per_case.items()}}
+
+
+def test_the_report_pools_seeds_pairs_each_kd_student_with_the_plain_one_and_chooses_kd_on_validation(workspace,
+                                                                                                      tmp_path):
+    """One row per model (mean over its seeds and the test cases; false positives in mL from the label files'
+    spacing), every KD student paired case by case and seed by seed with the plain student and with the teacher, the
+    plain student's plateau read from its validation curve, and the best KD method of a width chosen on validation,
+    never a control and never on test cases."""
+    from types import SimpleNamespace
+
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from conftest import CONFIGURATION, STUDENT_PLANS
+    from nnunet_kd.evidence import Protocol, build_report
+
+    cases = ["case_a", "case_b", "case_c", "case_d"]
+    raw = join(str(tmp_path), "Dataset991_KDTest")
+    labels_dir = join(str(tmp_path), "test_labels")
+    os.makedirs(raw)
+    os.makedirs(labels_dir)
+    with open(join(raw, "dataset.json"), "w") as f:
+        json.dump({"file_ending": ".nii.gz"}, f)
+    for case in cases:  # voxels of 1 x 2 x 5 mm: 0.01 mL
+        image = sitk.GetImageFromArray(np.zeros((2, 3, 4), np.uint8))
+        image.SetSpacing((1.0, 2.0, 5.0))
+        sitk.WriteImage(image, join(labels_dir, case + ".nii.gz"))
+    teacher_plans = load_json(join(workspace.teacher_folder, "plans.json"))
+    student_plans = load_json(join(workspace.preprocessed, STUDENT_PLANS + ".json"))
+    protocol = Protocol(raw_dataset=raw, split_file="benchmarks/splits/Dataset991_KDTest.json", n_test=len(cases),
+                        workdir=str(tmp_path), configuration=CONFIGURATION, runs=[], seeds=[0, 1], teacher_epochs=5,
+                        student_epochs=5, iterations_per_epoch=10)
+    ws = SimpleNamespace(p=protocol, preprocessed=workspace.preprocessed, test_labels=labels_dir,
+                         split={"test": cases, "train": cases + ["t1", "t2"],
+                                "crossval": [{"train": ["t1"], "val": ["t2"]}]})
+    plain = {0: [0.70, 0.80, 0.60, 0.90], 1: [0.72, 0.78, 0.62, 0.88]}
+    flat, rising = [0.5, 0.8, 0.85, 0.85, 0.85], [0.1, 0.2, 0.3, 0.4, 0.6]
+
+    def row_of(offset: float) -> dict:
+        return {seed: dict(zip(cases, (d + offset for d in dice))) for seed, dice in plain.items()}
+
+    found = {"teacher": _hand_record(dict(zip(cases, [0.9, 0.9, 0.8, 0.95])), teacher_plans, 0.9, flat),
+             "skipped": [],
+             "students": {
+                 ("plain", 0.25): {s: _hand_record(d, student_plans, 0.80, flat, fp_voxels=100.0)
+                                   for s, d in row_of(0.0).items()},
+                 ("adaptive", 0.25): {s: _hand_record(d, student_plans, 0.82, rising)
+                                      for s, d in row_of(0.02).items()},
+                 ("mskd", 0.25): {s: _hand_record(d, student_plans, 0.81, rising) for s, d in row_of(0.05).items()},
+                 # the control validates best of all: it is no KD method, so it is never "the best KD"
+                 ("label_teacher", 0.25): {s: _hand_record(d, student_plans, 0.95, rising)
+                                           for s, d in row_of(-0.01).items()}}}
+    cache = join(str(tmp_path), "latency.json")  # measured before: this test times nothing
+    with open(cache, "w") as f:
+        json.dump({"teacher": {"threads_1": {"median_s": 2.0, "min_s": 1.9, "max_s": 2.2}},
+                   "width 0.25": {"threads_1": {"median_s": 0.5, "min_s": 0.4, "max_s": 0.6}}}, f)
+
+    result = build_report(ws, "python benchmarks/run_evidence.py (test)", latency_cache_file=cache, found=found)
+
+    rows = {row["method"]: row for row in result["models"]}
+    assert [row["method"] for row in result["models"]] == ["teacher", "plain", "adaptive", "mskd", "label_teacher"]
+    assert rows["plain"]["seeds"] == [0, 1]
+    assert rows["plain"]["test_mean_dice"] == pytest.approx(np.mean([plain[0], plain[1]]))
+    assert rows["plain"]["test_mean_dice_per_seed"] == pytest.approx([np.mean(plain[0]), np.mean(plain[1])])
+    assert rows["plain"]["fp_ml_per_case"] == pytest.approx({"1": 1.0, "2": 1.0})  # 100 voxels of 0.01 mL
+    assert rows["adaptive"]["fp_ml_per_case"] == {"1": 0.0, "2": 0.0}
+    assert rows["teacher"]["parameters"] > rows["plain"]["parameters"] == rows["adaptive"]["parameters"]
+    assert rows["plain"]["latency"]["threads_1"]["median_s"] == 0.5  # one figure per width, read from the cache
+
+    def comparison(method: str, baseline: str) -> dict:
+        return next(c for c in result["comparisons"] if c["method"] == method and c["baseline"] == baseline)
+
+    # a constant paired difference has itself as mean and as both ends of the interval
+    assert comparison("adaptive", "plain")["mean_diff"] == pytest.approx(0.02)
+    assert comparison("adaptive", "plain")["ci95"] == pytest.approx([0.02, 0.02])
+    assert comparison("adaptive", "label_teacher")["mean_diff"] == pytest.approx(0.03)
+    assert comparison("mskd", "plain")["mean_diff"] == pytest.approx(0.05)
+    assert comparison("label_teacher", "plain")["mean_diff"] == pytest.approx(-0.01)
+    assert comparison("adaptive", "plain")["seeds"] == [0, 1]
+    assert comparison("plain", "teacher")["mean_diff"] == pytest.approx(
+        np.mean([np.array(plain[s]) - [0.9, 0.9, 0.8, 0.95] for s in (0, 1)]))
+    assert not any(c["baseline"] == "plain_all_labels" for c in result["comparisons"])  # all labels here
+
+    assert result["plateau_of_plain_student"]["0.25"]["seeds"] == [0, 1]
+    assert result["plateau_of_plain_student"]["0.25"]["flat"] is True
+    # Adaptive validates higher than MSKD (0.82 against 0.81) though MSKD is the better one on test cases
+    assert result["best_kd_by_validation"] == {"0.25": {"method": "adaptive", "validation_mean_dice": 0.82}}
+    protocol_out = result["protocol"]
+    assert protocol_out["n_test"] == 4 and protocol_out["seeds"] == [0, 1]
+    assert protocol_out["budgets"]["student_iterations"] == 50
+    assert protocol_out["command"] == "python benchmarks/run_evidence.py (test)"
+    assert "variants" not in protocol_out and "labels" not in protocol_out
+    assert "| Adaptive KD | plain student | 0.25 | 2 | 4 | +0.0200 | [+0.0200, +0.0200] | yes |" in result["table"]

@@ -116,3 +116,14 @@ def test_set_overrides_go_through_the_same_checks(assignment, message):
     with pytest.raises(RecipeError, match=message) as error:
         parse_recipe(plans, "3d_fullres", method, PLANS_FILE)
     assert PLANS_FILE in str(error.value)
+
+
+def test_a_dotted_path_reads_a_null_setting_as_none_and_an_absent_one_as_missing():
+    from nnunet_kd.planning import MISSING, setting_at
+
+    recipe = {"methods": {"adaptive": {"weights": {"kl": 0.5}, "unlabelled_batch_share": None}}}
+    assert setting_at(recipe, "methods.adaptive.weights.kl") == 0.5
+    assert setting_at(recipe, "methods.adaptive.unlabelled_batch_share") is None
+    assert setting_at(recipe, "methods.adaptive.weights") == {"kl": 0.5}
+    for absent in ("methods.adaptive.weights.kl.x", "methods.mskd", "methods.adaptive.weights.KL", "nothing"):
+        assert setting_at(recipe, absent) is MISSING
