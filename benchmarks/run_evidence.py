@@ -85,9 +85,11 @@ def main(argv=None) -> None:
                         help="git commit the results files every time they are rewritten (long runs across sessions)")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--tag", default=None,
-                        help="A protocol at another student budget than the committed records' (e.g. 6000it): its "
-                             "results file (...-heldout[-labelled<fraction>]-<tag>.json) and records folder "
-                             "(<dataset>-<configuration>-<tag>) are its own, so neither replaces the other budget's")
+                        help="A protocol at another student budget than the committed records' (e.g. 6000it), or "
+                             "with another teacher (e.g. teacher2: a retrained one, the archive of the records' "
+                             "teacher being lost): its results file (...-heldout[-labelled<fraction>]-<tag>.json) and "
+                             "records folder (<dataset>-<configuration>-<tag>) are its own, so neither replaces the "
+                             "other's")
     parser.add_argument("--no-records", action="store_true",
                         help="Neither write nor read the committed per-model records (benchmarks/records/<dataset>-"
                              "<configuration>[-<tag>]/): report this workspace's models only")

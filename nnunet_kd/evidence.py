@@ -522,6 +522,7 @@ class Workspace:
         if self.p.teacher_archive and restore_teacher(self.p.teacher_archive, self.folder(TEACHER_TRAINER, TEACHER_PLANS),
                                                       self.p.fold, plans_file, expected):
             print(f"  restored the archived teacher {self.p.teacher_archive}", flush=True)
+        refuse_a_new_teacher_beside_committed_records(self)
         return self.train(TEACHER_TRAINER, TEACHER_PLANS)
 
     def archive_teacher(self, teacher_folder: str) -> list[str]:
@@ -1013,6 +1014,24 @@ def _teacher_is_committed(ws: "Workspace") -> bool:
     return basename(ws.folder(TEACHER_TRAINER, TEACHER_PLANS)) in load_records(ws.p.records_dir)
 
 
+def refuse_a_new_teacher_beside_committed_records(ws: "Workspace") -> None:
+    """Before a teacher is trained: the committed records (Protocol.records_dir) learned from a teacher that neither
+    the workspace nor the archive holds (the archive lives outside the repository and is lost with its machine). A
+    teacher trained now has other weights (a CPU run repeats on one machine, not across machines), so the report would
+    refuse its students' records after hours of training; stop before it instead."""
+    teacher_folder = ws.folder(TEACHER_TRAINER, TEACHER_PLANS)
+    if isfile(join(teacher_folder, f"fold_{ws.p.fold}", "checkpoint_final.pth")) or not _teacher_is_committed(ws):
+        return
+    record = join(ws.p.records_dir, basename(teacher_folder) + ".json")
+    archive = ws.p.teacher_archive or "(no archive: --no-teacher-archive)"
+    raise EvidenceError(
+        f"The committed records in {ws.p.records_dir} learned from the teacher of {record}, which neither this "
+        f"workspace nor the teacher archive {archive} holds. A teacher trained now would have other weights, and its "
+        f"students' records could not join those. Restore that archive (the folder the session that trained the "
+        f"teacher wrote), or give a new teacher records and results of their own with --tag (e.g. --tag teacher2), "
+        f"or pass --no-records. Nothing was trained.")
+
+
 def _subset_teacher_names(configuration: str, k: int) -> list[str]:
     return [f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}{i}of{k}__{configuration}" for i in range(1, k + 1)]
 
@@ -1161,7 +1180,8 @@ def save_workspace_records(ws: "Workspace", found: dict) -> list[str]:
         raise EvidenceError(
             f"This workspace's teacher is not the one of the committed records in {ws.p.records_dir} (other network "
             f"weights): its students' records would be mixed with those of another teacher. Restore the archived "
-            f"teacher (run without --no-teacher-archive in a new --workdir), or pass --no-records.")
+            f"teacher (run without --no-teacher-archive in a new --workdir), give this teacher records and results of "
+            f"their own with --tag (e.g. --tag teacher2), or pass --no-records.")
     written = [save_record(ws.p.records_dir, found["teacher"], None)] if found["teacher"]["folder"] else []
     subset = found.get("subset_teachers") or []
     for r in subset:

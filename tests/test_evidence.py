@@ -913,3 +913,29 @@ def test_the_report_pools_seeds_pairs_each_kd_student_with_the_plain_one_and_cho
     assert protocol_out["command"] == "python benchmarks/run_evidence.py (test)"
     assert "variants" not in protocol_out and "labels" not in protocol_out
     assert "| Adaptive KD | plain student | 0.25 | 2 | 4 | +0.0200 | [+0.0200, +0.0200] | yes |" in result["table"]
+
+
+def test_a_lost_teacher_archive_stops_the_protocol_before_a_new_teacher_trains_beside_its_records(tmp_path):
+    """The committed records learned from a teacher that neither the workspace nor the archive holds (a fresh machine,
+    the archive gone with the old one): training another teacher would end, hours later, in a report that refuses its
+    students' records. It stops before training and names the fixes; the workspace's own finished teacher, a protocol
+    without records, and a records folder without a teacher record all go ahead."""
+    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, collect,
+                                    refuse_a_new_teacher_beside_committed_records, save_workspace_records)
+
+    teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
+    records = join(str(tmp_path), "records")
+    old_machine = join(str(tmp_path), "old")
+    fake_model_folder(old_machine, teacher_name, {"plans_name": TEACHER_PLANS})
+    first = _RecordWorkspace(old_machine, records)
+    save_workspace_records(first, collect(first))
+    refuse_a_new_teacher_beside_committed_records(first)  # its teacher is here: nothing to refuse
+
+    fresh = _RecordWorkspace(join(str(tmp_path), "fresh"), records)
+    fresh.p.teacher_archive = join(str(tmp_path), "teachers", "lost")
+    with pytest.raises(EvidenceError, match=r"(?s)learned from the teacher of .*records.*" + teacher_name +
+                       r"\.json.*--tag \(e\.g\. --tag teacher2\).*--no-records\. Nothing was trained"):
+        refuse_a_new_teacher_beside_committed_records(fresh)
+    refuse_a_new_teacher_beside_committed_records(_RecordWorkspace(join(str(tmp_path), "fresh"), None))
+    refuse_a_new_teacher_beside_committed_records(
+        _RecordWorkspace(join(str(tmp_path), "fresh"), join(str(tmp_path), "records-teacher2")))
