@@ -171,7 +171,10 @@ def main(argv=None) -> None:
             ws.archive_teacher(teacher)
         report(ws)
     else:
-        run_protocol(protocol, report)
+        try:
+            run_protocol(protocol, report)
+        except EvidenceError as e:  # a refusal names its file and fix: no traceback
+            sys.exit(f"run_evidence.py: {e}")
 
 
 if __name__ == "__main__":

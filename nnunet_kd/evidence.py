@@ -522,7 +522,6 @@ class Workspace:
         if self.p.teacher_archive and restore_teacher(self.p.teacher_archive, self.folder(TEACHER_TRAINER, TEACHER_PLANS),
                                                       self.p.fold, plans_file, expected):
             print(f"  restored the archived teacher {self.p.teacher_archive}", flush=True)
-        refuse_a_new_teacher_beside_committed_records(self)
         return self.train(TEACHER_TRAINER, TEACHER_PLANS)
 
     def archive_teacher(self, teacher_folder: str) -> list[str]:
@@ -632,12 +631,15 @@ def run_protocol(protocol: Protocol, report=None) -> None:
     """Train and evaluate everything the protocol names that is not finished; ``report()`` after every model."""
     check_variants(protocol)  # a misspelt variant stops here, before hours of training
     ws = Workspace(protocol)
-    ws.preprocess()
-    teacher = None
     # Multi-teacher students learn from the subset teachers only: the protocol's teacher is trained for them only
     # when no committed record holds it (the report compares every student with it).
     bases = [method_and_variant(m)[0] for m, _ in protocol.runs]
-    if any(m != "multi_teacher" for m in bases) or not _teacher_is_committed(ws):
+    needs_teacher = any(m != "multi_teacher" for m in bases) or not _teacher_is_committed(ws)
+    if needs_teacher:
+        refuse_a_new_teacher_beside_committed_records(ws)  # before preprocessing too: minutes of it for nothing
+    ws.preprocess()
+    teacher = None
+    if needs_teacher:
         teacher = ws.teacher()
         ws.evaluate_on_test(teacher)
         ws.archive_teacher(teacher)
@@ -1018,9 +1020,11 @@ def refuse_a_new_teacher_beside_committed_records(ws: "Workspace") -> None:
     """Before a teacher is trained: the committed records (Protocol.records_dir) learned from a teacher that neither
     the workspace nor the archive holds (the archive lives outside the repository and is lost with its machine). A
     teacher trained now has other weights (a CPU run repeats on one machine, not across machines), so the report would
-    refuse its students' records after hours of training; stop before it instead."""
+    refuse its students' records after hours of training; stop before it instead. An archive is checked when it is
+    restored (restore_teacher)."""
     teacher_folder = ws.folder(TEACHER_TRAINER, TEACHER_PLANS)
-    if isfile(join(teacher_folder, f"fold_{ws.p.fold}", "checkpoint_final.pth")) or not _teacher_is_committed(ws):
+    if (isfile(join(teacher_folder, f"fold_{ws.p.fold}", "checkpoint_final.pth")) or not _teacher_is_committed(ws)
+            or ws.p.teacher_archive and isfile(join(ws.p.teacher_archive, TEACHER_MANIFEST))):
         return
     record = join(ws.p.records_dir, basename(teacher_folder) + ".json")
     archive = ws.p.teacher_archive or "(no archive: --no-teacher-archive)"

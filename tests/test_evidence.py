@@ -918,8 +918,8 @@ def test_the_report_pools_seeds_pairs_each_kd_student_with_the_plain_one_and_cho
 def test_a_lost_teacher_archive_stops_the_protocol_before_a_new_teacher_trains_beside_its_records(tmp_path):
     """The committed records learned from a teacher that neither the workspace nor the archive holds (a fresh machine,
     the archive gone with the old one): training another teacher would end, hours later, in a report that refuses its
-    students' records. It stops before training and names the fixes; the workspace's own finished teacher, a protocol
-    without records, and a records folder without a teacher record all go ahead."""
+    students' records. It stops before training and names the fixes; the workspace's own finished teacher, an archive
+    to restore, a protocol without records, and a records folder without a teacher record all go ahead."""
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, collect,
                                     refuse_a_new_teacher_beside_committed_records, save_workspace_records)
 
@@ -936,6 +936,10 @@ def test_a_lost_teacher_archive_stops_the_protocol_before_a_new_teacher_trains_b
     with pytest.raises(EvidenceError, match=r"(?s)learned from the teacher of .*records.*" + teacher_name +
                        r"\.json.*--tag \(e\.g\. --tag teacher2\).*--no-records\. Nothing was trained"):
         refuse_a_new_teacher_beside_committed_records(fresh)
+    os.makedirs(fresh.p.teacher_archive)
+    with open(join(fresh.p.teacher_archive, "manifest.json"), "w") as f:  # an archive: restore_teacher checks it
+        json.dump({"files": {}}, f)
+    refuse_a_new_teacher_beside_committed_records(fresh)
     refuse_a_new_teacher_beside_committed_records(_RecordWorkspace(join(str(tmp_path), "fresh"), None))
     refuse_a_new_teacher_beside_committed_records(
         _RecordWorkspace(join(str(tmp_path), "fresh"), join(str(tmp_path), "records-teacher2")))
