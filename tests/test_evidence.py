@@ -575,7 +575,8 @@ def test_the_peer_at_its_defaults_learns_from_every_fold_and_is_compared_with_th
 def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teacher_when_its_record_is_committed(
         tmp_path, monkeypatch):
     from nnunet_kd import evidence
-    from nnunet_kd.evidence import SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, collect, run_protocol
+    from nnunet_kd.evidence import (SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, collect,
+                                    run_protocol)
 
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
     at_three = _budget(3)
@@ -618,8 +619,16 @@ def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teache
     calls.clear()
     run_protocol(workspace.p)
     assert "teacher" not in calls and "subset_teachers" in calls
-    workspace.p.runs = [("multi_teacher", 0.25), ("plain", 0.25)]  # a student of the protocol teacher needs it
+    workspace.p.runs = [("multi_teacher", 0.25), ("plain", 0.25)]  # a student of the protocol teacher needs it,
     calls.clear()
+    # and a teacher trained now would not be the one of the committed record: refused before anything runs...
+    with pytest.raises(EvidenceError, match="Nothing was trained"):
+        run_protocol(workspace.p)
+    assert calls == []
+    # ...unless the workspace holds it
+    teacher_fold = join(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", "fold_0")
+    os.makedirs(teacher_fold)
+    open(join(teacher_fold, "checkpoint_final.pth"), "w").close()
     run_protocol(workspace.p)
     assert "teacher" in calls
 
