@@ -1442,8 +1442,8 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
         **({"labelled_fraction_seed": p.labelled_fraction_seed,
             "labels": f"every student of this file except '{LABELS[ALL_LABELS_PLAIN]}' trains with labels on the same "
                       f"seeded fraction {p.labelled_fraction:g} of the fold's training cases (one draw, seed "
-                      f"{p.labelled_fraction_seed}); methods with train_on_unlabelled also train on the rest of them "
-                      f"{'and on the unlabelled images' if p.unlabelled_images else ''} without labels; validation and "
+                      f"{p.labelled_fraction_seed}); methods with train_on_unlabelled also train on the rest of them"
+                      f"{' and on the unlabelled images' if p.unlabelled_images else ''} without labels; validation and "
                       f"test cases are never trained on",
             "unlabelled_images": p.unlabelled_images} if p.labelled_fraction is not None else {}),
         "budgets": {"teacher_iterations": p.teacher_epochs * p.iterations_per_epoch,
