@@ -168,8 +168,9 @@ CONTROLS = ("plain_seg_weight", "label_teacher")
 # A recipe variant of a KD method under the held-out protocol, 'METHOD:VARIANT' (e.g.
 # 'multiscale_contrastive:noContrastive'): the named --set overrides of that method's sweep file
 # (<Protocol.sweeps_dir>/<METHOD>.json, nnunet_kd.sweep), the same ones its validation sweep ran. Its plans name carries
-# '_v<VARIANT>'; it is compared with everything its method is compared with and with the method's preset itself (what
-# the variant changes). Variant names are letters and digits only: they name plans files.
+# '_v<VARIANT>'; it is compared with everything its method is compared with, with the method's preset itself (what
+# the variant changes) and with the variants its sweep file's "compare_with" names (compared_variants). Variant names
+# are letters and digits only: they name plans files.
 VARIANT_SEPARATOR = ":"
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9]+$")
 # Methods without a recipe of their own to vary: the plain student; the peer at its defaults is defined by them.
@@ -1261,16 +1262,17 @@ def _trained_on_of(found: dict) -> dict:
     return out
 
 
-def baselines_of(method: str, labelled_fraction: bool) -> list[str]:
+def baselines_of(method: str, labelled_fraction: bool, variants_compared: dict | None = None) -> list[str]:
     """What a row is compared with (besides the teacher): KD methods with the plain student and with each control
     (what the teacher adds beyond the control's re-weighting); controls with the plain student; with a labelled
     fraction, the plain student and the methods also with the plain student on all labels (what the missing labels
-    cost, and how much of it a method recovers)."""
+    cost, and how much of it a method recovers). A variant also with its method's preset and with the runs of
+    ``variants_compared[method]`` (compared_variants: the variants its sweep file's "compare_with" names)."""
     if method == ALL_LABELS_PLAIN:
         return []
     base, variant = method_and_variant(method)
     if variant is not None:  # and with the method's preset: what the variant's overrides change
-        return [*baselines_of(base, labelled_fraction), base]
+        return [*baselines_of(base, labelled_fraction), base, *(variants_compared or {}).get(method, [])]
     baselines = [] if method == "plain" else ["plain"] if method in CONTROLS else ["plain", *CONTROLS]
     if method == "multi_teacher":  # what k subset teachers give against one teacher trained on all of their cases
         baselines.append("adaptive")
@@ -1281,8 +1283,23 @@ def baselines_of(method: str, labelled_fraction: bool) -> list[str]:
     return baselines + ([ALL_LABELS_PLAIN] if labelled_fraction and method not in CONTROLS else [])
 
 
+def compared_variants(sweeps_dir: str | None, methods) -> dict:
+    """For each variant run 'METHOD:VARIANT' of ``methods``, the runs 'METHOD:OTHER' of the variants that its sweep
+    file's "compare_with" names: an ablation of a variant (e.g. the chosen recipe without its contrastive term) is
+    compared with the variant it ablates, held out as on validation (nnunet_kd.sweep.sweep_comparisons)."""
+    from nnunet_kd.sweep import load_sweep
+
+    out = {}
+    for method in methods:
+        base, variant = method_and_variant(method)
+        if variant is not None:
+            also = load_sweep(sweep_file_of(sweeps_dir, method)).variants[variant].get("compare_with", [])
+            out[method] = [f"{base}{VARIANT_SEPARATOR}{other}" for other in also]
+    return out
+
+
 def paired_comparisons(students: dict, teacher: dict, cases: list[str], labelled_fraction: bool,
-                       subset_ensemble: dict | None = None) -> list[dict]:
+                       subset_ensemble: dict | None = None, variants_compared: dict | None = None) -> list[dict]:
     """Paired per-case (and per-seed) Dice differences of every row with its baselines (seeds both have) and with the
     teacher (a multi-teacher student also with the ensemble of its subset teachers); bootstrap CIs."""
     teacher_dice = _dice_matrix([teacher], cases)
@@ -1290,7 +1307,7 @@ def paired_comparisons(students: dict, teacher: dict, cases: list[str], labelled
     for (method, width), by_seed in sorted(students.items(), key=lambda kv: _row_order(kv[0])):
         if method == ALL_LABELS_PLAIN:
             continue  # a reference row
-        for baseline in baselines_of(method, labelled_fraction):
+        for baseline in dict.fromkeys(baselines_of(method, labelled_fraction, variants_compared)):
             other = students.get((baseline, width), {})
             seeds = sorted(set(by_seed) & set(other))
             if seeds:
@@ -1394,7 +1411,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                      **_summarise(records, cases, voxel_ml, labels)})
 
     comparisons = paired_comparisons(found["students"], teacher, cases, p.labelled_fraction is not None,
-                                     subset_ensemble)
+                                     subset_ensemble, compared_variants(p.sweeps_dir, {m for m, _ in found["students"]}))
 
     plateaus = {}
     for (method, width), by_seed in found["students"].items():

@@ -768,7 +768,7 @@ def _write_sweep(tmp_path, variants: dict, method: str = "multiscale_contrastive
 
 def test_a_variant_is_what_its_sweep_file_says_now_and_an_older_definition_is_left_out(tmp_path):
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, check_variants, collect,
-                                    paired_comparisons, variant_recipe)
+                                    compared_variants, paired_comparisons, variant_recipe)
 
     seg1 = ["methods.multiscale_contrastive.weights.segmentation=1.0"]
     sweeps = _write_sweep(tmp_path, {"seg1": seg1})
@@ -794,6 +794,27 @@ def test_a_variant_is_what_its_sweep_file_says_now_and_an_older_definition_is_le
                    paired_comparisons(found["students"], found["teacher"], ["case_010"], labelled_fraction=False)}
     assert comparisons[("multiscale_contrastive:seg1", "multiscale_contrastive")] == pytest.approx(0.75 - 0.65)
     assert comparisons[("multiscale_contrastive:seg1", "plain")] == pytest.approx(0.75 - 0.6)
+
+    # An ablation of a variant is compared held out with the variant it ablates, as its sweep file's "compare_with"
+    # says (as the validation sweep compares them), besides the plain student and the preset.
+    seg1_kl = seg1 + ["methods.multiscale_contrastive.weights.kl=0.5"]
+    _write_sweep(tmp_path, {"seg1": seg1, "seg1Kl": seg1_kl})
+    with open(join(sweeps, "multiscale_contrastive.json")) as f:
+        sweep = json.load(f)
+    sweep["variants"]["seg1Kl"]["compare_with"] = ["seg1"]
+    with open(join(sweeps, "multiscale_contrastive.json"), "w") as f:
+        json.dump(sweep, f)
+    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg1Kl')}__2d",
+                      plans(seg1_kl), weight=1.7)
+    found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
+    also = compared_variants(sweeps, [m for m, _ in found["students"]])
+    assert also == {"multiscale_contrastive:seg1": [], "multiscale_contrastive:seg1Kl": ["multiscale_contrastive:seg1"]}
+    comparisons = {(c["method"], c["baseline"]): c["mean_diff"] for c in paired_comparisons(
+        found["students"], found["teacher"], ["case_010"], labelled_fraction=False, variants_compared=also)}
+    assert comparisons[("multiscale_contrastive:seg1Kl", "multiscale_contrastive:seg1")] == pytest.approx(0.85 - 0.75)
+    assert comparisons[("multiscale_contrastive:seg1Kl", "multiscale_contrastive")] == pytest.approx(0.85 - 0.65)
+    assert ("multiscale_contrastive:seg1", "multiscale_contrastive:seg1Kl") not in comparisons
+    shutil.rmtree(join(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg1Kl')}__2d"))
 
     # The sweep file now defines seg1 otherwise, or drops its override: the model trained as the old seg1 is another
     # recipe, left out with the setting that differs.
