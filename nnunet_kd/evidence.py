@@ -1410,8 +1410,9 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                      "latency": timed(f"width {width}", records),
                      **_summarise(records, cases, voxel_ml, labels)})
 
+    variants = sorted({m for m, _ in found["students"] if method_and_variant(m)[1] is not None})
     comparisons = paired_comparisons(found["students"], teacher, cases, p.labelled_fraction is not None,
-                                     subset_ensemble, compared_variants(p.sweeps_dir, {m for m, _ in found["students"]}))
+                                     subset_ensemble, compared_variants(p.sweeps_dir, variants))
 
     plateaus = {}
     for (method, width), by_seed in found["students"].items():
@@ -1435,7 +1436,6 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
             best[str(width)] = {"method": method, "validation_mean_dice": row["validation_mean_dice"]}
 
     teacher_cfg = teacher_plans["configurations"][p.configuration]
-    variants = sorted({m for m, _ in found["students"] if method_and_variant(m)[1] is not None})
     protocol = {
         "dataset": p.dataset_name, "configuration": p.configuration, "fold": p.fold,
         "split_file": os.path.relpath(p.split_file, os.getcwd()) if os.path.isabs(p.split_file) else p.split_file,

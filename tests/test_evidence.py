@@ -754,14 +754,17 @@ def test_a_recipe_variant_runs_under_the_protocol_with_plans_of_its_own(tmp_path
     assert trained == ["nnUNetTrainerKD_MultiScaleContrastive"] * 2
 
 
-def _write_sweep(tmp_path, variants: dict, method: str = "multiscale_contrastive") -> str:
-    """A sweep file of ``method`` in <tmp_path>/sweeps with the preset and ``variants`` (name -> overrides)."""
+def _write_sweep(tmp_path, variants: dict, method: str = "multiscale_contrastive", compare_with: dict | None = None) -> str:
+    """A sweep file of ``method`` in <tmp_path>/sweeps with the preset and ``variants`` (name -> overrides), each
+    compared with the variants ``compare_with`` names for it (name -> [variant, ...])."""
     sweeps = join(str(tmp_path), "sweeps")
     os.makedirs(sweeps, exist_ok=True)
     with open(join(sweeps, f"{method}.json"), "w") as f:
         json.dump({"method": method, "baseline": "default",
                    "variants": {"default": {"why": "the preset", "set": []},
-                                **{name: {"why": "a test", "set": overrides} for name, overrides in variants.items()}}},
+                                **{name: {"why": "a test", "set": overrides,
+                                          **({"compare_with": compare_with[name]} if name in (compare_with or {}) else {})}
+                                   for name, overrides in variants.items()}}},
                   f)
     return sweeps
 
@@ -798,12 +801,7 @@ def test_a_variant_is_what_its_sweep_file_says_now_and_an_older_definition_is_le
     # An ablation of a variant is compared held out with the variant it ablates, as its sweep file's "compare_with"
     # says (as the validation sweep compares them), besides the plain student and the preset.
     seg1_kl = seg1 + ["methods.multiscale_contrastive.weights.kl=0.5"]
-    _write_sweep(tmp_path, {"seg1": seg1, "seg1Kl": seg1_kl})
-    with open(join(sweeps, "multiscale_contrastive.json")) as f:
-        sweep = json.load(f)
-    sweep["variants"]["seg1Kl"]["compare_with"] = ["seg1"]
-    with open(join(sweeps, "multiscale_contrastive.json"), "w") as f:
-        json.dump(sweep, f)
+    _write_sweep(tmp_path, {"seg1": seg1, "seg1Kl": seg1_kl}, compare_with={"seg1Kl": ["seg1"]})
     fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg1Kl')}__2d",
                       plans(seg1_kl), weight=1.7)
     found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
