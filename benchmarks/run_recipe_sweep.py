@@ -8,12 +8,13 @@ cases of the held-out protocol's training split (never on its test cases).
 
 Shares the workspace (and so the teacher) of benchmarks/run_evidence.py; resumable (finished models are reused).
 Rewrites benchmarks/results/<dataset>-<configuration>-<device>-<method>-sweep-<iterations>it.{json,md} after every
-model. The protocol is nnunet_kd.sweep.
+model (with --tag, ...-<tag>.{json,md}). The protocol is nnunet_kd.sweep.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -55,7 +56,13 @@ def main(argv=None) -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--commit", action="store_true", help="git commit the results files after every model")
     parser.add_argument("--out", default=join(HERE, "results"))
+    parser.add_argument("--tag", default=None,
+                        help="The teacher series of this workspace, as run_evidence.py's --tag names it (e.g. teacher2): "
+                             "the results file (...-sweep-<iterations>it[-labelled<fraction>]-<tag>.json) is its own, "
+                             "so a sweep on another teacher does not replace the first series' file")
     args = parser.parse_args(argv)
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", args.tag):
+        parser.error(f"--tag {args.tag!r}: letters, digits, '_' and '.' only (it becomes part of file names).")
     if args.labelled_fraction is not None and not 0 < args.labelled_fraction < 1:
         parser.error(f"--labelled-fraction {args.labelled_fraction}: expected a fraction in (0, 1), e.g. 0.5")
     if args.subset_teachers < 2:
@@ -78,11 +85,12 @@ def main(argv=None) -> None:
         labelled_fraction_seed=args.labelled_fraction_seed, subset_teachers=args.subset_teachers)
     command = "python benchmarks/run_recipe_sweep.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
-    fraction = "" if args.labelled_fraction is None else f"-labelled{str(args.labelled_fraction).replace('.', 'p')}"
+    suffix = "" if args.labelled_fraction is None else f"-labelled{str(args.labelled_fraction).replace('.', 'p')}"
     if sweep.method == "multi_teacher":  # the students of another number of subset teachers have their own file
-        fraction += f"-k{args.subset_teachers}"
+        suffix += f"-k{args.subset_teachers}"
+    suffix += f"-{args.tag}" if args.tag else ""
     json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-{sweep.method}-sweep-"
-                               f"{args.student_epochs * args.iterations_per_epoch}it{fraction}.json")
+                               f"{args.student_epochs * args.iterations_per_epoch}it{suffix}.json")
     ws = Workspace(protocol)
 
     def report() -> None:
