@@ -1264,9 +1264,9 @@ def _trained_on_of(found: dict) -> dict:
 
 def baselines_of(method: str, labelled_fraction: bool, variants_compared: dict | None = None) -> list[str]:
     """What a row is compared with (besides the teacher): KD methods with the plain student and with each control
-    (what the teacher adds beyond the control's re-weighting); controls with the plain student; with a labelled
-    fraction, the plain student and the methods also with the plain student on all labels (what the missing labels
-    cost, and how much of it a method recovers). A variant also with its method's preset and with the runs of
+    (what the teacher adds beyond the control's re-weighting), the mission's other methods also with Adaptive KD;
+    controls with the plain student; with a labelled fraction, the plain student and the methods also with the plain
+    student on all labels (what the missing labels cost, and how much of it a method recovers). A variant also with its method's preset and with the runs of
     ``variants_compared[method]`` (compared_variants: the variants its sweep file's "compare_with" names)."""
     if method == ALL_LABELS_PLAIN:
         return []
@@ -1274,7 +1274,9 @@ def baselines_of(method: str, labelled_fraction: bool, variants_compared: dict |
     if variant is not None:  # and with the method's preset: what the variant's overrides change
         return [*baselines_of(base, labelled_fraction), base, *(variants_compared or {}).get(method, [])]
     baselines = [] if method == "plain" else ["plain"] if method in CONTROLS else ["plain", *CONTROLS]
-    if method == "multi_teacher":  # what k subset teachers give against one teacher trained on all of their cases
+    if method in ("multi_teacher", "mskd", "multiscale_contrastive"):
+        # against Adaptive KD, the first method, from one teacher on all the cases (for multi-teacher KD: what k subset
+        # teachers give against it): which of the mission's methods to use, paired on the same cases and seeds
         baselines.append("adaptive")
     if method == "logit_all_folds":  # what the peer's fold ensemble adds to its recipe from the one teacher
         baselines.append("logit")

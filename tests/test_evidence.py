@@ -443,6 +443,7 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
                                 weight=1.0 + i / 10) for i in (1, 2)]
     fake_model_folder(ws, f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 0, subset_teachers=2)}__2d",
                       student_budget, weight=1.5)
+    fake_model_folder(ws, f"nnUNetTrainerMSKD__{student_plans_name(0.25, 0)}__2d", student_budget, weight=1.3)
     workspace = _RecordWorkspace(ws, records)
     workspace.p.subset_teachers = 2
     workspace.p.teacher_epochs = 5
@@ -454,7 +455,7 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     os.makedirs(ensemble)
     shutil.copy(join(subset[1], "fold_0", "test_predictions", "summary.json"), ensemble)
     found = collect(workspace)
-    assert sorted(found["students"]) == [("adaptive", 0.25), ("multi_teacher", 0.25), ("plain", 0.25)]
+    assert sorted(found["students"]) == [("adaptive", 0.25), ("mskd", 0.25), ("multi_teacher", 0.25), ("plain", 0.25)]
     assert found["subset_ensemble"]["test"]["case_010"]["1"]["Dice"] == pytest.approx(0.6)
 
     # The student of the subset teachers is compared with the plain student, with the student of one teacher trained
@@ -466,6 +467,9 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     assert comparisons[("multi_teacher", "teacher")] == pytest.approx(0.75 - 0.9)
     assert comparisons[("multi_teacher", "subset_teachers_ensemble")] == pytest.approx(0.75 - 0.6)
     assert ("adaptive", "subset_teachers_ensemble") not in comparisons
+    # The mission's other methods are ranked against Adaptive KD on the same cases and seeds too
+    assert comparisons[("mskd", "adaptive")] == pytest.approx(0.65 - 0.7)
+    assert ("adaptive", "mskd") not in comparisons and ("mskd", "subset_teachers_ensemble") not in comparisons
     # The subset teachers and their ensemble are rows of a file with a multi-teacher student, and of no other file
     # of the same workspace.
     from nnunet_kd.evidence import subset_teacher_rows
@@ -487,7 +491,7 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     again = _RecordWorkspace(fresh, records)
     again.p.subset_teachers, again.p.teacher_epochs = 2, 5
     pooled = collect(again)
-    assert sorted(pooled["students"]) == [("adaptive", 0.25), ("multi_teacher", 0.25), ("plain", 0.25)]
+    assert sorted(pooled["students"]) == [("adaptive", 0.25), ("mskd", 0.25), ("multi_teacher", 0.25), ("plain", 0.25)]
     assert pooled["skipped"] == [] and len(pooled["subset_teachers"]) == 2
     # The ensemble has no checkpoint: its per-case record, named after its members, keeps its row and comparison.
     assert committed[f"{SUBSET_ENSEMBLE}_k2__2d"]["teacher_network_weights_sha256"] == subset_shas
@@ -723,6 +727,8 @@ def test_a_recipe_variant_runs_under_the_protocol_with_plans_of_its_own(tmp_path
     assert baselines_of("multiscale_contrastive:noContrastive", True) == \
         baselines_of("multiscale_contrastive", True) + ["multiscale_contrastive"]
     assert ALL_LABELS_PLAIN in baselines_of("multiscale_contrastive:noContrastive", True)
+    assert baselines_of("multiscale_contrastive", False) == baselines_of("mskd", False) == \
+        ["plain", "plain_seg_weight", "label_teacher", "adaptive", "logit", "logit_all_folds"]
     assert label_of("multiscale_contrastive:noContrastive") == "multi-scale contrastive KD, variant noContrastive"
 
     # run_protocol plans the variant with its sweep file's overrides, under its own name, and trains the method's trainer
