@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -38,8 +37,8 @@ def main(argv=None) -> None:
 
     from nnunet_kd.compare import device_label
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, Workspace, _model_record,
-                                    build_report, check_variants, collect, parse_runs, run_protocol,
-                                    save_workspace_records, write_report)
+                                    build_report, check_variants, collect, parse_runs, results_tag_error,
+                                    run_protocol, save_workspace_records, write_report)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -111,8 +110,8 @@ def main(argv=None) -> None:
         if not os.path.isdir(args.unlabelled_images):
             parser.error(f"--unlabelled-images {args.unlabelled_images}: not a folder.")
 
-    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", args.tag):
-        parser.error(f"--tag {args.tag!r}: letters, digits, '_' and '.' only (it becomes part of file names).")
+    if results_tag_error(args.tag):
+        parser.error(results_tag_error(args.tag))
     tag = f"-{args.tag}" if args.tag else ""
     dataset = basename(os.path.normpath(args.raw_dataset))
     try:

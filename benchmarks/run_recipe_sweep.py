@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -27,7 +26,7 @@ def main(argv=None) -> None:
     import torch
 
     from nnunet_kd.compare import device_label
-    from nnunet_kd.evidence import Protocol, Workspace
+    from nnunet_kd.evidence import Protocol, Workspace, results_tag_error
     from nnunet_kd.sweep import build_sweep_report, load_sweep, run_sweep, write_sweep_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -61,8 +60,8 @@ def main(argv=None) -> None:
                              "the results file (...-sweep-<iterations>it[-labelled<fraction>]-<tag>.json) is its own, "
                              "so a sweep on another teacher does not replace the first series' file")
     args = parser.parse_args(argv)
-    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", args.tag):
-        parser.error(f"--tag {args.tag!r}: letters, digits, '_' and '.' only (it becomes part of file names).")
+    if results_tag_error(args.tag):
+        parser.error(results_tag_error(args.tag))
     if args.labelled_fraction is not None and not 0 < args.labelled_fraction < 1:
         parser.error(f"--labelled-fraction {args.labelled_fraction}: expected a fraction in (0, 1), e.g. 0.5")
     if args.subset_teachers < 2:

@@ -177,6 +177,14 @@ VARIANT_NAME = re.compile(r"^[A-Za-z0-9]+$")
 NO_VARIANTS = ("plain", "logit_all_folds")
 
 
+def results_tag_error(tag: str | None) -> str | None:
+    """Why ``tag`` (run_evidence.py's and run_recipe_sweep.py's --tag, which becomes part of results file names) is
+    refused, or None when it is acceptable (None too: no tag)."""
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", tag):
+        return f"--tag {tag!r}: letters, digits, '_' and '.' only (it becomes part of file names)."
+    return None
+
+
 def method_and_variant(method: str) -> tuple[str, str | None]:
     """'multiscale_contrastive:noContrastive' -> ('multiscale_contrastive', 'noContrastive'); 'adaptive' -> ('adaptive',
     None)."""
@@ -1266,8 +1274,8 @@ def baselines_of(method: str, labelled_fraction: bool, variants_compared: dict |
     """What a row is compared with (besides the teacher): KD methods with the plain student and with each control
     (what the teacher adds beyond the control's re-weighting), the mission's other methods also with Adaptive KD;
     controls with the plain student; with a labelled fraction, the plain student and the methods also with the plain
-    student on all labels (what the missing labels cost, and how much of it a method recovers). A variant also with its method's preset and with the runs of
-    ``variants_compared[method]`` (compared_variants: the variants its sweep file's "compare_with" names)."""
+    student on all labels (what the missing labels cost, and how much of it a method recovers). A variant also with
+    its method's preset and with the runs of ``variants_compared[method]`` (compared_variants: the variants its sweep file's "compare_with" names)."""
     if method == ALL_LABELS_PLAIN:
         return []
     base, variant = method_and_variant(method)

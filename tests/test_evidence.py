@@ -977,3 +977,12 @@ def test_a_lost_teacher_archive_stops_the_protocol_before_a_new_teacher_trains_b
     refuse_a_new_teacher_beside_committed_records(_RecordWorkspace(join(str(tmp_path), "fresh"), None))
     refuse_a_new_teacher_beside_committed_records(
         _RecordWorkspace(join(str(tmp_path), "fresh"), join(str(tmp_path), "records-teacher2")))
+
+
+def test_a_results_tag_is_refused_when_it_would_not_make_a_plain_file_name():
+    from nnunet_kd.evidence import results_tag_error
+
+    for fine in (None, "teacher2", "6000it", "40it_val50", "v1.2"):
+        assert results_tag_error(fine) is None
+    for bad in ("bad/x", "", ".hidden", "a b", "-x"):
+        assert "letters, digits, '_' and '.' only" in results_tag_error(bad)
