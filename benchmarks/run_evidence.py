@@ -37,8 +37,8 @@ def main(argv=None) -> None:
 
     from nnunet_kd.compare import device_label
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, Workspace, _model_record,
-                                    build_report, check_variants, collect, parse_runs, results_tag_error,
-                                    run_protocol, save_workspace_records, write_report)
+                                    build_report, check_variants, collect, parse_runs, reproducing_commands,
+                                    results_tag_error, run_protocol, save_workspace_records, write_report)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -138,9 +138,10 @@ def main(argv=None) -> None:
         check_variants(protocol)
     except EvidenceError as e:
         parser.error(str(e))
-    # The command that reproduces the results: --report-only and --commit change nothing that is measured.
-    command = "python benchmarks/run_evidence.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit"))
+    # This invocation (--report-only and --commit change nothing that is measured); the results file states the
+    # command that reproduces all of its rows (reproducing_commands), this one only where it differs
+    invocation = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--commit")]
+    last_invocation = "python benchmarks/run_evidence.py " + " ".join(shlex.quote(a) for a in invocation)
     labels = "" if args.labelled_fraction is None else \
         f"-labelled{args.labelled_fraction:g}".replace(".", "p") + ("-extra-unlabelled" if args.unlabelled_images else "")
     json_path = join(args.out, f"{dataset}-{args.configuration}-{device_label(args.device)}-heldout{labels}{tag}.json")
@@ -152,7 +153,9 @@ def main(argv=None) -> None:
     def report(ws: Workspace) -> None:
         found = collect(ws)
         records = save_workspace_records(ws, found)
-        result = build_report(ws, command, latency_cache, found)
+        commands = reproducing_commands(invocation, found["students"])
+        result = build_report(ws, commands["command"] or last_invocation, latency_cache, found,
+                              all_labels_command=commands.get("all_labels"), last_invocation=last_invocation)
         written = write_report(result, json_path)
         print(f"\n{result['table']}\n\nwritten: {', '.join(written)}"
               + (f"; {len(records)} model records in {protocol.records_dir}" if records else ""), flush=True)

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -183,6 +184,67 @@ def results_tag_error(tag: str | None) -> str | None:
     if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", tag):
         return f"--tag {tag!r}: letters, digits, '_' and '.' only (it becomes part of file names)."
     return None
+
+
+# run_evidence.py's options that choose which students train (replaced in a reproducing command) and those that make
+# a protocol one of students on part of the labels (dropped from the command of its all-labels plain rows): option ->
+# how many values it takes ("+": one or more).
+_RUN_CHOICE_OPTIONS = {"--runs": "+", "--seeds": "+"}
+_LABELLED_FRACTION_OPTIONS = {"--labelled-fraction": 1, "--labelled-fraction-seed": 1, "--unlabelled-images": 1}
+_NOTHING_MEASURED_OPTIONS = {"--report-only": 0, "--commit": 0}
+
+
+def _is_option(token: str) -> bool:
+    try:
+        float(token)
+        return False  # a negative number is a value
+    except ValueError:
+        return token.startswith("-") and len(token) > 1
+
+
+def _without_options(tokens: list[str], options: dict) -> list[str]:
+    """tokens less every option of ``options`` and its values (--name value, --name=value, --name v1 v2 ...)."""
+    kept, skip, skip_until_option = [], 0, False
+    for token in tokens:
+        if _is_option(token):
+            skip, skip_until_option = 0, False
+            name, has_value = token.split("=", 1)[0], "=" in token
+            if name in options:
+                nargs = options[name]
+                skip_until_option = nargs == "+" and not has_value
+                skip = 0 if (has_value or nargs == "+") else nargs
+                continue
+            kept.append(token)
+        elif skip_until_option:
+            continue
+        elif skip:
+            skip -= 1
+        else:
+            kept.append(token)
+    return kept
+
+
+def reproducing_commands(invocation: list[str], students: dict) -> dict:
+    """The run_evidence.py commands that train and report every student row of a results file. A file gathers the
+    finished models of every invocation of one protocol (same budgets, teacher and labels), so the invocation that
+    wrote it last names only some of them: its arguments are kept and --runs / --seeds replaced by every METHOD@WIDTH
+    and seed the file holds (where rows differ in seeds, the union: the row's seed count says which exist).
+    ``students`` maps (method, width) -> {seed: ...} (collect()'s "students"). The plain students on all labels of a
+    labelled-fraction file come from that protocol without the fraction: their own command, under "all_labels"."""
+    base = _without_options(list(invocation), {**_RUN_CHOICE_OPTIONS, **_NOTHING_MEASURED_OPTIONS})
+
+    def command(tokens: list[str], rows: dict) -> str:
+        runs = [f"{method}@{width:g}" for method, width in sorted(rows, key=_row_order)]
+        seeds = sorted({s for by_seed in rows.values() for s in by_seed})
+        return "python benchmarks/run_evidence.py " + " ".join(
+            shlex.quote(a) for a in tokens + ["--runs", *runs, "--seeds", *map(str, seeds)])
+
+    own = {k: v for k, v in students.items() if k[0] != ALL_LABELS_PLAIN}
+    all_labels = {("plain", w): v for (m, w), v in students.items() if m == ALL_LABELS_PLAIN}
+    commands = {"command": command(base, own) if own else None}
+    if all_labels:
+        commands["all_labels"] = command(_without_options(base, _LABELLED_FRACTION_OPTIONS), all_labels)
+    return commands
 
 
 def method_and_variant(method: str) -> tuple[str, str | None]:
@@ -1358,9 +1420,12 @@ def subset_teacher_rows(found: dict) -> tuple[list[dict], dict | None]:
 
 
 def build_report(ws: "Workspace", command: str, latency_cache_file: str | None = None,
-                 found: dict | None = None) -> dict:
+                 found: dict | None = None, all_labels_command: str | None = None,
+                 last_invocation: str | None = None) -> dict:
     """The results document: protocol, one row per model (mean over seeds and test cases), paired comparisons,
-    plateau of the plain students, latency per width, best KD per width (chosen on validation)."""
+    plateau of the plain students, latency per width, best KD per width (chosen on validation). ``command`` reproduces
+    the file (reproducing_commands), ``all_labels_command`` its all-labels plain rows, ``last_invocation`` is the run
+    that wrote it (informative only: it may name a part of the rows)."""
     import platform
 
     import torch
@@ -1484,6 +1549,8 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                     "batch_size": teacher_cfg["batch_size"], "patch_size": teacher_cfg["patch_size"]},
         "device": p.device, "device_name": device_label(p.device), "torch": torch.__version__,
         "host": platform.node(), "command": command,
+        **({"all_labels_command": all_labels_command} if all_labels_command else {}),
+        **({"last_invocation": last_invocation} if last_invocation and last_invocation != command else {}),
         # the models of one file may come from several sessions and machines (committed records); latency is measured
         # on the reporting machine only
         "trained_on": _trained_on_of(found),
@@ -1652,6 +1719,10 @@ def write_report(result: dict, json_path: str) -> list[str]:
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, json_path)
+    protocol = result["protocol"]
+    reproduce = "".join(f"\n{what}: `{protocol[key]}`\n" for key, what in (
+        ("command", "Command (trains what is missing, then rewrites this file)"),
+        ("all_labels_command", "The all-labels plain rows")) if protocol.get(key))
     with open(stem + ".md", "w") as f:
-        f.write(result["table"] + "\n")
+        f.write(result["table"] + "\n" + reproduce)
     return [json_path, stem + ".md"] + plots

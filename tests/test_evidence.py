@@ -986,3 +986,30 @@ def test_a_results_tag_is_refused_when_it_would_not_make_a_plain_file_name():
         assert results_tag_error(fine) is None
     for bad in ("bad/x", "", ".hidden", "a b", "-x"):
         assert "letters, digits, '_' and '.' only" in results_tag_error(bad)
+
+
+def test_a_results_file_names_the_command_that_reproduces_every_row_not_only_the_last_invocation():
+    """A results file gathers the models of several invocations of one protocol (one seed per session, a variant
+    added later): its command keeps the invocation's protocol and lists every METHOD@WIDTH and seed the file holds;
+    the all-labels plain rows of a labelled-fraction file get the command without the fraction."""
+    from nnunet_kd.evidence import reproducing_commands
+
+    last = ("--raw-dataset ../shared/data/Dataset004_Hippocampus -c 2d --labelled-fraction=0.25 --runs "
+            "multiscale_contrastive:encoderHintsOnly@0.25 --seeds 2 --commit --tag teacher2 --unlabelled-images "
+            "/data/imagesTs --labelled-fraction-seed 0 --max-batch-size 32").split()
+    students = {("multiscale_contrastive:encoderHintsOnly", 0.25): {2: {}},
+                ("plain", 0.25): {0: {}, 1: {}}, ("adaptive", 0.125): {1: {}},
+                ("plain_all_labels", 0.25): {0: {}, 1: {}, 2: {}}}
+    commands = reproducing_commands(last, students)
+    assert commands["command"] == (
+        "python benchmarks/run_evidence.py --raw-dataset ../shared/data/Dataset004_Hippocampus -c 2d "
+        "--labelled-fraction=0.25 --tag teacher2 --unlabelled-images /data/imagesTs --labelled-fraction-seed 0 "
+        "--max-batch-size 32 --runs plain@0.25 multiscale_contrastive:encoderHintsOnly@0.25 adaptive@0.125 "
+        "--seeds 0 1 2")
+    assert commands["all_labels"] == (
+        "python benchmarks/run_evidence.py --raw-dataset ../shared/data/Dataset004_Hippocampus -c 2d --tag teacher2 "
+        "--max-batch-size 32 --runs plain@0.25 --seeds 0 1 2")
+    # a file on all labels has no second command; its plain rows are its own
+    assert reproducing_commands(["-c", "2d", "--seeds", "0", "--runs", "plain@0.5"],
+                                {("plain", 0.5): {0: {}, 1: {}}}) == {
+        "command": "python benchmarks/run_evidence.py -c 2d --runs plain@0.5 --seeds 0 1"}
