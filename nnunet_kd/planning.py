@@ -300,33 +300,64 @@ def _plans_to_write(output_file: str, output_plans_name: str, dataset_name: str,
     return plans
 
 
+def parse_label_map(assignments) -> dict | None:
+    """--label-map Anterior=hippocampus Posterior=hippocampus -> {'Anterior': 'hippocampus', 'Posterior':
+    'hippocampus'} (label names as in the two dataset.json files); None when not given."""
+    if not assignments:
+        return None
+    label_map = {}
+    for assignment in assignments:
+        teacher_label, sep, student_label = assignment.partition("=")
+        if not sep or not teacher_label or not student_label:
+            raise PlanningError(f"--label-map expects TEACHER_LABEL=STUDENT_LABEL (names as in the teacher's and the "
+                                f"student's dataset.json), got '{assignment}'.")
+        if label_map.get(teacher_label, student_label) != student_label:
+            raise PlanningError(f"--label-map maps teacher label '{teacher_label}' twice ('{label_map[teacher_label]}' "
+                                f"and '{student_label}'): a teacher class goes to one student label.")
+        label_map[teacher_label] = student_label
+    return label_map
+
+
 def _check_teachers_against_student(teacher_folders: list[str], teacher_folds: list, plans: dict, configuration: str,
                                     student_dataset_json: dict, output_file: str, student_dataset_json_file: str,
-                                    dataset_name: str) -> None:
-    """Every teacher must see the student's inputs and predict its labels (teacher.check_teacher_compatible)."""
+                                    dataset_name: str, label_map: dict | None = None) -> None:
+    """Every teacher must see the student's inputs and predict its labels (teacher.check_teacher_compatible), or,
+    with a label map, labels that the map sends onto the student's (checked as the trainer checks it: every other
+    property must still match)."""
+    from nnunet_kd.distill.teachers import label_map_channels
+
     manager = PlansManager(plans)
+    region_based = manager.get_label_manager(student_dataset_json).has_regions
     for folder in teacher_folders:
         for name in ("plans.json", "dataset.json"):
             if not isfile(join(folder, name)):
                 raise PlanningError(f"{join(folder, name)} not found: every --teacher must be a trained nnU-Net model "
                                     f"folder ($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
+        teacher_dataset_json = load_json(join(folder, "dataset.json"))
+        compared_dataset_json = student_dataset_json
+        if label_map is not None:
+            label_map_channels(label_map, teacher_dataset_json, student_dataset_json, region_based,
+                               f"--label-map for the teacher {folder} (labels in {join(folder, 'dataset.json')}) and "
+                               f"the student ({student_dataset_json_file})")
+            compared_dataset_json = dict(student_dataset_json, labels=teacher_dataset_json.get("labels"))
         for fold in teacher_folds:
             model = TeacherModel(model_folder=folder, fold=fold, checkpoint_file="",
-                                 plans=load_json(join(folder, "plans.json")),
-                                 dataset_json=load_json(join(folder, "dataset.json")), configuration=configuration,
-                                 trainer_name="")
-            check_teacher_compatible(model, manager, manager.get_configuration(configuration), student_dataset_json,
+                                 plans=load_json(join(folder, "plans.json")), dataset_json=teacher_dataset_json,
+                                 configuration=configuration, trainer_name="")
+            check_teacher_compatible(model, manager, manager.get_configuration(configuration), compared_dataset_json,
                                      output_file, student_dataset_json_file)
 
 
 def _student_recipe(teacher_folders: list[str], teacher_folds: list, teacher_checkpoint: str,
                     allow_validation_overlap: bool, training: dict, labelled_fraction, labelled_fraction_seed: int,
-                    unlabelled: dict | None, temperature, overrides) -> dict:
+                    unlabelled: dict | None, temperature, overrides, label_map: dict | None = None) -> dict:
     """The recipe section of the plans: the default recipe (plans/*.json presets) for these teachers (one per folder
     and fold), with the command line's training settings, temperature and --set overrides."""
     recipe = default_recipe(teacher_folders[0])
     recipe["teacher"].update(fold=teacher_folds[0], checkpoint=teacher_checkpoint,
                              allow_validation_overlap=allow_validation_overlap)
+    if label_map is not None:  # every teacher's (the list below copies this entry)
+        recipe["teacher"]["label_map"] = dict(label_map)
     if len(teacher_folders) * len(teacher_folds) > 1:  # one teacher keeps the one-object form every earlier planner wrote
         first = recipe.pop("teacher")
         recipe["teachers"] = [
@@ -371,11 +402,14 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
                  verbose: bool = True, seed: int | None = None, max_latency: float | None = None,
                  min_speedup: float | None = None, width_candidates=None, latency_device: str = "cpu",
                  latency_case: str | None = None, labelled_fraction: float | None = None,
-                 labelled_fraction_seed: int = 0, unlabelled_images: str | None = None) -> str:
+                 labelled_fraction_seed: int = 0, unlabelled_images: str | None = None,
+                 label_map: dict | None = None) -> str:
     """Write ``nnUNet_preprocessed/<dataset>/<output_plans_name>.json``; returns its path. ``teacher_folder``: one
     teacher model folder, or a list of them (the student is derived from the first; every one is checked against it
     and distils into it, see the recipe's ``teachers``); ``teacher_fold``: one fold or a list of folds, one teacher
-    per fold of every folder. Everything is checked before anything is written."""
+    per fold of every folder; ``label_map`` ({teacher label name: student label name}) lets teachers with other (e.g.
+    finer) labels teach: each teacher's softened probabilities are summed per student label, unmapped classes count as
+    background. Everything is checked before anything is written."""
     teacher_folders = [abspath(f) for f in _distinct_teacher_folders(teacher_folder)]
     teacher_folds = _teacher_folds(teacher_fold)
     if not nnUNet_preprocessed.is_set():
@@ -425,7 +459,7 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
     plans = _plans_to_write(output_file, output_plans_name, dataset_name, teacher_plans, configuration, overwrite)
     plans["configurations"][configuration] = student_cfg
     _check_teachers_against_student(teacher_folders, teacher_folds, plans, configuration, student_dataset_json,
-                                    output_file, student_dataset_json_file, dataset_name)
+                                    output_file, student_dataset_json_file, dataset_name, label_map)
 
     recipe = _student_recipe(
         teacher_folders, teacher_folds, teacher_checkpoint, allow_validation_overlap,
@@ -435,7 +469,7 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
         None if unlabelled_cases is None else {"source": abspath(unlabelled_images),
                                                "folder": os.path.basename(unlabelled_folder),
                                                "cases": list(unlabelled_cases)},
-        temperature, overrides)
+        temperature, overrides, label_map)
     teacher_cost = network_cost(teacher_plans, teacher_dataset_json, configuration)
     student_cost = network_cost(plans, student_dataset_json, configuration)
     recipe["student"] = {
@@ -499,7 +533,14 @@ def main(argv=None) -> None:
                              "validation cases: add --allow-validation-overlap; the held-out test cases stay unseen)")
     parser.add_argument("--teacher-checkpoint", default="checkpoint_final.pth")
     parser.add_argument("--allow-validation-overlap", action="store_true",
-                        help="Accept a teacher trained on some of the student's validation cases (logged as a warning)")
+                        help="Accept a teacher trained on some of the student's validation cases (logged as a warning), "
+                             "or on another dataset (whose cases cannot be compared with the student's)")
+    parser.add_argument("--label-map", nargs="+", default=None, metavar="TEACHER_LABEL=STUDENT_LABEL",
+                        help="For teachers with other labels than the student's dataset (e.g. finer ones), every "
+                             "teacher's: label names as in the two dataset.json files, e.g. Anterior=hippocampus "
+                             "Posterior=hippocampus. A teacher's softened probabilities are summed per student label; "
+                             "unmapped teacher classes count as background (region-based: a student region is the "
+                             "union of the teacher regions mapped onto it)")
     parser.add_argument("--epochs", type=int, default=None, help="Training epochs (default nnU-Net's 1000)")
     parser.add_argument("--iterations-per-epoch", type=int, default=None, help="Default nnU-Net's 250")
     parser.add_argument("--val-iterations-per-epoch", type=int, default=None, help="Default nnU-Net's 50")
@@ -534,6 +575,7 @@ def main(argv=None) -> None:
     budget.add_argument("--latency-case", default=None, help="Preprocessed case to time (default: the first)")
     args = parser.parse_args(argv)
     try:
+        label_map = parse_label_map(args.label_map)
         plan_student(args.d, args.c, args.teacher, args.o, width=args.width, min_features=args.min_features,
                      n_conv_per_stage=args.n_conv_per_stage, n_conv_per_stage_decoder=args.n_conv_per_stage_decoder,
                      architecture=args.arch, teacher_fold=args.teacher_fold, teacher_checkpoint=args.teacher_checkpoint,
@@ -544,7 +586,8 @@ def main(argv=None) -> None:
                      max_latency=args.max_latency, min_speedup=args.min_speedup,
                      width_candidates=args.width_candidates, latency_device=args.latency_device,
                      latency_case=args.latency_case, labelled_fraction=args.labelled_fraction,
-                     labelled_fraction_seed=args.labelled_fraction_seed, unlabelled_images=args.unlabelled_images)
+                     labelled_fraction_seed=args.labelled_fraction_seed, unlabelled_images=args.unlabelled_images,
+                     label_map=label_map)
     except (PlanningError, RecipeError, RuntimeError) as e:
         print(f"nnUNetv2_kd_plan_student: error: {e}", file=sys.stderr)
         sys.exit(2)

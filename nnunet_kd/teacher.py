@@ -225,7 +225,9 @@ def check_teacher_compatible(teacher: TeacherModel, student_plans_manager: Plans
         raise TeacherError(
             f"Label mismatch: the teacher ({t_where}) predicts {teacher.dataset_json.get('labels')} but the student "
             f"dataset ({student_dataset_json_file}) has {student_dataset_json.get('labels')}. Output channels would "
-            f"be distilled onto the wrong classes. Use a teacher trained on the same label definition.")
+            f"be distilled onto the wrong classes. Use a teacher trained on the same label definition, or map the "
+            f"teacher's labels onto the student's (nnUNetv2_kd_plan_student --label-map TEACHER_LABEL=STUDENT_LABEL "
+            f"..., written to the recipe's teacher entry as \"label_map\").")
     t_channels = teacher.dataset_json.get("channel_names", teacher.dataset_json.get("modality"))
     s_channels = student_dataset_json.get("channel_names", student_dataset_json.get("modality"))
     t_n = determine_num_input_channels(t_plans, t_cfg, teacher.dataset_json)

@@ -3,6 +3,8 @@ after softening, unmapped classes to background; regions: OR), several teachers 
 is logged, and the step hands every term nnU-Net's own labels at the resolution it needs."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,6 +195,56 @@ def test_a_teacher_with_finer_labels_teaches_a_real_trainer_through_its_label_ma
     # and the KD step trains on them
     out = finer.train_step(batch)
     assert torch.isfinite(out["terms"]["kl"]) and out["terms"]["kl"] > 0
+
+
+def test_the_student_planner_takes_a_label_map_for_a_teacher_with_finer_labels(workspace, monkeypatch, tmp_path,
+                                                                              capsys):
+    """nnUNetv2_kd_plan_student --label-map: a teacher whose dataset.json splits a student label in two is refused
+    without a map (the message names --label-map), planned with one (written to the recipe's teacher entry, which the
+    trainer reads), and refused, with nothing written, when the map names a label that either side lacks or is
+    malformed."""
+    import os
+    from os.path import join
+
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+    from conftest import CONFIGURATION, DATASET_ID
+    from nnunet_kd.planning import main, plan_student
+    from nnunet_kd.teacher import TeacherError
+    from test_teacher_and_bad_inputs import teacher_copy
+
+    def split_peripheral_zone(folder):
+        dataset_json = load_json(join(folder, "dataset.json"))
+        names = list(dataset_json["labels"])
+        dataset_json["labels"] = {names[0]: 0, "pz_left": 1, "pz_right": 2, names[2]: 3}
+        save_json(dataset_json, join(folder, "dataset.json"), sort_keys=False)
+
+    folder = teacher_copy(workspace, tmp_path, edit=split_peripheral_zone)
+    student_labels = list(load_json(join(workspace.preprocessed, "dataset.json"))["labels"])
+    pz, tz = student_labels[1], student_labels[2]
+    workspace.set_env(monkeypatch)
+
+    with pytest.raises(TeacherError, match=r"Label mismatch.*--label-map TEACHER_LABEL=STUDENT_LABEL"):
+        plan_student(str(DATASET_ID), CONFIGURATION, folder, "nnUNetPlans_finer_unmapped", verbose=False)
+    assert not os.path.exists(join(workspace.preprocessed, "nnUNetPlans_finer_unmapped.json"))
+
+    main(["-d", str(DATASET_ID), "-c", CONFIGURATION, "--teacher", folder, "-o", "nnUNetPlans_finer_mapped",
+          "--label-map", f"pz_left={pz}", f"pz_right={pz}", f"{tz}={tz}"])
+    written = load_json(join(workspace.preprocessed, "nnUNetPlans_finer_mapped.json"))
+    assert written["kd"][CONFIGURATION]["teacher"]["label_map"] == {"pz_left": pz, "pz_right": pz, tz: tz}
+    recipe = parse_recipe(written, CONFIGURATION, "adaptive", "plans")
+    assert recipe.teachers[0].label_map == {"pz_left": pz, "pz_right": pz, tz: tz}
+
+    for bad, message in ((["pz_left=nowhere"], r"student labels \['nowhere'\]"),
+                         (["pz_centre=" + pz], r"teacher labels \['pz_centre'\]"),
+                         (["pz_left"], r"expects TEACHER_LABEL=STUDENT_LABEL"),
+                         ([f"pz_left={pz}", f"pz_left={tz}"], r"maps teacher label 'pz_left' twice")):
+        with pytest.raises(SystemExit) as stop:
+            main(["-d", str(DATASET_ID), "-c", CONFIGURATION, "--teacher", folder, "-o", "nnUNetPlans_finer_bad",
+                  "--label-map", *bad])
+        assert stop.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert not os.path.exists(join(workspace.preprocessed, "nnUNetPlans_finer_bad.json"))
 
 
 def test_teacher_features_are_copied_once_on_read_and_kept_as_inference_tensors_for_the_adapted_hint():
