@@ -22,7 +22,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_kd.cost import format_count, network_cost
 from nnunet_kd.recipe import PLANS_KEY, RecipeError, available_methods, default_recipe, parse_recipe
 from nnunet_kd.resources import warn_ext_trainer
-from nnunet_kd.teacher import TeacherModel, check_teacher_compatible
+from nnunet_kd.teacher import TeacherModel
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
@@ -324,7 +324,7 @@ def _check_teachers_against_student(teacher_folders: list[str], teacher_folds: l
     """Every teacher must see the student's inputs and predict its labels (teacher.check_teacher_compatible), or,
     with a label map, labels that the map sends onto the student's (checked as the trainer checks it: every other
     property must still match)."""
-    from nnunet_kd.distill.teachers import label_map_channels
+    from nnunet_kd.distill.teachers import check_teacher_for_student
 
     manager = PlansManager(plans)
     region_based = manager.get_label_manager(student_dataset_json).has_regions
@@ -333,19 +333,15 @@ def _check_teachers_against_student(teacher_folders: list[str], teacher_folds: l
             if not isfile(join(folder, name)):
                 raise PlanningError(f"{join(folder, name)} not found: every --teacher must be a trained nnU-Net model "
                                     f"folder ($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
-        teacher_dataset_json = load_json(join(folder, "dataset.json"))
-        compared_dataset_json = student_dataset_json
-        if label_map is not None:
-            label_map_channels(label_map, teacher_dataset_json, student_dataset_json, region_based,
-                               f"--label-map for the teacher {folder} (labels in {join(folder, 'dataset.json')}) and "
-                               f"the student ({student_dataset_json_file})")
-            compared_dataset_json = dict(student_dataset_json, labels=teacher_dataset_json.get("labels"))
         for fold in teacher_folds:
             model = TeacherModel(model_folder=folder, fold=fold, checkpoint_file="",
-                                 plans=load_json(join(folder, "plans.json")), dataset_json=teacher_dataset_json,
-                                 configuration=configuration, trainer_name="")
-            check_teacher_compatible(model, manager, manager.get_configuration(configuration), compared_dataset_json,
-                                     output_file, student_dataset_json_file)
+                                 plans=load_json(join(folder, "plans.json")),
+                                 dataset_json=load_json(join(folder, "dataset.json")), configuration=configuration,
+                                 trainer_name="")
+            check_teacher_for_student(model, manager, manager.get_configuration(configuration), student_dataset_json,
+                                      label_map, region_based, output_file, student_dataset_json_file,
+                                      f"--label-map for the teacher {folder} (labels in {join(folder, 'dataset.json')}) "
+                                      f"and the student ({student_dataset_json_file})")
 
 
 def _student_recipe(teacher_folders: list[str], teacher_folds: list, teacher_checkpoint: str,

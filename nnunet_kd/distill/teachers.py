@@ -3,7 +3,6 @@ channels, spacing, normalisation, and what it trained on), built frozen, tapped 
 given its label map onto the student's output channels."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from os.path import join
 
@@ -29,6 +28,21 @@ def label_map_channels(label_map: dict, teacher_dataset_json: dict, student_data
                            f"(it predicts {teacher_names}) or student labels {wrong} that the student does not have "
                            f"(it has {student_names}). Fix the label_map of this teacher.")
     return [student_names.index(label_map[n]) if n in label_map else -1 for n in teacher_names]
+
+
+def check_teacher_for_student(teacher, plans_manager, configuration_manager, student_dataset_json: dict,
+                              label_map: dict | None, region_based: bool, plans_file: str, dataset_json_file: str,
+                              where: str) -> list[int] | None:
+    """check_teacher_compatible, with the labels checked through the teacher's label map when it has one (every other
+    property must still match). Returns the student channel of each teacher channel (-1 none), or None without a map.
+    The planner and the trainer both check a teacher through it."""
+    channels = None
+    if label_map is not None:
+        channels = label_map_channels(label_map, teacher.dataset_json, student_dataset_json, region_based, where)
+        student_dataset_json = dict(student_dataset_json, labels=teacher.dataset_json.get("labels"))
+    check_teacher_compatible(teacher, plans_manager, configuration_manager, student_dataset_json, plans_file,
+                             dataset_json_file)
+    return channels
 
 
 def check_no_validation_leak(trainer, teacher, recipe_teacher, where: str) -> None:
@@ -75,16 +89,10 @@ def load_teachers(trainer) -> dict:
                  f"{'teacher' if len(recipe.teachers) == 1 else f'teachers[{index}]'}")
         teacher, checkpoint = locate_teacher(recipe_teacher.model_folder, recipe_teacher.fold_for_student(trainer.fold),
                                              recipe_teacher.checkpoint)
-        student_dataset_json = trainer.dataset_json
-        channels = None
-        if recipe_teacher.label_map is not None:
-            channels = label_map_channels(recipe_teacher.label_map, teacher.dataset_json, trainer.dataset_json,
-                                          trainer.label_manager.has_regions, f"{trainer.kd_plans_file}: {where}")
-            # the labels are checked through the map; every other property must still match
-            student_dataset_json = copy.deepcopy(trainer.dataset_json)
-            student_dataset_json["labels"] = teacher.dataset_json.get("labels")
-        check_teacher_compatible(teacher, trainer.plans_manager, trainer.configuration_manager, student_dataset_json,
-                                 trainer.kd_plans_file, join(trainer.preprocessed_dataset_folder_base, "dataset.json"))
+        channels = check_teacher_for_student(
+            teacher, trainer.plans_manager, trainer.configuration_manager, trainer.dataset_json,
+            recipe_teacher.label_map, trainer.label_manager.has_regions, trainer.kd_plans_file,
+            join(trainer.preprocessed_dataset_folder_base, "dataset.json"), f"{trainer.kd_plans_file}: {where}")
         trained_on = check_no_validation_leak(trainer, teacher, recipe_teacher, where)
         loaded[recipe_teacher.name] = LoadedTeacher(teacher, build_frozen_teacher(teacher, checkpoint, trainer.device),
                                                     channels, frozenset(trained_on) if trained_on is not None else None)
