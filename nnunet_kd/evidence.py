@@ -1396,6 +1396,40 @@ def paired_comparisons(students: dict, teacher: dict, cases: list[str], labelled
     return comparisons
 
 
+def compare_record_sets(a: list[dict], b: list[dict], configuration: str, names_a: list[str] | None = None,
+                        names_b: list[str] | None = None) -> dict:
+    """Models of two record sets paired seed by seed (a[i] with b[i]) over the held-out test cases: e.g. one recipe at
+    two budgets, or two protocols' students, which no single results file pairs. Both sides must hold the same test
+    cases (the same split). Returns each side's mean Dice (overall, per seed), validation Dice and budget, and the
+    paired differences a - b with ``paired_bootstrap``'s interval (cases and seeds resampled)."""
+    if not a or len(a) != len(b):
+        raise EvidenceError(f"compare {len(a)} model(s) with {len(b)}: give one model per seed on each side.")
+    names_a = names_a or [r["model"] for r in a]
+    names_b = names_b or [r["model"] for r in b]
+    cases = sorted(a[0]["test"])
+    for records, names in ((a, names_a), (b, names_b)):
+        for record, name in zip(records, names):
+            if sorted(record["test"]) != cases:
+                raise EvidenceError(f"{name} was evaluated on other test cases than {names_a[0]} "
+                                    f"({len(record['test'])} against {len(cases)}): records of different splits do "
+                                    f"not pair. Compare records of the same split file.")
+    dice_a, dice_b = _dice_matrix(a, cases), _dice_matrix(b, cases)
+
+    def side(records, dice):
+        budgets = sorted({_training_budget(_training_section(r["plans"], configuration)) for r in records},
+                         key=str)
+        validation = [r.get("validation_mean_dice") for r in records]
+        return {"models": [r["model"] for r in records], "test_mean_dice": float(dice.mean()),
+                "test_mean_dice_per_seed": [float(v) for v in dice.mean(axis=1)],
+                "validation_mean_dice": None if None in validation else float(np.mean(validation)),
+                "budgets": [_budget_text(budget) for budget in budgets],
+                "teacher_network_weights_sha256": sorted({str(r.get("teacher_network_weights_sha256"))
+                                                          for r in records})}
+
+    return {"a": side(a, dice_a), "b": side(b, dice_b), "n_cases": len(cases),
+            **paired_bootstrap(dice_a - dice_b)}
+
+
 def _summarise(records: list[dict], cases: list[str], voxel_ml: dict, labels: list[str]) -> dict:
     dice = _dice_matrix(records, cases)
     ci = paired_bootstrap(dice)

@@ -1013,3 +1013,66 @@ def test_a_results_file_names_the_command_that_reproduces_every_row_not_only_the
     assert reproducing_commands(["-c", "2d", "--seeds", "0", "--runs", "plain@0.5"],
                                 {("plain", 0.5): {0: {}, 1: {}}}) == {
         "command": "python benchmarks/run_evidence.py -c 2d --runs plain@0.5 --seeds 0 1"}
+
+
+def _record(model: str, dice_per_case: dict, epochs: int = 60, validation: float | None = 0.8,
+            teacher: str | None = "t" * 64) -> dict:
+    """A committed model record as run_evidence.py writes it, reduced to what a comparison reads (one label)."""
+    return {"model": model, "test": {case: {"1": {"Dice": d}} for case, d in dice_per_case.items()},
+            "validation_mean_dice": validation, "teacher_network_weights_sha256": teacher,
+            "plans": {"kd": {"2d": {"training": {"num_epochs": epochs, "num_iterations_per_epoch": 50,
+                                                 "num_val_iterations_per_epoch": 10}}}}}
+
+
+def test_two_record_sets_pair_seed_by_seed_over_the_same_test_cases():
+    from nnunet_kd.evidence import compare_record_sets
+
+    cases = ["c0", "c1", "c2"]
+    long = [_record(f"long_s{s}", dict(zip(cases, d)), epochs=120) for s, d in enumerate([[.9, .8, .7], [.8, .8, .8]])]
+    short = [_record(f"short_s{s}", dict(zip(cases, d))) for s, d in enumerate([[.8, .8, .6], [.8, .7, .8]])]
+    result = compare_record_sets(long, short, "2d")
+    # seed 0: +0.1, 0, +0.1; seed 1: 0, +0.1, 0 -> the same numbers as the protocol's own paired statistics
+    expected = paired_bootstrap(np.array([[.1, 0, .1], [0, .1, 0]]))
+    assert result["mean_diff"] == pytest.approx(0.05)
+    assert result["ci95"] == pytest.approx(expected["ci95"])
+    assert result["mean_diff_per_seed"] == pytest.approx([0.2 / 3, 0.1 / 3])
+    assert result["n_cases"] == 3
+    assert result["a"]["test_mean_dice_per_seed"] == pytest.approx([0.8, 0.8])
+    assert result["a"]["budgets"] == ["120 x 50 iterations (10 validation iterations per epoch)"]
+    assert result["b"]["budgets"] == ["60 x 50 iterations (10 validation iterations per epoch)"]
+    # seeds pair in the order given: swapping b's seeds changes the per-seed differences
+    assert compare_record_sets(long, short[::-1], "2d")["mean_diff_per_seed"] != pytest.approx([0.2 / 3, 0.1 / 3])
+
+
+def test_records_of_different_test_cases_or_unequal_seed_counts_do_not_pair():
+    from nnunet_kd.evidence import EvidenceError, compare_record_sets
+
+    a = [_record("a_s0", {"c0": .9, "c1": .8})]
+    with pytest.raises(EvidenceError, match="b_s0.*other test cases"):
+        compare_record_sets(a, [_record("b_s0", {"c0": .9, "c2": .8})], "2d")
+    with pytest.raises(EvidenceError, match="one model per seed"):
+        compare_record_sets(a, [_record("b_s0", {"c0": .9, "c1": .8})] * 2, "2d")
+
+
+def test_the_record_comparison_command_names_a_missing_record_and_needs_the_seed_in_its_paths(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_records", join(os.path.dirname(__file__), "..", "benchmarks", "compare_records.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for seed in (0, 1):
+        for side, shift in (("a", 0.1), ("b", 0.0)):
+            with open(tmp_path / f"{side}_s{seed}.json", "w") as f:
+                json.dump(_record(f"{side}_s{seed}", {"c0": .7 + shift, "c1": .6 + shift}), f)
+    pattern = str(tmp_path / "{side}_s{{seed}}.json")
+    tool.main(["-c", "2d", "--a", pattern.format(side="a"), "--b", pattern.format(side="b"), "--seeds", "0", "1"])
+    out = capsys.readouterr().out
+    assert "a - b: +0.1000 [+0.1000, +0.1000]" in out and "Command: `python benchmarks/compare_records.py -c 2d" in out
+    with open(tmp_path / "a_s2.json", "w") as f:  # side b lacks seed 2
+        json.dump(_record("a_s2", {"c0": .7, "c1": .6}), f)
+    with pytest.raises(SystemExit, match=r"--b: no record .*b_s2\.json"):
+        tool.main(["-c", "2d", "--a", pattern.format(side="a"), "--b", pattern.format(side="b"), "--seeds", "0", "2"])
+    with pytest.raises(SystemExit, match=r"needs '\{seed\}'"):
+        tool.main(["-c", "2d", "--a", str(tmp_path / "a_s0.json"), "--b", pattern.format(side="b"),
+                   "--seeds", "0", "1"])
