@@ -333,11 +333,11 @@ def _check_teachers_against_student(teacher_folders: list[str], teacher_folds: l
             if not isfile(join(folder, name)):
                 raise PlanningError(f"{join(folder, name)} not found: every --teacher must be a trained nnU-Net model "
                                     f"folder ($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
+        teacher_plans = load_json(join(folder, "plans.json"))
+        teacher_dataset_json = load_json(join(folder, "dataset.json"))
         for fold in teacher_folds:
-            model = TeacherModel(model_folder=folder, fold=fold, checkpoint_file="",
-                                 plans=load_json(join(folder, "plans.json")),
-                                 dataset_json=load_json(join(folder, "dataset.json")), configuration=configuration,
-                                 trainer_name="")
+            model = TeacherModel(model_folder=folder, fold=fold, checkpoint_file="", plans=teacher_plans,
+                                 dataset_json=teacher_dataset_json, configuration=configuration, trainer_name="")
             check_teacher_for_student(model, manager, manager.get_configuration(configuration), student_dataset_json,
                                       label_map, region_based, output_file, student_dataset_json_file,
                                       f"--label-map for the teacher {folder} (labels in {join(folder, 'dataset.json')}) "
