@@ -79,6 +79,10 @@ def main(argv=None) -> None:
                              "disjoint seeded subsets of the fold's training cases")
     parser.add_argument("--subset-teacher-epochs", type=int, default=None, metavar="EPOCHS",
                         help="For multi_teacher runs: each subset teacher's epochs (default: --teacher-epochs)")
+    parser.add_argument("--budget-check-records", default=None, metavar="FOLDER",
+                        help="Records folder of this protocol at a longer student budget (e.g. twice --student-epochs, "
+                             "its own --tag): the plain students' seeds there are paired with this protocol's on the "
+                             "validation cases, and every comparison is labelled final quality or learning speed")
     parser.add_argument("--report-only", action="store_true", help="Train nothing; rewrite the results files")
     parser.add_argument("--commit", action="store_true",
                         help="git commit the results files every time they are rewritten (long runs across sessions)")
@@ -110,6 +114,10 @@ def main(argv=None) -> None:
         if not os.path.isdir(args.unlabelled_images):
             parser.error(f"--unlabelled-images {args.unlabelled_images}: not a folder.")
 
+    if args.budget_check_records is not None and not os.path.isdir(args.budget_check_records):
+        parser.error(f"--budget-check-records {args.budget_check_records}: no such folder. Give the records folder of "
+                     f"this protocol run with more --student-epochs and its own --tag, e.g. "
+                     f"benchmarks/records/Dataset004_Hippocampus-2d-teacher2_6000it.")
     if results_tag_error(args.tag):
         parser.error(results_tag_error(args.tag))
     tag = f"-{args.tag}" if args.tag else ""
@@ -133,7 +141,8 @@ def main(argv=None) -> None:
         records_dir=None if args.no_records else join(RECORDS, f"{dataset}-{args.configuration}{tag}"),
         teacher_archive=None if args.no_teacher_archive else join(expanduser(args.teacher_archive_root),
                                                                   f"{dataset}-{args.configuration}"),
-        sweeps_dir=abspath(args.sweeps_dir))
+        sweeps_dir=abspath(args.sweeps_dir),
+        budget_check_records=abspath(args.budget_check_records) if args.budget_check_records else None)
     try:
         check_variants(protocol)
     except EvidenceError as e:

@@ -13,8 +13,11 @@ The protocol (``benchmarks/run_evidence.py`` drives it; every step is a real nnU
    ``nnUNetv2_evaluate_folder``: Dice, false-positive and false-negative voxels per case and class.
 4. **Statistics**: for every KD method, the paired per-case difference to the plain student of the same width
    (and to the teacher), with a 95% bootstrap interval that resamples cases and seeds (``paired_bootstrap``).
-5. **Plateau**: the plain student's validation curve (nnU-Net's per-epoch pseudo Dice) over the last fifth of
-   training; a budget where it still rises is reported as a learning-speed result, not as final quality.
+5. **Budget**: the plain student's validation curve (nnU-Net's per-epoch pseudo Dice) over the last fifth of
+   training, and the budget-doubling check (``budget_doubling_check``: the same seeds trained for longer, paired over
+   validation cases). The last-fifth test alone is fooled by nnU-Net's polynomial learning rate, which flattens the
+   end of every budget; every comparison is labelled final quality only where doubling the budget is shown not to
+   raise the plain student's validation Dice by 0.01, learning speed where it does, and unchecked otherwise.
 
 Everything that trains is resumable: a finished model (``checkpoint_final.pth`` + validation summary) is reused,
 an interrupted one resumes with ``--c``, and the results file is rewritten after every model.
@@ -190,7 +193,9 @@ def results_tag_error(tag: str | None) -> str | None:
 # a protocol one of students on part of the labels (dropped from the command of its all-labels plain rows): option ->
 # how many values it takes ("+": one or more).
 _RUN_CHOICE_OPTIONS = {"--runs": "+", "--seeds": "+"}
-_LABELLED_FRACTION_OPTIONS = {"--labelled-fraction": 1, "--labelled-fraction-seed": 1, "--unlabelled-images": 1}
+# (the budget check's records are those of the labelled-fraction protocol: the all-labels rows' command drops them too)
+_LABELLED_FRACTION_OPTIONS = {"--labelled-fraction": 1, "--labelled-fraction-seed": 1, "--unlabelled-images": 1,
+                              "--budget-check-records": 1}
 _NOTHING_MEASURED_OPTIONS = {"--report-only": 0, "--commit": 0}
 
 
@@ -468,6 +473,56 @@ def plateau(curve: list[float], fraction: float = 0.2, tolerance: float = 0.01) 
             "tolerance": tolerance, "epochs": len(curve)}
 
 
+BUDGET_CHECK_TOLERANCE = 0.01
+
+
+def budget_doubling_check(shorter: dict, longer: dict, configuration: str, longer_records: str,
+                          tolerance: float = BUDGET_CHECK_TOLERANCE) -> dict:
+    """Has the plain student stopped improving at this budget? Its seeds (``shorter``: seed -> record) against the same
+    models trained for longer (``longer``: seed -> record of a protocol at a larger student budget, same split and
+    fold), paired by seed and validation case. The last-fifth test of ``plateau`` cannot answer it: nnU-Net's
+    polynomial learning rate is near zero at the end of every budget, so every curve flattens there, and doubling the
+    budget has still raised the validation Dice by more than that test's tolerance (Hippocampus 2d, 3,000 to 6,000
+    iterations). The budget counts as final quality (``stopped_improving``) only when the upper end of the 95%
+    interval of the validation gain is below ``tolerance``: a gain of that size is then ruled out. Records without
+    per-case validation Dice (written before it was recorded) give the mean gain and no decision."""
+    seeds = sorted(set(shorter) & set(longer))
+    if not seeds:
+        raise EvidenceError(f"{longer_records}: no record of the plain student's seeds {sorted(shorter)} there. The "
+                            f"budget check pairs each seed with the same model at a longer budget: give the records "
+                            f"folder of a protocol with more --student-epochs and the same split and seeds.")
+    a, b = [longer[s] for s in seeds], [shorter[s] for s in seeds]
+    budget_a = {_training_budget(_training_section(r["plans"], configuration)) for r in a}
+    budget_b = {_training_budget(_training_section(r["plans"], configuration)) for r in b}
+    iterations = {name: sorted({(e or 0) * (i or 0) for e, i, _ in budgets})
+                  for name, budgets in (("longer", budget_a), ("shorter", budget_b))}
+    if len(iterations["longer"]) != 1 or len(iterations["shorter"]) != 1 \
+            or iterations["longer"][0] <= iterations["shorter"][0]:
+        raise EvidenceError(f"{longer_records}: its plain students trained for {iterations['longer']} iterations, "
+                            f"this protocol's for {iterations['shorter']}: the budget check needs one longer budget "
+                            f"(e.g. twice --student-epochs, with its own --tag).")
+    test = compare_record_sets(a, b, configuration)
+    out = {"seeds": seeds, "longer_records": longer_records, "iterations": iterations["shorter"][0],
+           "longer_iterations": iterations["longer"][0], "tolerance": tolerance,
+           "test_gain": {k: test[k] for k in ("mean_diff", "ci95", "n_cases", "mean_diff_per_seed")}}
+    if all(isinstance(r.get("validation"), dict) for r in a + b):
+        cases = sorted(b[0]["validation"])
+        if any(sorted(r["validation"]) != cases for r in a + b):
+            raise EvidenceError(f"{longer_records}: its plain students were validated on other cases than this "
+                                f"protocol's: the budget check pairs models of the same fold of the same split.")
+        diffs = (np.array([[r["validation"][c] for c in cases] for r in a])
+                 - np.array([[r["validation"][c] for c in cases] for r in b]))
+        diffs = diffs[:, ~np.isnan(diffs).any(axis=0)]  # a case without foreground in reference and predictions
+        gain = paired_bootstrap(diffs)
+        out["validation_gain"] = {k: gain[k] for k in ("mean_diff", "ci95", "n_cases", "mean_diff_per_seed")}
+        out["stopped_improving"] = bool(gain["ci95"][1] < tolerance)
+    else:
+        mean = float(np.mean([ra["validation_mean_dice"] - rb["validation_mean_dice"] for ra, rb in zip(a, b)]))
+        out["validation_gain"] = {"mean_diff": mean, "ci95": None, "n_cases": None}
+        out["stopped_improving"] = None
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- running
 @dataclass
 class Protocol:
@@ -508,6 +563,9 @@ class Protocol:
     teacher_archive: str | None = None   # the teacher, as a plain nnU-Net model folder
     # Where the variants of runs 'METHOD:VARIANT' are defined: <sweeps_dir>/<METHOD>.json (benchmarks/sweeps).
     sweeps_dir: str | None = None
+    # Records of this protocol's plain students at a longer student budget (another --tag's records folder): the
+    # budget-doubling check (budget_doubling_check) that tells final quality from learning speed.
+    budget_check_records: str | None = None
 
     @property
     def student_val_iterations(self) -> int:
@@ -887,6 +945,11 @@ def save_record(records_dir: str, record: dict, teacher_sha256: str | None) -> s
     return _write_record(records_dir, document)
 
 
+def record_name(record: dict) -> str:
+    """The model folder name of a record: committed records carry it, a workspace's records their folder."""
+    return record.get("model") or basename(record["folder"].rstrip("/"))
+
+
 def load_records(records_dir: str | None) -> dict:
     """Model folder name -> record (``folder`` None: the model is not in this workspace)."""
     if not records_dir or not isdir(records_dir):
@@ -952,6 +1015,9 @@ def _model_record(ws: "Workspace", folder: str) -> dict | None:
         return None
     return {"folder": folder, "test": per_case_metrics(summary),
             "validation_mean_dice": float(load_json(validation)["foreground_mean"]["Dice"]),
+            # per case, for the budget check's paired interval on validation cases (recipe and budget choices are
+            # made on validation, never on test cases)
+            "validation": {case: mean_foreground_dice(m) for case, m in per_case_metrics(validation).items()},
             "curves": _curves(folder, fold), "plans": load_json(join(folder, "plans.json")),
             "network_weights_sha256": network_weights_sha256(join(folder, f"fold_{fold}", "checkpoint_final.pth")),
             "trained_on": trained_on(folder, ws.p.device)}
@@ -1404,8 +1470,8 @@ def compare_record_sets(a: list[dict], b: list[dict], configuration: str, names_
     paired differences a - b with ``paired_bootstrap``'s interval (cases and seeds resampled)."""
     if not a or len(a) != len(b):
         raise EvidenceError(f"compare {len(a)} model(s) with {len(b)}: give one model per seed on each side.")
-    names_a = names_a or [r["model"] for r in a]
-    names_b = names_b or [r["model"] for r in b]
+    names_a = names_a or [record_name(r) for r in a]
+    names_b = names_b or [record_name(r) for r in b]
     cases = sorted(a[0]["test"])
     for records, names in ((a, names_a), (b, names_b)):
         for record, name in zip(records, names):
@@ -1419,7 +1485,7 @@ def compare_record_sets(a: list[dict], b: list[dict], configuration: str, names_
         budgets = sorted({_training_budget(_training_section(r["plans"], configuration)) for r in records},
                          key=str)
         validation = [r.get("validation_mean_dice") for r in records]
-        return {"models": [r["model"] for r in records], "test_mean_dice": float(dice.mean()),
+        return {"models": [record_name(r) for r in records], "test_mean_dice": float(dice.mean()),
                 "test_mean_dice_per_seed": [float(v) for v in dice.mean(axis=1)],
                 "validation_mean_dice": None if None in validation else float(np.mean(validation)),
                 "budgets": [_budget_text(budget) for budget in budgets],
@@ -1451,6 +1517,39 @@ def subset_teacher_rows(found: dict) -> tuple[list[dict], dict | None]:
     if not any(method_and_variant(m)[0] == "multi_teacher" for m, _ in found["students"]):
         return [], None
     return found.get("subset_teachers") or [], found.get("subset_ensemble")
+
+
+def budget_result(check: dict | None) -> str:
+    """What a comparison at this budget measures, by the budget check of the plain student of its width."""
+    if not check or not check.get("seeds"):
+        return "unchecked"  # no records at a longer budget: the last-fifth test alone cannot tell
+    return {True: "final quality", False: "learning speed", None: "undecided"}[check["stopped_improving"]]
+
+
+def budget_checks_of(students: dict, p: "Protocol") -> dict:
+    """budget_doubling_check of every plain student width that has records at the longer budget
+    (Protocol.budget_check_records); width -> check, and a width without them -> its reason."""
+    if not p.budget_check_records:
+        return {}
+    if not isdir(p.budget_check_records):
+        raise EvidenceError(f"--budget-check-records {p.budget_check_records}: no such folder. It is the records "
+                            f"folder of this protocol run with more --student-epochs and its own --tag, e.g. "
+                            f"benchmarks/records/<dataset>-<configuration>-<tag>.")
+    longer_all = load_records(p.budget_check_records)
+    where = os.path.relpath(p.budget_check_records) if os.path.isabs(p.budget_check_records) else p.budget_check_records
+    checks = {}
+    for (method, width), by_seed in students.items():
+        if method != "plain":
+            continue
+        longer = {s: longer_all[record_name(r)] for s, r in by_seed.items() if record_name(r) in longer_all}
+        checks[str(width)] = budget_doubling_check(by_seed, longer, p.configuration, where) if longer else \
+            {"seeds": [], "longer_records": where, "stopped_improving": None,
+             "reason": "no record of this width's plain students there"}
+    if checks and not any(c["seeds"] for c in checks.values()):
+        raise EvidenceError(f"--budget-check-records {where}: none of this protocol's plain students "
+                            f"({', '.join(record_name(r) for (m, _), v in students.items() if m == 'plain' for r in v.values())}) "
+                            f"has a record there. Give the records folder of the same protocol at a longer budget.")
+    return checks
 
 
 def build_report(ws: "Workspace", command: str, latency_cache_file: str | None = None,
@@ -1536,6 +1635,10 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
             plateaus[str(width)] = {"seeds": sorted(by_seed), "curve": "validation pseudo Dice per epoch",
                                     **plateau(list(np.mean([c[:n] for c in raw], axis=0))),
                                     "ema_gain_over_last_fifth": ema_check["gain_over_last_fifth"]}
+    budget_checks = budget_checks_of(found["students"], p)
+    for c in comparisons:
+        check = budget_checks.get(str(c["width"]))
+        c["result_at_this_budget"] = budget_result(check)
     best = {}
     for (method, width) in found["students"]:
         if method_and_variant(method)[0] in ("plain", ALL_LABELS_PLAIN) + CONTROLS + VALIDATION_SEEN_BY_TEACHERS:
@@ -1580,6 +1683,9 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                     "student_epochs": p.student_epochs, "iterations_per_epoch": p.iterations_per_epoch,
                     "val_iterations_per_epoch": p.val_iterations_per_epoch,
                     "student_val_iterations_per_epoch": p.student_val_iterations,
+                    **({"budget_check_records": os.path.relpath(p.budget_check_records)
+                        if os.path.isabs(p.budget_check_records) else p.budget_check_records}
+                       if p.budget_check_records else {}),
                     "batch_size": teacher_cfg["batch_size"], "patch_size": teacher_cfg["patch_size"]},
         "device": p.device, "device_name": device_label(p.device), "torch": torch.__version__,
         "host": platform.node(), "command": command,
@@ -1595,7 +1701,8 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
               "and seed (seed s of every method shares initial weights and batches)",
     }
     result = {"protocol": protocol, "labels": {k: names.get(k, k) for k in labels}, "models": rows,
-              "comparisons": comparisons, "plateau_of_plain_student": plateaus, "best_kd_by_validation": best,
+              "comparisons": comparisons, "plateau_of_plain_student": plateaus,
+              "budget_check_of_plain_student": budget_checks, "best_kd_by_validation": best,
               "skipped": found["skipped"],
               "curves": {f"{m}@{w}": {str(s): r["curves"] for s, r in v.items()}
                          for (m, w), v in found["students"].items()} | {"teacher": {str(p.teacher_seed): teacher["curves"]}}}
@@ -1626,12 +1733,16 @@ def format_tables(result: dict) -> str:
                  + ["" if r["validation_mean_dice"] is None else f"{r['validation_mean_dice']:.4f}"])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| method | baseline | width | seeds | cases | mean paired diff (Dice) | 95% CI | CI above 0 | "
-                  "per seed |", "|---|---|---|---|---|---|---|---|---|"]
+                  "per seed | result at this budget |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         per_seed = " / ".join(f"{v:+.4f}" for v in c.get("mean_diff_per_seed", []))  # older results: none
         lines.append(f"| {label_of(c['method'])} | {label_of(c['baseline'])} | {c['width']:g} | {len(c['seeds'])} | {c['n_cases']} "
                      f"| {c['mean_diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | "
-                     f"{'yes' if c['ci95'][0] > 0 else 'no'} | {per_seed} |")
+                     f"{'yes' if c['ci95'][0] > 0 else 'no'} | {per_seed} | {c.get('result_at_this_budget', '')} |")
+    lines += ["", "Result at this budget: *final quality* where doubling the budget is shown not to raise the plain "
+                  "student's validation Dice by 0.01, *learning speed* where it does, *undecided* where the longer "
+                  "budget's records lack per-case validation Dice, *unchecked* where no longer budget was trained (the "
+                  "last-fifth test below cannot tell: nnU-Net's poly learning rate flattens the end of every budget)."]
     lines += ["", "| plain student width | seeds | validation pseudo-Dice gain over the last fifth (fit) | EMA gain "
                   "(lags) | plateau (gain < 0.01) |", "|---|---|---|---|---|"]
     for width, pl in sorted(result["plateau_of_plain_student"].items(), key=lambda kv: -float(kv[0])):
@@ -1639,6 +1750,25 @@ def format_tables(result: dict) -> str:
         ema = "" if pl.get("ema_gain_over_last_fifth") is None else f"{pl['ema_gain_over_last_fifth']:+.4f}"
         lines.append(f"| {width} | {len(pl['seeds'])} | {gain} | {ema} | "
                      f"{'yes' if pl['flat'] else 'NO: learning-speed result'} |")
+    checks = result.get("budget_check_of_plain_student") or {}
+    if checks:
+        lines += ["", "Budget check: the plain student against the same seeds trained for longer, paired over the "
+                      "fold's validation cases (nnU-Net's poly learning rate flattens every curve's last fifth, so the "
+                      "table above cannot tell final quality from learning speed).", "",
+                  "| plain student width | seeds | iterations | longer | validation Dice gain [95% CI] | test Dice gain "
+                  "[95% CI] | stopped improving (CI below +0.01) |", "|---|---|---|---|---|---|---|"]
+        for width, ch in sorted(checks.items(), key=lambda kv: -float(kv[0])):
+            if not ch["seeds"]:
+                lines.append(f"| {width} | | | | | | no: {ch['reason']} |")
+                continue
+            val, test = ch["validation_gain"], ch["test_gain"]
+            val_text = f"{val['mean_diff']:+.4f}" + ("" if val["ci95"] is None else
+                                                     f" [{val['ci95'][0]:+.4f}, {val['ci95'][1]:+.4f}]")
+            stopped = {True: "yes: final quality", False: "NO: learning-speed result",
+                       None: "undecided (records without per-case validation)"}[ch["stopped_improving"]]
+            lines.append(f"| {width} | {len(ch['seeds'])} | {ch['iterations']:,} | {ch['longer_iterations']:,} | "
+                         f"{val_text} | {test['mean_diff']:+.4f} [{test['ci95'][0]:+.4f}, {test['ci95'][1]:+.4f}] | "
+                         f"{stopped} |")
     return "\n".join(lines)
 
 

@@ -194,7 +194,10 @@ def fake_model_folder(root, name: str, plans: dict, fold: int = 0, weight: float
                join(folder, f"fold_{fold}", "checkpoint_final.pth"))
     for rel, content in (("plans.json", plans), ("dataset.json", {"labels": {"background": 0, "a": 1}}),
                          ("dataset_fingerprint.json", {}), (f"fold_{fold}/training_cases.json", ["case_000"]),
-                         (f"fold_{fold}/validation/summary.json", {"foreground_mean": {"Dice": 0.7}}),
+                         (f"fold_{fold}/validation/summary.json", {
+                             "mean": {"1": {"Dice": 0.7}}, "foreground_mean": {"Dice": 0.7},
+                             "metric_per_case": [{"reference_file": "/x/case_001.nii.gz", "prediction_file":
+                                                  "/y/case_001.nii.gz", "metrics": {"1": {"Dice": 0.7, "FP": 1, "FN": 1, "TP": 3, "n_ref": 4, "n_pred": 4}}}]}),
                          (f"fold_{fold}/test_predictions/summary.json", {
                              "mean": {"1": {"Dice": weight / 2}}, "foreground_mean": {"Dice": weight / 2},
                              "metric_per_case": [{"reference_file": "/x/case_010.nii.gz", "prediction_file":
@@ -284,6 +287,8 @@ def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_b
     assert len(save_workspace_records(first, found)) == 3
     teacher_sha = found["teacher"]["network_weights_sha256"]
     assert {r["teacher_network_weights_sha256"] for r in load_records(records).values()} == {None, teacher_sha}
+    # each record keeps the per-case validation Dice that the budget check pairs (nnU-Net's validation summary)
+    assert {json.dumps(r["validation"]) for r in load_records(records).values()} == {'{"case_001": 0.7}'}
     archive_teacher(teacher1, archive, 0, {})
 
     # A later session on a fresh machine: the archived teacher restored (a re-saved checkpoint without optimiser
@@ -1076,3 +1081,106 @@ def test_the_record_comparison_command_names_a_missing_record_and_needs_the_seed
     with pytest.raises(SystemExit, match=r"needs '\{seed\}'"):
         tool.main(["-c", "2d", "--a", str(tmp_path / "a_s0.json"), "--b", pattern.format(side="b"),
                    "--seeds", "0", "1"])
+
+
+def _validated_record(model: str, test: dict, validation: dict, epochs: int) -> dict:
+    """A plain student's record with per-case validation Dice (run_evidence.py records them since the budget check)."""
+    record = _record(model, test, epochs=epochs, validation=float(np.nanmean(list(validation.values()))))
+    return dict(record, validation=dict(validation))
+
+
+def test_a_budget_is_final_quality_only_when_doubling_it_rules_out_a_validation_gain_of_001():
+    """The budget check pairs each seed of the plain student with the same model trained for longer, over the
+    fold's validation cases: a gain whose whole 95% interval lies below 0.01 means the student had stopped improving;
+    a larger one means the comparisons at this budget measure learning speed."""
+    from nnunet_kd.evidence import budget_doubling_check
+
+    test = {"t0": .8, "t1": .7}
+    shorter = {s: _validated_record(f"plain_s{s}", test, {"v0": .80, "v1": .70, "v2": .60}, 60) for s in (0, 1)}
+    small = {s: _validated_record(f"plain_s{s}", test, {"v0": .805, "v1": .705, "v2": .605}, 120) for s in (0, 1)}
+    large = {s: _validated_record(f"plain_s{s}", {"t0": .82, "t1": .72}, {"v0": .82, "v1": .72, "v2": .62}, 120)
+             for s in (0, 1)}
+
+    final = budget_doubling_check(shorter, small, "2d", "records/longer")
+    assert final["stopped_improving"] is True and final["seeds"] == [0, 1]
+    assert final["validation_gain"]["mean_diff"] == pytest.approx(0.005)
+    assert final["validation_gain"]["ci95"] == pytest.approx([0.005, 0.005]) and final["validation_gain"]["n_cases"] == 3
+    assert (final["iterations"], final["longer_iterations"]) == (3000, 6000)
+    assert final["test_gain"]["mean_diff"] == pytest.approx(0.0)
+
+    speed = budget_doubling_check(shorter, large, "2d", "records/longer")
+    assert speed["stopped_improving"] is False
+    assert speed["validation_gain"]["mean_diff"] == pytest.approx(0.02)
+    assert speed["test_gain"]["mean_diff"] == pytest.approx(0.02)
+
+    # a case without foreground anywhere (NaN Dice) is left out of the pairing, not allowed to make the gain NaN
+    with_empty = {s: dict(r, validation={**r["validation"], "v3": float("nan")}) for s, r in shorter.items()}
+    longer_empty = {s: dict(r, validation={**r["validation"], "v3": float("nan")}) for s, r in small.items()}
+    assert budget_doubling_check(with_empty, longer_empty, "2d", "x")["validation_gain"]["n_cases"] == 3
+
+    # only the seeds both sides hold are paired
+    assert budget_doubling_check(shorter, {1: small[1]}, "2d", "x")["seeds"] == [1]
+
+
+def test_the_budget_check_refuses_records_it_cannot_pair_and_leaves_older_records_undecided():
+    from nnunet_kd.evidence import EvidenceError, budget_doubling_check
+
+    test = {"t0": .8, "t1": .7}
+    shorter = {0: _validated_record("plain_s0", test, {"v0": .8, "v1": .7}, 60)}
+    with pytest.raises(EvidenceError, match=r"records/longer: no record of the plain student's seeds \[0\]"):
+        budget_doubling_check(shorter, {}, "2d", "records/longer")
+    same_budget = {0: _validated_record("plain_s0", test, {"v0": .9, "v1": .8}, 60)}
+    with pytest.raises(EvidenceError, match=r"trained for \[3000\] iterations, this protocol's for \[3000\]"):
+        budget_doubling_check(shorter, same_budget, "2d", "records/longer")
+    other_fold = {0: _validated_record("plain_s0", test, {"v7": .9, "v8": .8}, 120)}
+    with pytest.raises(EvidenceError, match="validated on other cases"):
+        budget_doubling_check(shorter, other_fold, "2d", "records/longer")
+    # records written before per-case validation Dice was kept: the mean gain, and no decision either way
+    older = {0: _record("plain_s0", test, epochs=120, validation=0.9)}
+    undecided = budget_doubling_check(shorter, older, "2d", "records/longer")
+    assert undecided["stopped_improving"] is None and undecided["validation_gain"]["ci95"] is None
+    assert undecided["validation_gain"]["mean_diff"] == pytest.approx(0.15)
+
+
+def test_every_comparison_says_whether_it_is_final_quality_or_learning_speed_by_its_widths_budget_check(tmp_path):
+    from nnunet_kd.evidence import EvidenceError, Protocol, budget_checks_of, budget_result, format_tables
+
+    longer_dir = tmp_path / "records_6000it"
+    longer_dir.mkdir()
+    test = {"t0": .8, "t1": .7}
+    for seed in (0, 1):
+        with open(longer_dir / f"plain_w0p25_s{seed}.json", "w") as f:
+            json.dump(_validated_record(f"plain_w0p25_s{seed}", test, {"v0": .85, "v1": .75}, 120), f)
+    students = {("plain", 0.25): {s: _validated_record(f"plain_w0p25_s{s}", test, {"v0": .8, "v1": .7}, 60)
+                                  for s in (0, 1)},
+                ("plain", 0.5): {0: _validated_record("plain_w0p5_s0", test, {"v0": .8, "v1": .7}, 60)},
+                ("adaptive", 0.25): {0: _validated_record("adaptive_w0p25_s0", test, {"v0": .8, "v1": .7}, 60)}}
+    protocol = Protocol(raw_dataset="x", split_file="x", n_test=2, workdir=str(tmp_path), configuration="2d", runs=[],
+                        seeds=[0, 1], teacher_epochs=5, student_epochs=60, iterations_per_epoch=50,
+                        budget_check_records=str(longer_dir))
+    checks = budget_checks_of(students, protocol)
+    assert set(checks) == {"0.25", "0.5"}  # plain students only
+    assert checks["0.25"]["stopped_improving"] is False and checks["0.25"]["validation_gain"]["mean_diff"] == \
+        pytest.approx(0.05)
+    assert checks["0.5"]["stopped_improving"] is None and "no record of this width" in checks["0.5"]["reason"]
+    assert [budget_result(checks.get(w)) for w in ("0.25", "0.5", "0.125")] == ["learning speed", "unchecked",
+                                                                                "unchecked"]
+    assert budget_result({"seeds": [0], "stopped_improving": True}) == "final quality"
+    assert budget_result({"seeds": [0], "stopped_improving": None}) == "undecided"  # older records
+
+    comparison = {"method": "adaptive", "baseline": "plain", "width": 0.25, "seeds": [0], "n_cases": 2,
+                  "mean_diff": 0.01, "ci95": [0.0, 0.02], "mean_diff_per_seed": [0.01],
+                  "result_at_this_budget": "learning speed"}
+    table = format_tables({"labels": {}, "models": [], "comparisons": [comparison], "plateau_of_plain_student": {},
+                           "budget_check_of_plain_student": checks})
+    assert "| +0.0100 | learning speed |" in table
+    assert "| 0.25 | 2 | 3,000 | 6,000 | +0.0500 [+0.0500, +0.0500] | +0.0000 [+0.0000, +0.0000] | " \
+           "NO: learning-speed result |" in table
+    assert "| 0.5 | | | | | | no: no record of this width's plain students there |" in table
+
+    empty = tmp_path / "records_empty"
+    empty.mkdir()
+    with pytest.raises(EvidenceError, match="none of this protocol's plain students .*plain_w0p25_s0"):
+        budget_checks_of(students, Protocol(**{**protocol.__dict__, "budget_check_records": str(empty)}))
+    with pytest.raises(EvidenceError, match="no such folder"):
+        budget_checks_of(students, Protocol(**{**protocol.__dict__, "budget_check_records": str(tmp_path / "gone")}))
