@@ -390,6 +390,17 @@ def variant_differences(plans: dict, configuration: str, method: str, overrides:
     return differences + overrides_not_held(plans, configuration, [a for a in overrides if not a.startswith(prefix)])
 
 
+def preset_differences(plans: dict, configuration: str, method: str) -> list[str]:
+    """What a model of a method's preset (no variant) holds otherwise than the shipped preset now: empty when it is
+    the preset. A method without a preset section of its own (logit_all_folds: the logit preset with the all-fold
+    teachers' aggregation) is not checked here."""
+    from nnunet_kd.recipe import default_recipe
+
+    if method not in default_recipe(None)["methods"]:
+        return []
+    return variant_differences(plans, configuration, method, [])
+
+
 def _same_setting(a, b) -> bool:
     """Equal settings, and of the same JSON type (true is not 1)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -1253,6 +1264,15 @@ def collect(ws: "Workspace") -> dict:
                                f"overrides of {sweep_file_of(p.sweeps_dir, method)}) in "
                                f"{', '.join(differences)}: the variant or the preset changed after it was trained; "
                                f"delete the model folder (and its record) to train the variant as defined now")
+                continue
+        else:
+            differences = preset_differences(record["plans"], p.configuration, method)
+            if differences:
+                skipped.append(f"{name}: its plans differ from the shipped preset (plans/{method}.json) in "
+                               f"{', '.join(differences)}: the preset changed after it was trained, so it is another "
+                               f"recipe; a sweep variant that spells out its settings trains it again under a name of "
+                               f"its own (e.g. --runs {method}:default@{width:g}, where the sweep file's 'base' holds "
+                               f"the preset of its time)")
                 continue
         students.setdefault((method, width), {})[seed] = record
     return {"teacher": teacher, "students": students, "skipped": skipped, "fold_teachers_sha256": folds_sha, **subset}

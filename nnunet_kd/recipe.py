@@ -60,6 +60,9 @@ CHOICES = {"kl_reduction": KL_REDUCTIONS, "teacher_aggregation": TEACHER_AGGREGA
 # Numbers that must be > 0 (a zero temperature divides the logits by 0); every other number is >= 0 (a weight of 0
 # switches its term off). All must be finite: JSON's NaN / Infinity (which Python's json reads) are refused.
 POSITIVE_KEYS = {"temperature", "teacher_aggregation_tau"}
+# Numbers for which null is a setting of its own, whatever the preset holds (unlabelled_batch_share null: nnU-Net's
+# draw in proportion to the number of cases; the preset's number is a share of each batch).
+NULLABLE_KEYS = {"unlabelled_batch_share"}
 
 
 class RecipeError(ValueError):
@@ -176,6 +179,8 @@ def _check_against_preset(section: Any, preset: dict, where: str, fix: str) -> N
         if key not in preset:
             raise RecipeError(f"{where} has unknown key '{key}' (known: {sorted(preset)}). {fix}")
         expected = preset[key]
+        if value is None and key in NULLABLE_KEYS:
+            continue
         if isinstance(expected, dict):
             _check_against_preset(value, expected, f"{where}.{key}", fix)
         elif isinstance(expected, bool):

@@ -246,9 +246,13 @@ def test_the_archived_teacher_restores_into_a_fresh_workspace_without_optimiser_
 
 
 def _budget(epochs: int) -> dict:
-    """Budget plans of ``epochs`` x 10 iterations, 10 validation iterations per epoch."""
+    """Budget plans of ``epochs`` x 10 iterations, 10 validation iterations per epoch, with the shipped presets as the
+    student planner writes them."""
+    from nnunet_kd.recipe import default_recipe
+
     return {"kd": {"2d": {"training": {"num_epochs": epochs, "num_iterations_per_epoch": 10,
-                                       "num_val_iterations_per_epoch": 10}}}}
+                                       "num_val_iterations_per_epoch": 10},
+                          "methods": default_recipe(None)["methods"]}}}
 
 
 class _RecordWorkspace:
@@ -378,7 +382,7 @@ def test_a_labelled_fraction_protocol_reports_its_students_and_the_plain_student
         training = {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}
         if fraction is not None:
             training.update(labelled_fraction=fraction, labelled_fraction_seed=seed)
-        return {"kd": {"2d": {"training": training}}}
+        return {"kd": {"2d": {"training": training, "methods": _budget(4)["kd"]["2d"]["methods"]}}}
 
     ws = join(str(tmp_path), "ws")
     fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})
@@ -784,8 +788,8 @@ def test_a_variant_is_what_its_sweep_file_says_now_and_an_older_definition_is_le
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, check_variants, collect,
                                     compared_variants, paired_comparisons, variant_recipe)
 
-    seg1 = ["methods.multiscale_contrastive.weights.segmentation=1.0"]
-    sweeps = _write_sweep(tmp_path, {"seg1": seg1})
+    seg05 = ["methods.multiscale_contrastive.weights.segmentation=0.5"]
+    sweeps = _write_sweep(tmp_path, {"seg05": seg05})
 
     def plans(overrides: list[str]) -> dict:
         """Plans as the student planner writes them for these overrides."""
@@ -798,52 +802,52 @@ def test_a_variant_is_what_its_sweep_file_says_now_and_an_older_definition_is_le
     fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", plans([]), weight=1.2)
     fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0)}__2d", plans([]),
                       weight=1.3)
-    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg1')}__2d",
-                      plans(seg1), weight=1.5)
+    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg05')}__2d",
+                      plans(seg05), weight=1.5)
     found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
-    assert sorted(found["students"]) == [("multiscale_contrastive", 0.25), ("multiscale_contrastive:seg1", 0.25),
+    assert sorted(found["students"]) == [("multiscale_contrastive", 0.25), ("multiscale_contrastive:seg05", 0.25),
                                          ("plain", 0.25)]
     assert found["skipped"] == []
     comparisons = {(c["method"], c["baseline"]): c["mean_diff"] for c in
                    paired_comparisons(found["students"], found["teacher"], ["case_010"], labelled_fraction=False)}
-    assert comparisons[("multiscale_contrastive:seg1", "multiscale_contrastive")] == pytest.approx(0.75 - 0.65)
-    assert comparisons[("multiscale_contrastive:seg1", "plain")] == pytest.approx(0.75 - 0.6)
+    assert comparisons[("multiscale_contrastive:seg05", "multiscale_contrastive")] == pytest.approx(0.75 - 0.65)
+    assert comparisons[("multiscale_contrastive:seg05", "plain")] == pytest.approx(0.75 - 0.6)
 
     # An ablation of a variant is compared held out with the variant it ablates, as its sweep file's "compare_with"
     # says (as the validation sweep compares them), besides the plain student and the preset.
-    seg1_kl = seg1 + ["methods.multiscale_contrastive.weights.kl=0.5"]
-    _write_sweep(tmp_path, {"seg1": seg1, "seg1Kl": seg1_kl}, compare_with={"seg1Kl": ["seg1"]})
-    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg1Kl')}__2d",
-                      plans(seg1_kl), weight=1.7)
+    seg05_kl = seg05 + ["methods.multiscale_contrastive.weights.kl=0.5"]
+    _write_sweep(tmp_path, {"seg05": seg05, "seg05Kl": seg05_kl}, compare_with={"seg05Kl": ["seg05"]})
+    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg05Kl')}__2d",
+                      plans(seg05_kl), weight=1.7)
     found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
     also = compared_variants(sweeps, [m for m, _ in found["students"]])
-    assert also == {"multiscale_contrastive:seg1": [], "multiscale_contrastive:seg1Kl": ["multiscale_contrastive:seg1"]}
+    assert also == {"multiscale_contrastive:seg05": [], "multiscale_contrastive:seg05Kl": ["multiscale_contrastive:seg05"]}
     comparisons = {(c["method"], c["baseline"]): c["mean_diff"] for c in paired_comparisons(
         found["students"], found["teacher"], ["case_010"], labelled_fraction=False, variants_compared=also)}
-    assert comparisons[("multiscale_contrastive:seg1Kl", "multiscale_contrastive:seg1")] == pytest.approx(0.85 - 0.75)
-    assert comparisons[("multiscale_contrastive:seg1Kl", "multiscale_contrastive")] == pytest.approx(0.85 - 0.65)
-    assert ("multiscale_contrastive:seg1", "multiscale_contrastive:seg1Kl") not in comparisons
-    shutil.rmtree(join(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg1Kl')}__2d"))
+    assert comparisons[("multiscale_contrastive:seg05Kl", "multiscale_contrastive:seg05")] == pytest.approx(0.85 - 0.75)
+    assert comparisons[("multiscale_contrastive:seg05Kl", "multiscale_contrastive")] == pytest.approx(0.85 - 0.65)
+    assert ("multiscale_contrastive:seg05", "multiscale_contrastive:seg05Kl") not in comparisons
+    shutil.rmtree(join(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0, variant='seg05Kl')}__2d"))
 
-    # The sweep file now defines seg1 otherwise, or drops its override: the model trained as the old seg1 is another
+    # The sweep file now defines seg05 otherwise, or drops its override: the model trained as the old seg05 is another
     # recipe, left out with the setting that differs.
     for redefined in (["methods.multiscale_contrastive.weights.segmentation=0.8"], []):
-        _write_sweep(tmp_path, {"seg1": redefined})
+        _write_sweep(tmp_path, {"seg05": redefined})
         found = collect(_RecordWorkspace(ws, None, sweeps_dir=sweeps))
-        assert ("multiscale_contrastive:seg1", 0.25) not in found["students"]
+        assert ("multiscale_contrastive:seg05", 0.25) not in found["students"]
         assert len(found["skipped"]) == 1 and "methods.multiscale_contrastive.weights" in found["skipped"][0]
 
     # Refused before any training, naming the file: a variant the sweep file does not define, a setting the recipe
     # does not have (the planner would add the misspelt key and train the preset under the variant's name), a sweep
     # file of another method.
-    _write_sweep(tmp_path, {"seg1": seg1, "typo": ["methods.multiscale_contrastive.weights.segmentaton=1.0"]})
+    _write_sweep(tmp_path, {"seg05": seg05, "typo": ["methods.multiscale_contrastive.weights.segmentaton=1.0"]})
     _write_sweep(tmp_path, {"x": []}, method="adaptive")
     with open(join(sweeps, "adaptive.json")) as f:
         other = json.load(f)
     other["method"] = "logit"
     with open(join(sweeps, "adaptive.json"), "w") as f:
         json.dump(other, f)
-    for run, message in (("multiscale_contrastive:seg2@0.25", r"multiscale_contrastive\.json has no variant 'seg2'.*default, seg1"),
+    for run, message in (("multiscale_contrastive:seg2@0.25", r"multiscale_contrastive\.json has no variant 'seg2'.*default, seg05"),
                          ("multiscale_contrastive:typo@0.25", r"weights\.segmentaton, which the shipped recipe .* does not have"),
                          ("adaptive:x@0.25", r"adaptive\.json is a sweep of 'logit', not of 'adaptive'")):
         protocol = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="",
@@ -1184,3 +1188,26 @@ def test_every_comparison_says_whether_it_is_final_quality_or_learning_speed_by_
         budget_checks_of(students, Protocol(**{**protocol.__dict__, "budget_check_records": str(empty)}))
     with pytest.raises(EvidenceError, match="no such folder"):
         budget_checks_of(students, Protocol(**{**protocol.__dict__, "budget_check_records": str(tmp_path / "gone")}))
+
+
+def test_a_model_of_an_earlier_preset_is_another_recipe_and_is_left_out_with_the_settings_that_differ(tmp_path):
+    """A preset chosen anew on validation must not lend its name to models trained with the preset before it: those
+    are left out of the report (with the reason), while the models of the shipped preset are reported."""
+    from nnunet_kd.evidence import TEACHER_PLANS, TEACHER_TRAINER, collect
+
+    ws = join(str(tmp_path), "ws")
+    fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})
+    now = _budget(4)
+    earlier = json.loads(json.dumps(now))
+    earlier["kd"]["2d"]["methods"]["multiscale_contrastive"]["weights"]["segmentation"] = 0.4
+    fake_model_folder(ws, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", now, weight=1.2)
+    fake_model_folder(ws, f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.25, 0)}__2d", now, weight=1.4)
+    fake_model_folder(ws, f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 0)}__2d", earlier,
+                      weight=1.6)
+    found = collect(_RecordWorkspace(ws, None))
+    assert sorted(found["students"]) == [("adaptive", 0.25), ("plain", 0.25)]
+    assert len(found["skipped"]) == 1
+    assert "nnUNetTrainerKD_MultiScaleContrastive" in found["skipped"][0]
+    assert "plans/multiscale_contrastive.json" in found["skipped"][0]
+    assert "methods.multiscale_contrastive.weights" in found["skipped"][0]
+    assert "multiscale_contrastive:default@0.25" in found["skipped"][0]  # how to train that recipe again

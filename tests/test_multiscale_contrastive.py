@@ -36,8 +36,9 @@ def _recipe(**changes) -> dict:
 # ------------------------------------------------------------------ recipe
 def test_the_preset_weighs_each_scale_and_the_scales_take_their_own_stages():
     recipe = parse_recipe(_recipe(), CONFIGURATION, METHOD, "student.json")
-    assert set(recipe.terms) == set(KD_TERMS) and recipe.train_on_unlabelled
-    assert [recipe.weight(t) for t in ("segmentation",) + KD_TERMS] == [0.4, 0.1, 0.2, 0.1, 0.2]
+    # chosen on validation: full segmentation weight, the prediction-map term (KL) on, the thesis's scale weights
+    assert set(recipe.terms) == {"kl", *KD_TERMS} and recipe.train_on_unlabelled
+    assert [recipe.weight(t) for t in ("segmentation", "kl") + KD_TERMS] == [1.0, 0.5, 0.1, 0.2, 0.1, 0.2]
     assert recipe.terms["feature_bottleneck"].stages == ("encoder.-1",)
     with pytest.raises(RecipeError, match=r"student\.json.*decoder\.1.*not encoder stages"):
         parse_recipe(_recipe(encoder_feature_stages=["encoder.1", "decoder.1"]), CONFIGURATION, METHOD,
@@ -59,15 +60,18 @@ def test_unlabelled_samples_cannot_feed_a_term_that_reads_only_labels():
 
 
 def test_the_unlabelled_share_of_a_batch_is_a_recipe_setting_checked_with_the_plans_file_named():
-    assert parse_recipe(_recipe(), CONFIGURATION, METHOD, "student.json").unlabelled_batch_share is None
-    assert parse_recipe(_recipe(unlabelled_batch_share=0.25), CONFIGURATION, METHOD,
-                        "student.json").unlabelled_batch_share == 0.25
+    assert parse_recipe(_recipe(), CONFIGURATION, METHOD, "student.json").unlabelled_batch_share == 0.25  # preset
+    assert parse_recipe(_recipe(unlabelled_batch_share=None), CONFIGURATION, METHOD,
+                        "student.json").unlabelled_batch_share is None  # nnU-Net's draw in proportion to the cases
+    assert parse_recipe(_recipe(unlabelled_batch_share=0.4), CONFIGURATION, METHOD,
+                        "student.json").unlabelled_batch_share == 0.4
     for bad in (0, 1, -0.1, 1.5, "half", True):
-        with pytest.raises(RecipeError, match=r"student\.json.*unlabelled_batch_share must be a number between 0 and 1"):
+        # the preset's type check (a finite number >= 0) or the share's own (strictly between 0 and 1)
+        with pytest.raises(RecipeError, match=r"student\.json.*unlabelled_batch_share must be a (number between 0 "
+                                              r"and 1|finite number >= 0)"):
             parse_recipe(_recipe(unlabelled_batch_share=bad), CONFIGURATION, METHOD, "student.json")
     with pytest.raises(RecipeError, match=r"student\.json.*train_on_unlabelled, which is false"):
-        parse_recipe(_recipe(unlabelled_batch_share=0.25, train_on_unlabelled=False), CONFIGURATION, METHOD,
-                     "student.json")
+        parse_recipe(_recipe(train_on_unlabelled=False), CONFIGURATION, METHOD, "student.json")  # the preset's 0.25
 
 
 def test_draws_per_case_give_the_unlabelled_share_of_a_uniform_draw():
@@ -218,16 +222,18 @@ def test_the_labelled_subset_and_the_unlabelled_rest_reach_the_data_loader_and_t
     assert trainer.unlabelled_keys == frozenset(set(fold_train) - set(labelled)) | set(extra)
     assert not (set(labelled) | trainer.unlabelled_keys) & set(fold_val)
     trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
-    dataset_tr, dataset_val = trainer.get_tr_and_val_datasets()
-    assert dataset_tr.identifiers == sorted(set(labelled) | trainer.unlabelled_keys)
-    assert dataset_val.identifiers == sorted(fold_val)
-    # unlabelled_batch_share: nnU-Net's uniform draw over the identifiers gives the unlabelled cases that share
+    # unlabelled_batch_share null: nnU-Net's own uniform draw over every training case, labelled or not
     import dataclasses
     from collections import Counter
     recipe = trainer.kd_recipe
-    trainer.kd_recipe = dataclasses.replace(recipe, unlabelled_batch_share=0.25)
-    weighted = Counter(trainer.get_tr_and_val_datasets()[0].identifiers)
+    assert recipe.unlabelled_batch_share == 0.25  # the preset's
+    trainer.kd_recipe = dataclasses.replace(recipe, unlabelled_batch_share=None)
+    dataset_tr, dataset_val = trainer.get_tr_and_val_datasets()
     trainer.kd_recipe = recipe
+    assert dataset_tr.identifiers == sorted(set(labelled) | trainer.unlabelled_keys)
+    assert dataset_val.identifiers == sorted(fold_val)
+    # unlabelled_batch_share: nnU-Net's uniform draw over the identifiers gives the unlabelled cases that share
+    weighted = Counter(trainer.get_tr_and_val_datasets()[0].identifiers)
     a, b = draws_per_case(len(labelled), len(trainer.unlabelled_keys), 0.25)
     assert weighted == {**{k: a for k in labelled}, **{k: b for k in trainer.unlabelled_keys}}
     assert sum(weighted[k] for k in trainer.unlabelled_keys) / sum(weighted.values()) == pytest.approx(0.25, abs=0.02)
