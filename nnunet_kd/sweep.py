@@ -112,8 +112,10 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
     baseline variant and with the plain student, from the finished models of the requested seeds."""
     from nnunet_kd.compare import device_label
 
+    from nnunet_kd.evidence import variant_differences
+
     p, fold = ws.p, ws.p.fold
-    models = {}
+    models, skipped = {}, []
     for seed in seeds:
         for variant in [None] + variants:
             name = variant or sweep.baseline
@@ -121,8 +123,19 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
             folder = ws.folder(trainer, sweep_plans_name(sweep.method, name, width, seed, p.student_epochs,
                                                          p.labelled_fraction, p.subset_teachers))
             record = _validation_record(folder, fold)
-            if record is not None:
-                models.setdefault(variant or "plain", {})[seed] = record
+            if record is None:
+                continue
+            if variant is not None:
+                # a model trained before its variant (or the sweep's base) was redefined is another recipe: reported
+                # under the variant's name it would credit the new definition with the old one's Dice
+                differences = variant_differences(load_json(join(folder, "plans.json")), p.configuration,
+                                                  f"{sweep.method}:{variant}", sweep.overrides(variant))
+                if differences:
+                    skipped.append(f"{os.path.basename(folder)}: its plans differ from variant {variant} as "
+                                   f"{os.path.relpath(sweep.file)} defines it now in {', '.join(differences)}; move "
+                                   f"the model folder away to train the variant as defined now")
+                    continue
+            models.setdefault(variant or "plain", {})[seed] = record
     if not models:
         return {}
     cases = list(ws.split["crossval"][fold]["val"])
@@ -174,7 +187,8 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
                                         "teacher_iterations": p.teacher_epochs * p.iterations_per_epoch},
             "device": p.device, "device_name": device_label(p.device), "command": command,
             "ci": "95% percentile bootstrap over validation cases and seeds, paired by case and seed"},
-        "labels": {k: names.get(k, k) for k in labels}, "models": rows, "comparisons": comparisons}
+        "labels": {k: names.get(k, k) for k in labels}, "models": rows, "comparisons": comparisons,
+        "skipped": skipped}
     result["table"] = format_sweep_table(result)
     return result
 
@@ -213,6 +227,9 @@ def format_sweep_table(result: dict) -> str:
         per_seed = " / ".join(f"{v:+.4f}" for v in c.get("mean_diff_per_seed", []))  # older results: none
         lines.append(f"| {c['variant']} | {c['baseline']} | {len(c['seeds'])} | {c['n_cases']} | {c['mean_diff']:+.4f} "
                      f"| [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {per_seed} |")
+    if result.get("skipped"):
+        lines += ["", "Left out (another recipe than the sweep file defines now):", ""]
+        lines += [f"- {reason}" for reason in result["skipped"]]
     return "\n".join(lines)
 
 

@@ -123,3 +123,68 @@ def test_a_variant_that_changes_two_things_is_also_compared_with_the_one_that_ch
     del models["noRouting"]
     assert ("termsMean", "noRouting") not in {(c["variant"], c["baseline"])
                                              for c in sweep_comparisons(sweep, list(sweep.variants), models, matrix)}
+
+
+def test_the_sweep_report_leaves_out_a_model_trained_before_its_variant_was_redefined(tmp_path):
+    """Validation scores belong to the recipe that earned them: a variant model whose plans differ from the variant
+    as the sweep file defines it now is listed as left out, not scored under the variant's name."""
+    import os
+    from types import SimpleNamespace
+
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from nnunet_kd.evidence import Protocol, TRAINERS
+    from nnunet_kd.sweep import build_sweep_report
+
+    method, cases = "multiscale_contrastive", ["v0", "v1"]
+    seg05 = [f"methods.{method}.weights.segmentation=0.5"]
+    sweep_file = tmp_path / f"{method}.json"
+    sweep_file.write_text(json.dumps({"method": method, "baseline": "default", "variants": {
+        "default": {"why": "the preset", "set": []}, "seg05": {"why": "a test", "set": seg05}}}))
+    sweep = load_sweep(str(sweep_file))
+    raw = tmp_path / "raw"
+    (raw / "labelsTr").mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    for case in cases:
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 2, 2), np.uint8)), str(raw / "labelsTr" / f"{case}.nii.gz"))
+    preprocessed = tmp_path / "pre"
+    preprocessed.mkdir()
+    (preprocessed / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}}))
+    protocol = Protocol(raw_dataset=str(raw), split_file=str(sweep_file), n_test=0, workdir=str(tmp_path),
+                        configuration="2d", runs=[], seeds=[0], teacher_epochs=1, student_epochs=2,
+                        iterations_per_epoch=1)
+    results = tmp_path / "results"
+    ws = SimpleNamespace(p=protocol, preprocessed=str(preprocessed), split={"crossval": [{"train": [], "val": cases}]},
+                         folder=lambda trainer, plans: str(results / f"{trainer}__{plans}__2d"))
+
+    def model(trainer: str, variant: str, overrides: list[str], dice: float) -> None:
+        folder = results / f"{trainer}__{sweep_plans_name(method, variant, 0.25, 0, 2)}__2d"
+        (folder / "fold_0" / "validation").mkdir(parents=True)
+        recipe = variant_recipe(f"{method}:{variant}", overrides)
+        (folder / "plans.json").write_text(json.dumps({"kd": {"2d": {"methods": recipe["methods"]}}}))
+        torch.save({"network_weights": {"w": torch.zeros(1)}, "logging": {
+            "ema_fg_dice": [dice, dice], "dice_per_class_or_region": [[dice], [dice]]}},
+            str(folder / "fold_0" / "checkpoint_final.pth"))
+        (folder / "fold_0" / "validation" / "summary.json").write_text(json.dumps({
+            "mean": {"1": {"Dice": dice}}, "foreground_mean": {"Dice": dice},
+            "metric_per_case": [{"reference_file": f"/x/{c}.nii.gz", "prediction_file": f"/y/{c}.nii.gz",
+                                 "metrics": {"1": {"Dice": dice, "FP": 0, "FN": 0, "TP": 1, "n_ref": 1, "n_pred": 1}}}
+                                for c in cases]}))
+        os.makedirs(folder, exist_ok=True)
+
+    model(TRAINERS["plain"], "default", [], 0.70)
+    model(TRAINERS[method], "default", [], 0.75)
+    model(TRAINERS[method], "seg05", seg05, 0.80)
+    report = build_sweep_report(ws, sweep, 0.25, [0], ["default", "seg05"], "(test)")
+    assert [r["variant"] for r in report["models"]] == ["plain", "default", "seg05"] and report["skipped"] == []
+
+    # seg05 redefined after it ran: its model is another recipe
+    sweep_file.write_text(json.dumps({"method": method, "baseline": "default", "variants": {
+        "default": {"why": "the preset", "set": []},
+        "seg05": {"why": "a test", "set": [f"methods.{method}.weights.segmentation=0.6"]}}}))
+    report = build_sweep_report(ws, load_sweep(str(sweep_file)), 0.25, [0], ["default", "seg05"], "(test)")
+    assert [r["variant"] for r in report["models"]] == ["plain", "default"]
+    assert len(report["skipped"]) == 1 and "seg05" in report["skipped"][0]
+    assert f"methods.{method}.weights" in report["skipped"][0] and "Left out" in report["table"]
