@@ -20,7 +20,8 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_kd.cost import format_count, network_cost
-from nnunet_kd.recipe import PLANS_KEY, RecipeError, available_methods, default_recipe, parse_recipe
+from nnunet_kd.recipe import (PLANS_KEY, RecipeError, available_methods, default_recipe, parse_recipe,
+                              recipe_fix)
 from nnunet_kd.resources import warn_ext_trainer
 from nnunet_kd.teacher import TeacherModel
 
@@ -478,7 +479,13 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
     plans[PLANS_KEY][configuration] = recipe
 
     for method in ["none"] + available_methods():  # every method must parse before anything is written
-        parse_recipe(plans, configuration, method, output_file)
+        try:
+            parse_recipe(plans, configuration, method, output_file)
+        except RecipeError as e:
+            # the recipe's own advice (write the plans with this planner) would send the user in a circle: the
+            # settings come from the presets and this invocation's --set
+            raise PlanningError(str(e).replace(recipe_fix(output_file), "").rstrip() + f" Nothing was written: change the setting with "
+                                f"--set KEY=VALUE (the presets are plans/*.json).") from None
     if unlabelled_cases is not None:
         # nnU-Net's preprocessor of this configuration (the teacher's plans), into the dataset's preprocessed folder
         from nnunet_kd.unlabelled import UnlabelledImagesError, preprocess_unlabelled_images

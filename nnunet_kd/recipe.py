@@ -202,9 +202,14 @@ def _check_against_preset(section: Any, preset: dict, where: str, fix: str) -> N
             raise RecipeError(f"{where}.{key} must be one of {list(CHOICES[key])}, got {value!r}. {fix}")
 
 
+def recipe_fix(plans_file: str) -> str:
+    """The advice that ends every refusal of a student plans file's recipe."""
+    return f"Write the student plans with nnUNetv2_kd_plan_student (or edit '{PLANS_KEY}' in {plans_file})."
+
+
 def parse_recipe(plans: dict, configuration: str, method: str, plans_file: str) -> Recipe:
     """Read and validate ``plans['kd'][configuration]`` for one method. Raises RecipeError naming the file."""
-    fix = (f"Write the student plans with nnUNetv2_kd_plan_student (or edit '{PLANS_KEY}' in {plans_file}).")
+    fix = recipe_fix(plans_file)
     all_recipes = plans.get(PLANS_KEY)
     if not isinstance(all_recipes, dict) or configuration not in all_recipes:
         raise RecipeError(

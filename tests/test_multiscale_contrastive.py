@@ -311,6 +311,26 @@ def test_planning_with_bad_unlabelled_images_writes_nothing(workspace, monkeypat
     assert sorted(os.listdir(ws.preprocessed)) == before
 
 
+def test_leaving_the_unlabelled_cases_out_also_needs_the_preset_share_of_a_batch_switched_off(workspace, monkeypatch):
+    """The preset draws a quarter of each batch from the unlabelled cases; without them that share has nothing to
+    draw from, so the planner refuses before writing anything and says which --set to add."""
+    from nnunet_kd.planning import PlanningError, plan_student
+    ws = workspace
+    ws.set_env(monkeypatch)
+    before = sorted(os.listdir(ws.preprocessed))
+    off = (f"methods.{METHOD}.train_on_unlabelled=false",)
+    with pytest.raises(PlanningError, match=r"nnUNetPlans_nounlabelled\.json: .*unlabelled_batch_share 0\.25 .*set it "
+                                            r"to null.*Nothing was written: change the setting with --set KEY=VALUE"):
+        plan_student(str(DATASET_ID), CONFIGURATION, ws.teacher_folder, "nnUNetPlans_nounlabelled", verbose=False,
+                     labelled_fraction=0.5, overrides=off)
+    assert sorted(os.listdir(ws.preprocessed)) == before
+    plan_student(str(DATASET_ID), CONFIGURATION, ws.teacher_folder, "nnUNetPlans_nounlabelled", verbose=False,
+                 labelled_fraction=0.5, overrides=off + (f"methods.{METHOD}.unlabelled_batch_share=null",))
+    written = load_json(join(ws.preprocessed, "nnUNetPlans_nounlabelled.json"))["kd"][CONFIGURATION]["methods"][METHOD]
+    assert written["train_on_unlabelled"] is False and written["unlabelled_batch_share"] is None
+    os.remove(join(ws.preprocessed, "nnUNetPlans_nounlabelled.json"))
+
+
 # ------------------------------------------------------------------ the user's commands, end to end
 def test_multitask_teacher_to_partial_label_student_to_export_with_nnunet_commands(workspace):
     from nnunet_kd.cost import build_network_from_plans

@@ -423,8 +423,11 @@ def test_planner_never_overwrites_plans_it_did_not_write_for_this_dataset(worksp
 def test_planner_refuses_non_finite_or_zero_settings_and_writes_nothing(workspace, monkeypatch, kwargs, message):
     workspace.set_env(monkeypatch)
     output = join(workspace.preprocessed, "nnUNetPlans_never_nonfinite.json")
-    with pytest.raises(RecipeError, match=message) as error:
+    with pytest.raises(PlanningError, match=message) as error:
         plan_student(str(DATASET_ID), CONFIGURATION, workspace.teacher_folder, "nnUNetPlans_never_nonfinite",
                      verbose=False, **kwargs)
     assert output in str(error.value)
+    # the planner's own advice, not the recipe's (which would send the user back to the planner)
+    assert str(error.value).endswith("Nothing was written: change the setting with --set KEY=VALUE (the presets are "
+                                     "plans/*.json).") and "Write the student plans" not in str(error.value)
     assert not os.path.exists(output)
