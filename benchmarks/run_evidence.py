@@ -37,8 +37,9 @@ def main(argv=None) -> None:
 
     from nnunet_kd.compare import device_label
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, Workspace, _model_record,
-                                    build_report, check_variants, collect, parse_runs, reproducing_commands,
-                                    results_tag_error, run_protocol, save_workspace_records, write_report)
+                                    build_report, check_budget_check_records, check_variants, collect, parse_runs,
+                                    reproducing_commands, results_tag_error, run_protocol, save_workspace_records,
+                                    write_report)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -114,10 +115,6 @@ def main(argv=None) -> None:
         if not os.path.isdir(args.unlabelled_images):
             parser.error(f"--unlabelled-images {args.unlabelled_images}: not a folder.")
 
-    if args.budget_check_records is not None and not os.path.isdir(args.budget_check_records):
-        parser.error(f"--budget-check-records {args.budget_check_records}: no such folder. Give the records folder of "
-                     f"this protocol run with more --student-epochs and its own --tag, e.g. "
-                     f"benchmarks/records/Dataset004_Hippocampus-2d-teacher2_6000it.")
     if results_tag_error(args.tag):
         parser.error(results_tag_error(args.tag))
     tag = f"-{args.tag}" if args.tag else ""
@@ -145,6 +142,7 @@ def main(argv=None) -> None:
         budget_check_records=abspath(args.budget_check_records) if args.budget_check_records else None)
     try:
         check_variants(protocol)
+        check_budget_check_records(protocol)
     except EvidenceError as e:
         parser.error(str(e))
     # This invocation (--report-only and --commit change nothing that is measured); the results file states the

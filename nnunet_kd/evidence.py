@@ -1546,17 +1546,27 @@ def budget_result(check: dict | None) -> str:
     return {True: "final quality", False: "learning speed", None: "undecided"}[check["stopped_improving"]]
 
 
+def _shown_path(path: str) -> str:
+    """A path as results files show it: relative to the working directory (the repository) when absolute."""
+    return os.path.relpath(path) if os.path.isabs(path) else path
+
+
+def check_budget_check_records(p: "Protocol") -> None:
+    """Before any training (run_evidence.py) and when reporting: the budget check's records folder exists."""
+    if p.budget_check_records and not isdir(p.budget_check_records):
+        raise EvidenceError(f"--budget-check-records {p.budget_check_records}: no such folder. It is the records "
+                            f"folder of this protocol run with more --student-epochs and its own --tag, e.g. "
+                            f"benchmarks/records/<dataset>-<configuration>-<tag>.")
+
+
 def budget_checks_of(students: dict, p: "Protocol") -> dict:
     """budget_doubling_check of every plain student width that has records at the longer budget
     (Protocol.budget_check_records); width -> check, and a width without them -> its reason."""
     if not p.budget_check_records:
         return {}
-    if not isdir(p.budget_check_records):
-        raise EvidenceError(f"--budget-check-records {p.budget_check_records}: no such folder. It is the records "
-                            f"folder of this protocol run with more --student-epochs and its own --tag, e.g. "
-                            f"benchmarks/records/<dataset>-<configuration>-<tag>.")
+    check_budget_check_records(p)
     longer_all = load_records(p.budget_check_records)
-    where = os.path.relpath(p.budget_check_records) if os.path.isabs(p.budget_check_records) else p.budget_check_records
+    where = _shown_path(p.budget_check_records)
     checks = {}
     for (method, width), by_seed in students.items():
         if method != "plain":
@@ -1566,9 +1576,11 @@ def budget_checks_of(students: dict, p: "Protocol") -> dict:
             {"seeds": [], "longer_records": where, "stopped_improving": None,
              "reason": "no record of this width's plain students there"}
     if checks and not any(c["seeds"] for c in checks.values()):
+        plain = [record_name(r) for (method, _), by_seed in students.items() if method == "plain"
+                 for r in by_seed.values()]
         raise EvidenceError(f"--budget-check-records {where}: none of this protocol's plain students "
-                            f"({', '.join(record_name(r) for (m, _), v in students.items() if m == 'plain' for r in v.values())}) "
-                            f"has a record there. Give the records folder of the same protocol at a longer budget.")
+                            f"({', '.join(plain)}) has a record there. Give the records folder of the same protocol "
+                            f"at a longer budget.")
     return checks
 
 
@@ -1670,7 +1682,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
     teacher_cfg = teacher_plans["configurations"][p.configuration]
     protocol = {
         "dataset": p.dataset_name, "configuration": p.configuration, "fold": p.fold,
-        "split_file": os.path.relpath(p.split_file, os.getcwd()) if os.path.isabs(p.split_file) else p.split_file,
+        "split_file": _shown_path(p.split_file),
         "n_train": len(ws.split["train"]), "n_test": len(cases),
         "n_fold_train": len(ws.split["crossval"][p.fold]["train"]), "n_validation": len(ws.split["crossval"][p.fold]["val"]),
         "seeds": sorted({s for v in found["students"].values() for s in v}), "teacher_seed": p.teacher_seed,
@@ -1703,8 +1715,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                     "student_epochs": p.student_epochs, "iterations_per_epoch": p.iterations_per_epoch,
                     "val_iterations_per_epoch": p.val_iterations_per_epoch,
                     "student_val_iterations_per_epoch": p.student_val_iterations,
-                    **({"budget_check_records": os.path.relpath(p.budget_check_records)
-                        if os.path.isabs(p.budget_check_records) else p.budget_check_records}
+                    **({"budget_check_records": _shown_path(p.budget_check_records)}
                        if p.budget_check_records else {}),
                     "batch_size": teacher_cfg["batch_size"], "patch_size": teacher_cfg["patch_size"]},
         "device": p.device, "device_name": device_label(p.device), "torch": torch.__version__,

@@ -484,8 +484,8 @@ def plan_student(dataset: str, configuration: str, teacher_folder, output_plans_
         except RecipeError as e:
             # the recipe's own advice (write the plans with this planner) would send the user in a circle: the
             # settings come from the presets and this invocation's --set
-            raise PlanningError(str(e).replace(recipe_fix(output_file), "").rstrip() + f" Nothing was written: change the setting with "
-                                f"--set KEY=VALUE (the presets are plans/*.json).") from None
+            raise PlanningError(str(e).replace(recipe_fix(output_file), "").rstrip() + " Nothing was written: change "
+                                "the setting with --set KEY=VALUE (the presets are plans/*.json).") from None
     if unlabelled_cases is not None:
         # nnU-Net's preprocessor of this configuration (the teacher's plans), into the dataset's preprocessed folder
         from nnunet_kd.unlabelled import UnlabelledImagesError, preprocess_unlabelled_images

@@ -19,7 +19,8 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_kd.evidence import (TRAINERS, VARIANT_NAME, Workspace, _fmt_ci, _number_tag, _voxel_volume_ml,
-                                mean_foreground_dice, paired_bootstrap, per_case_metrics, plateau)
+                                mean_foreground_dice, paired_bootstrap, per_case_metrics, plateau,
+                                variant_differences)
 
 
 class SweepError(ValueError):
@@ -111,8 +112,6 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
     """Rows per model (validation Dice, per class, FP/FN volumes) and paired comparisons of every variant with the
     baseline variant and with the plain student, from the finished models of the requested seeds."""
     from nnunet_kd.compare import device_label
-
-    from nnunet_kd.evidence import variant_differences
 
     p, fold = ws.p, ws.p.fold
     models, skipped = {}, []

@@ -128,7 +128,6 @@ def test_a_variant_that_changes_two_things_is_also_compared_with_the_one_that_ch
 def test_the_sweep_report_leaves_out_a_model_trained_before_its_variant_was_redefined(tmp_path):
     """Validation scores belong to the recipe that earned them: a variant model whose plans differ from the variant
     as the sweep file defines it now is listed as left out, not scored under the variant's name."""
-    import os
     from types import SimpleNamespace
 
     import numpy as np
@@ -172,7 +171,6 @@ def test_the_sweep_report_leaves_out_a_model_trained_before_its_variant_was_rede
             "metric_per_case": [{"reference_file": f"/x/{c}.nii.gz", "prediction_file": f"/y/{c}.nii.gz",
                                  "metrics": {"1": {"Dice": dice, "FP": 0, "FN": 0, "TP": 1, "n_ref": 1, "n_pred": 1}}}
                                 for c in cases]}))
-        os.makedirs(folder, exist_ok=True)
 
     model(TRAINERS["plain"], "default", [], 0.70)
     model(TRAINERS[method], "default", [], 0.75)
