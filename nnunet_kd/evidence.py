@@ -1775,7 +1775,7 @@ def format_tables(result: dict) -> str:
                   "budget's records lack per-case validation Dice, *unchecked* where no longer budget was trained (the "
                   "last-fifth test below cannot tell: nnU-Net's poly learning rate flattens the end of every budget)."]
     lines += ["", "| plain student width | seeds | validation pseudo-Dice gain over the last fifth (fit) | EMA gain "
-                  "(lags) | plateau (gain < 0.01) |", "|---|---|---|---|---|"]
+                  "(lags) | flat over the last fifth (gain < 0.01; no proof of a plateau) |", "|---|---|---|---|---|"]
     for width, pl in sorted(result["plateau_of_plain_student"].items(), key=lambda kv: -float(kv[0])):
         gain = "" if pl["gain_over_last_fifth"] is None else f"{pl['gain_over_last_fifth']:+.4f}"
         ema = "" if pl.get("ema_gain_over_last_fifth") is None else f"{pl['ema_gain_over_last_fifth']:+.4f}"
