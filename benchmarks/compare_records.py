@@ -10,14 +10,18 @@ two protocols of the same split.
 
 ``{seed}`` in a path is replaced by each seed (seed i of --a pairs with seed i of --b). Prints a markdown table: each
 side's test and validation mean Dice, budget and teacher, and the paired difference a - b with the bootstrap 95%
-interval of ``nnunet_kd.evidence.paired_bootstrap`` (cases and seeds resampled), then the command itself.
+interval of ``nnunet_kd.evidence.paired_bootstrap`` (cases and seeds resampled), then the command itself. With
+``--out <results folder>/<name>`` the same table is also written to ``<name>.md`` and the comparison (both sides, the
+difference, the record files, the command) to ``<name>.json``, so that a figure quoted from it has a results file.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import sys
-from os.path import isfile
+from os.path import dirname, isdir, isfile
 
 SEED_FIELD = "{seed}"
 
@@ -47,7 +51,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
     parser.add_argument("--label-a", default="a")
     parser.add_argument("--label-b", default="b")
+    parser.add_argument("--out", metavar="STEM", help="Also write STEM.md (the printed table) and STEM.json (the "
+                        "comparison, its record files and this command), e.g. benchmarks/results/<name>")
     args = parser.parse_args(argv)
+    if args.out is not None and not isdir(dirname(args.out) or "."):
+        raise SystemExit(f"--out {args.out}: no folder {dirname(args.out)}; create it or choose a path in an existing "
+                         f"folder (e.g. benchmarks/results/<name>). Nothing was written.")
     files_a = record_files(args.a, args.seeds, "--a")
     files_b = record_files(args.b, args.seeds, "--b")
     try:
@@ -56,24 +65,39 @@ def main(argv=None) -> None:
     except EvidenceError as e:
         raise SystemExit(str(e))
     a, b = result["a"], result["b"]
-    print("| model | seeds | test cases | test mean Dice | per seed | val mean Dice | budget |")
-    print("|---|---|---|---|---|---|---|")
+    lines = ["| model | seeds | test cases | test mean Dice | per seed | val mean Dice | budget |",
+             "|---|---|---|---|---|---|---|"]
     for label, side in ((args.label_a, a), (args.label_b, b)):
         validation = "" if side["validation_mean_dice"] is None else f"{side['validation_mean_dice']:.4f}"
-        print(f"| {label} | {len(args.seeds)} | {result['n_cases']} | {side['test_mean_dice']:.4f} | "
-              f"{', '.join(f'{v:.4f}' for v in side['test_mean_dice_per_seed'])} | {validation} | "
-              f"{'; '.join(side['budgets'])} |")
+        lines.append(f"| {label} | {len(args.seeds)} | {result['n_cases']} | {side['test_mean_dice']:.4f} | "
+                     f"{', '.join(f'{v:.4f}' for v in side['test_mean_dice_per_seed'])} | {validation} | "
+                     f"{'; '.join(side['budgets'])} |")
     low, high = result["ci95"]
-    print()
-    print(f"{args.label_a} - {args.label_b}: {result['mean_diff']:+.4f} [{low:+.4f}, {high:+.4f}] "
-          f"(per seed {' / '.join(f'{v:+.4f}' for v in result['mean_diff_per_seed'])}; paired over "
-          f"{len(args.seeds)} seed(s) x {result['n_cases']} test cases)")
+    lines += ["", f"{args.label_a} - {args.label_b}: {result['mean_diff']:+.4f} [{low:+.4f}, {high:+.4f}] "
+                  f"(per seed {' / '.join(f'{v:+.4f}' for v in result['mean_diff_per_seed'])}; paired over "
+                  f"{len(args.seeds)} seed(s) x {result['n_cases']} test cases)"]
     teachers = set(a["teacher_network_weights_sha256"]) | set(b["teacher_network_weights_sha256"])
     teachers.discard("None")
     if len(teachers) > 1:
-        print(f"Note: the two sides learned from different teachers (checkpoint sha256 {', '.join(sorted(teachers))}).")
-    print()
-    print(f"Command: `python benchmarks/compare_records.py {shlex.join(sys.argv[1:] if argv is None else argv)}`")
+        lines.append(f"Note: the two sides learned from different teachers (checkpoint sha256 "
+                     f"{', '.join(sorted(teachers))}).")
+    command = f"python benchmarks/compare_records.py {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    lines += ["", f"Command: `{command}`"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        comparison = {"labels": {"a": args.label_a, "b": args.label_b}, "seeds": args.seeds,
+                      "records": {"a": files_a, "b": files_b}, "command": command, **result}
+        _write_atomically(args.out + ".json", json.dumps(comparison, indent=1))
+        _write_atomically(args.out + ".md", text + "\n")
+        print(f"\nwritten: {args.out}.json, {args.out}.md")
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1078,6 +1078,20 @@ def test_the_record_comparison_command_names_a_missing_record_and_needs_the_seed
     tool.main(["-c", "2d", "--a", pattern.format(side="a"), "--b", pattern.format(side="b"), "--seeds", "0", "1"])
     out = capsys.readouterr().out
     assert "a - b: +0.1000 [+0.1000, +0.1000]" in out and "Command: `python benchmarks/compare_records.py -c 2d" in out
+    # --out: the printed table as a results file, and the comparison with its records and command as JSON
+    tool.main(["-c", "2d", "--a", pattern.format(side="a"), "--b", pattern.format(side="b"), "--seeds", "0", "1",
+               "--out", str(tmp_path / "a_vs_b")])
+    printed = capsys.readouterr().out
+    with open(tmp_path / "a_vs_b.md") as f:
+        assert f.read() in printed
+    with open(tmp_path / "a_vs_b.json") as f:
+        written = json.load(f)
+    assert written["mean_diff"] == pytest.approx(0.1) and written["seeds"] == [0, 1]
+    assert written["records"]["b"] == [str(tmp_path / "b_s0.json"), str(tmp_path / "b_s1.json")]
+    assert "--out" in written["command"]
+    with pytest.raises(SystemExit, match=r"no folder .*nowhere.*Nothing was written"):
+        tool.main(["-c", "2d", "--a", pattern.format(side="a"), "--b", pattern.format(side="b"), "--seeds", "0",
+                   "--out", str(tmp_path / "nowhere" / "a_vs_b")])
     with open(tmp_path / "a_s2.json", "w") as f:  # side b lacks seed 2
         json.dump(_record("a_s2", {"c0": .7, "c1": .6}), f)
     with pytest.raises(SystemExit, match=r"--b: no record .*b_s2\.json"):
