@@ -27,7 +27,8 @@ def main(argv=None) -> None:
 
     from nnunet_kd.compare import device_label
     from nnunet_kd.evidence import Protocol, Workspace, results_tag_error
-    from nnunet_kd.sweep import build_sweep_report, load_sweep, run_sweep, write_sweep_report
+    from nnunet_kd.methods import load_sweep
+    from nnunet_kd.sweep import build_sweep_report, run_sweep, write_sweep_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

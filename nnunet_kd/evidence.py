@@ -37,6 +37,9 @@ from os.path import basename, dirname, isdir, isfile, join
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
+from nnunet_kd.methods import (NO_VARIANTS, TRAINERS, VARIANT_NAME, VARIANT_SEPARATOR, SweepError, load_sweep,
+                               method_and_variant)
+
 SPLIT_SEED = 20261125
 CROSSVAL_SEED = 12345  # nnU-Net's own seed for its 5-fold split
 
@@ -125,19 +128,6 @@ def write_crossval_split(preprocessed_base: str, split: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-# Protocol method name -> nnU-Net trainer. "plain" is the baseline of every comparison at the same width.
-TRAINERS = {
-    "plain": "nnUNetTrainerBudget",
-    "adaptive": "nnUNetTrainerKD_Adaptive",
-    "logit": "nnUNetTrainerKD_Logit",
-    "mskd": "nnUNetTrainerMSKD",
-    "plain_seg_weight": "nnUNetTrainerKD_PlainSegWeight",
-    "label_teacher": "nnUNetTrainerKD_LabelTeacher",
-    "multiscale_contrastive": "nnUNetTrainerKD_MultiScaleContrastive",
-    "multi_teacher": "nnUNetTrainerKD_MultiTeacher",
-    # the peer at its defaults: Fast-nnUNet's logit KD from the mean logits of the teacher's cross-validation folds
-    "logit_all_folds": "nnUNetTrainerKD_Logit",
-}
 # Methods whose teachers trained on the student's validation cases (the other folds of an all-fold ensemble): their
 # validation Dice is optimistic, so they are never the "best KD by validation"; the held-out test cases stay unseen.
 VALIDATION_SEEN_BY_TEACHERS = ("logit_all_folds",)
@@ -169,16 +159,6 @@ COLORS = {"plain": "tab:blue", "adaptive": "tab:red", "logit": "tab:green", "msk
 CONTROLS = ("plain_seg_weight", "label_teacher")
 
 
-# A recipe variant of a KD method under the held-out protocol, 'METHOD:VARIANT' (e.g.
-# 'multiscale_contrastive:noContrastive'): the named --set overrides of that method's sweep file
-# (<Protocol.sweeps_dir>/<METHOD>.json, nnunet_kd.sweep), the same ones its validation sweep ran. Its plans name carries
-# '_v<VARIANT>'; it is compared with everything its method is compared with, with the method's preset itself (what
-# the variant changes) and with the variants its sweep file's "compare_with" names (compared_variants). Variant names
-# are letters and digits only: they name plans files.
-VARIANT_SEPARATOR = ":"
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9]+$")
-# Methods without a recipe of their own to vary: the plain student; the peer at its defaults is defined by them.
-NO_VARIANTS = ("plain", "logit_all_folds")
 
 
 def results_tag_error(tag: str | None) -> str | None:
@@ -252,13 +232,6 @@ def reproducing_commands(invocation: list[str], students: dict) -> dict:
     return commands
 
 
-def method_and_variant(method: str) -> tuple[str, str | None]:
-    """'multiscale_contrastive:noContrastive' -> ('multiscale_contrastive', 'noContrastive'); 'adaptive' -> ('adaptive',
-    None)."""
-    base, sep, variant = method.partition(VARIANT_SEPARATOR)
-    return base, (variant if sep else None)
-
-
 def label_of(method: str) -> str:
     """A row's name in tables and plots; a variant is its method's name and the variant's."""
     base, variant = method_and_variant(method)
@@ -326,8 +299,6 @@ def sweep_file_of(sweeps_dir: str | None, method: str) -> str:
 def variant_overrides(sweeps_dir: str | None, method: str) -> list[str]:
     """The --set overrides of a variant 'METHOD:VARIANT' as its sweep file defines them now (the file's 'base' first,
     as the sweep ran them); raises EvidenceError naming the file when it has no such variant."""
-    from nnunet_kd.sweep import SweepError, load_sweep
-
     base, variant = method_and_variant(method)
     path = sweep_file_of(sweeps_dir, method)
     if not sweeps_dir or not isfile(path):
@@ -1445,8 +1416,6 @@ def compared_variants(sweeps_dir: str | None, methods) -> dict:
     """For each variant run 'METHOD:VARIANT' of ``methods``, the runs 'METHOD:OTHER' of the variants that its sweep
     file's "compare_with" names: an ablation of a variant (e.g. the chosen recipe without its contrastive term) is
     compared with the variant it ablates, held out as on validation (nnunet_kd.sweep.sweep_comparisons)."""
-    from nnunet_kd.sweep import load_sweep
-
     out = {}
     for method in methods:
         base, variant = method_and_variant(method)

@@ -12,63 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from os.path import isfile, join
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_kd.evidence import (TRAINERS, VARIANT_NAME, Workspace, _fmt_ci, _number_tag, _voxel_volume_ml,
-                                mean_foreground_dice, paired_bootstrap, per_case_metrics, plateau,
-                                variant_differences)
-
-
-class SweepError(ValueError):
-    """A sweep file that cannot be run; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class Sweep:
-    file: str
-    method: str
-    baseline: str
-    variants: dict  # name -> {"why": str, "set": [KEY=VALUE, ...], optional "compare_with": [variant, ...]}, in order
-    base: tuple = ()  # KEY=VALUE applied to every variant first (the preset as it was when the sweep ran)
-
-    def overrides(self, variant: str) -> list[str]:
-        return list(self.base) + list(self.variants[variant]["set"])
-
-
-def load_sweep(path: str) -> Sweep:
-    """Read and check a sweep file: {"method", "baseline", "variants": {name: {"why", "set": [...]}}}."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SweepError(f"{path}: cannot read the sweep file ({e}).") from None
-    method, baseline, variants = raw.get("method"), raw.get("baseline"), raw.get("variants")
-    if method not in TRAINERS or method == "plain":
-        raise SweepError(f"{path}: 'method' must be one of the KD methods {sorted(set(TRAINERS) - {'plain'})}, got "
-                         f"{method!r}.")
-    if not isinstance(variants, dict) or not variants:
-        raise SweepError(f"{path}: 'variants' must be an object of named variants, each {{\"why\": ..., \"set\": "
-                         f"[\"methods.{method}.weights.kl=0\", ...]}}.")
-    for name, variant in variants.items():
-        if not VARIANT_NAME.match(name):
-            raise SweepError(f"{path}: variant name {name!r} must be letters and digits only (it names a plans file).")
-        if not isinstance(variant, dict) or not isinstance(variant.get("set"), list) or not all(
-                isinstance(a, str) and "=" in a for a in variant["set"]) or not isinstance(variant.get("why"), str):
-            raise SweepError(f"{path}: variant {name!r} must be {{\"why\": \"...\", \"set\": [\"KEY=VALUE\", ...]}}.")
-        also = variant.get("compare_with", [])
-        if not isinstance(also, list) or not all(v in variants and v != name for v in also):
-            raise SweepError(f"{path}: variant {name!r}: 'compare_with' must list other variants of this file "
-                             f"{[v for v in variants if v != name]}, got {also!r}.")
-    base = raw.get("base", [])
-    if not isinstance(base, list) or not all(isinstance(a, str) and "=" in a for a in base):
-        raise SweepError(f"{path}: 'base' must be a list of \"KEY=VALUE\" overrides applied to every variant.")
-    if baseline not in variants:
-        raise SweepError(f"{path}: 'baseline' must name one of the variants {list(variants)}, got {baseline!r}.")
-    return Sweep(file=path, method=method, baseline=baseline, variants=dict(variants), base=tuple(base))
+from nnunet_kd.evidence import (Workspace, _fmt_ci, _number_tag, _voxel_volume_ml, mean_foreground_dice,
+                                paired_bootstrap, per_case_metrics, plateau, variant_differences)
+from nnunet_kd.methods import TRAINERS, Sweep
 
 
 def sweep_plans_name(method: str, variant: str, width: float, seed: int, epochs: int,

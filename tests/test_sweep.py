@@ -11,7 +11,8 @@ import pytest
 from nnunet_kd.evidence import _parse_student_folder, variant_recipe
 from nnunet_kd.planning import apply_override, _check_plans_name
 from nnunet_kd.recipe import default_recipe, parse_recipe
-from nnunet_kd.sweep import SweepError, load_sweep, sweep_plans_name
+from nnunet_kd.methods import SweepError, load_sweep
+from nnunet_kd.sweep import sweep_plans_name
 
 SWEEPS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "sweeps").glob("*.json"))
 
