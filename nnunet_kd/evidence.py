@@ -128,6 +128,7 @@ def write_crossval_split(preprocessed_base: str, split: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- models
+# The protocol's method names, their trainers and their recipe variants: nnunet_kd.methods.
 # Methods whose teachers trained on the student's validation cases (the other folds of an all-fold ensemble): their
 # validation Dice is optimistic, so they are never the "best KD by validation"; the held-out test cases stay unseen.
 VALIDATION_SEEN_BY_TEACHERS = ("logit_all_folds",)
@@ -157,8 +158,6 @@ COLORS = {"plain": "tab:blue", "adaptive": "tab:red", "logit": "tab:green", "msk
           ALL_LABELS_PLAIN: "tab:cyan"}
 # Controls are compared with the plain student like the methods, but are not candidates for "best KD".
 CONTROLS = ("plain_seg_weight", "label_teacher")
-
-
 
 
 def results_tag_error(tag: str | None) -> str | None:
