@@ -42,6 +42,7 @@ def record_files(pattern: str, seeds: list[int], option: str) -> list[str]:
 def main(argv=None) -> None:
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
+    from nnunet_kd.atomic_files import write_json_atomically, write_text_atomically
     from nnunet_kd.evidence import EvidenceError, compare_record_sets
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -88,16 +89,11 @@ def main(argv=None) -> None:
     if args.out is not None:
         comparison = {"labels": {"a": args.label_a, "b": args.label_b}, "seeds": args.seeds,
                       "records": {"a": files_a, "b": files_b}, "command": command, **result}
-        _write_atomically(args.out + ".json", json.dumps(comparison, indent=1))
-        _write_atomically(args.out + ".md", text + "\n")
+        write_json_atomically(comparison, args.out + ".json")
+        write_text_atomically(args.out + ".md", text + "\n")
         print(f"\nwritten: {args.out}.json, {args.out}.md")
 
 
-def _write_atomically(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

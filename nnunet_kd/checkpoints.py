@@ -12,8 +12,8 @@ from typing import Callable
 
 from torch._dynamo import OptimizedModule
 
-from nnunet_kd.teacher import (CorruptCheckpointError, TeacherError, atomic_torch_save, load_nnunet_checkpoint,
-                               strip_wrapper_prefixes)
+from nnunet_kd.atomic_files import atomic_torch_save
+from nnunet_kd.teacher import CorruptCheckpointError, TeacherError, load_nnunet_checkpoint, strip_wrapper_prefixes
 
 # The checkpoints nnU-Net's --c chooses from (run_training: final, else latest, else best), in that order.
 RESUMABLE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")

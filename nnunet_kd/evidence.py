@@ -37,6 +37,7 @@ from os.path import basename, dirname, isdir, isfile, join
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
+from nnunet_kd.atomic_files import write_json_atomically, write_text_atomically
 from nnunet_kd.methods import (NO_VARIANTS, TRAINERS, VARIANT_NAME, VARIANT_SEPARATOR, SweepError, load_sweep,
                                method_and_variant)
 
@@ -586,8 +587,13 @@ class Workspace:
         self.preprocessed = join(self.env["nnUNet_preprocessed"], protocol.dataset_name)
         self.results = join(self.env["nnUNet_results"], protocol.dataset_name)
         self.split = load_or_make_split(protocol.split_file, protocol.raw_dataset, protocol.n_test)
-        _, self.test_images, self.test_labels = prepare_workspace(
+        self.raw, self.test_images, self.test_labels = prepare_workspace(
             protocol.raw_dataset, self.split, self.env["nnUNet_raw"], join(protocol.workdir, "test"))
+
+    def dataset_json(self) -> dict:
+        """The training cases' dataset.json (nnU-Net copies it into the preprocessed folder; this one exists before
+        preprocessing, so a report from committed records needs no preprocessed workspace)."""
+        return load_json(join(self.raw, "dataset.json"))
 
     def command(self, name: str, args: list[str], env: dict | None = None) -> None:
         from nnunet_kd.pipeline import console_script, run
@@ -908,10 +914,7 @@ def _write_record(records_dir: str, document: dict) -> str:
     """<records_dir>/<model>.json, written atomically (a kill mid-write leaves the previous record)."""
     os.makedirs(records_dir, exist_ok=True)
     path = join(records_dir, document["model"] + ".json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomically(document, path)
     return path
 
 
@@ -1039,7 +1042,7 @@ def latency(ws: "Workspace", folder: str | None, plans: dict | None = None) -> d
     elif plans is not None:
         plans_manager = PlansManager(copy.deepcopy(plans))
         configuration_manager = plans_manager.get_configuration(ws.p.configuration)
-        dataset_json = load_json(join(ws.preprocessed, "dataset.json"))
+        dataset_json = ws.dataset_json()
 
         def timing_of(data):
             return time_plans(plans, dataset_json, ws.p.configuration, data, device,
@@ -1573,7 +1576,7 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
     ending = load_json(join(p.raw_dataset, "dataset.json"))["file_ending"]
     voxel_ml = {c: _voxel_volume_ml(join(ws.test_labels, c + ending)) for c in cases}
     labels = sorted(next(iter(teacher["test"].values())), key=lambda k: (len(k), k))
-    dataset_json = load_json(join(ws.preprocessed, "dataset.json"))
+    dataset_json = ws.dataset_json()
     names = {str(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
 
     cache = load_json(latency_cache_file) if latency_cache_file and isfile(latency_cache_file) else {}
@@ -1878,14 +1881,10 @@ def write_report(result: dict, json_path: str) -> list[str]:
     stem = json_path[:-len(".json")]
     plots = plot_report(result, stem)
     result["plots"] = [basename(x) for x in plots]
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, json_path)
+    write_json_atomically(result, json_path)
     protocol = result["protocol"]
     reproduce = "".join(f"\n{what}: `{protocol[key]}`\n" for key, what in (
         ("command", "Command (trains what is missing, then rewrites this file)"),
         ("all_labels_command", "The all-labels plain rows")) if protocol.get(key))
-    with open(stem + ".md", "w") as f:
-        f.write(result["table"] + "\n" + reproduce)
+    write_text_atomically(stem + ".md", result["table"] + "\n" + reproduce)
     return [json_path, stem + ".md"] + plots

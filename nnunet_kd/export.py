@@ -21,7 +21,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_kd.provenance import TRAINING_CASES_FILE
 from nnunet_kd.recipe import PLANS_KEY
-from nnunet_kd.teacher import atomic_torch_save, load_nnunet_checkpoint, nonfinite_tensors, strip_wrapper_prefixes
+from nnunet_kd.atomic_files import atomic_torch_save
+from nnunet_kd.teacher import load_nnunet_checkpoint, nonfinite_tensors, strip_wrapper_prefixes
 from nnunet_kd.trainer import TRAINING_ONLY_KEYS
 
 VANILLA_TRAINER = "nnUNetTrainer"

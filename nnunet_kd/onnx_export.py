@@ -15,6 +15,7 @@ from os.path import join
 import numpy as np
 import torch
 
+from nnunet_kd.atomic_files import write_json_atomically
 from nnunet_kd.onnx_predict import ONNX_RECORD_FILE
 
 ONNX_FILE = "model.onnx"
@@ -165,8 +166,5 @@ def export_fold_onnx(network: torch.nn.Module, patch_size, num_input_channels: i
                                                                                int8_calibration[:2]])
         record["int8_file"] = INT8_FILE
         record["int8"] = {"quantisation": how, "max_abs_logit_difference_on_calibration_patches": int8_diff}
-    tmp = join(fold_folder, ONNX_RECORD_FILE + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, join(fold_folder, ONNX_RECORD_FILE))
+    write_json_atomically(record, join(fold_folder, ONNX_RECORD_FILE), indent=2)
     return record

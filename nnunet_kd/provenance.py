@@ -17,6 +17,8 @@ import json
 import os
 from os.path import basename, isfile, join, normpath
 
+from nnunet_kd.atomic_files import write_json_atomically
+
 TRAINING_CASES_FILE = "training_cases.json"
 RECORD_FORMAT = 1
 
@@ -65,15 +67,6 @@ def read_training_cases(fold_folder: str) -> dict | None:
     return record
 
 
-def _write_json_atomically(content: dict, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def record_training_cases(trainer) -> str | None:
     """Write the fold's record into ``trainer.output_folder`` (rank 0; call it from ``on_train_start``, after
     nnU-Net's, so the split is the one the data loaders use). A resumed run (``--c``) keeps the cases of its earlier
@@ -107,7 +100,7 @@ def record_training_cases(trainer) -> str | None:
         record["unlabelled_training_cases"] = sorted(unlabelled - cases)
         record["unlabelled_images"] = {"source": extra_images.get("source"), "cases": sorted(extra)}
     os.makedirs(trainer.output_folder, exist_ok=True)
-    _write_json_atomically(record, path)
+    write_json_atomically(record, path)
     trainer.print_to_log_file(f"Recorded the {len(cases)} training cases of fold {trainer.fold}"
                               + (f" (and {len(unlabelled - cases)} of its cases and {len(extra)} extra images trained "
                                  f"on without labels)" if unlabelled or extra else "") + f" in {path}.")

@@ -17,6 +17,7 @@ from os.path import isfile, join
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
+from nnunet_kd.atomic_files import write_json_atomically, write_text_atomically
 from nnunet_kd.evidence import (Workspace, _fmt_ci, _number_tag, _voxel_volume_ml, mean_foreground_dice,
                                 paired_bootstrap, per_case_metrics, plateau, variant_differences)
 from nnunet_kd.methods import TRAINERS, Sweep
@@ -93,7 +94,7 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
     voxel_ml = {c: _voxel_volume_ml(join(p.raw_dataset, "labelsTr", c + ending)) for c in cases}
     first = next(iter(next(iter(models.values())).values()))
     labels = sorted(next(iter(first["validation"].values())), key=lambda k: (len(k), k))
-    names = {str(v): k for k, v in load_json(join(ws.preprocessed, "dataset.json"))["labels"].items()
+    names = {str(v): k for k, v in ws.dataset_json()["labels"].items()
              if isinstance(v, int)}
 
     def matrix(by_seed: dict, use: list[int]) -> np.ndarray:
@@ -184,11 +185,7 @@ def format_sweep_table(result: dict) -> str:
 
 
 def write_sweep_report(result: dict, json_path: str) -> list[str]:
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, json_path)
+    write_json_atomically(result, json_path)
     md = json_path[:-len(".json")] + ".md"
-    with open(md, "w") as f:
-        f.write(result["table"] + "\n")
+    write_text_atomically(md, result["table"] + "\n")
     return [json_path, md]

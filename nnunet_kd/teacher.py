@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from os.path import isdir, isfile, join
@@ -95,50 +94,6 @@ def nonfinite_tensors(state_dict: dict) -> list[str]:
         if not torch.isfinite(value).all():
             names.append(name)
     return names
-
-
-def _new_file_mode(path: str) -> int:
-    if isfile(path):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save that never leaves a partial file at ``path``: write a temporary file in the same folder, fsync
-    it, then os.replace it over ``path`` (atomic on POSIX and Windows). A kill or a full disk during the save
-    leaves the previous ``path`` as it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes it owner-only; keep what torch.save would give
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-        if isinstance(e, Exception):
-            raise OSError(f"Could not write {path} ({type(e).__name__}: {e}). The previous {os.path.basename(path)} "
-                          f"(if any) is unchanged. Free disk space in {folder} (or fix its permissions) and run the "
-                          f"command again (nnUNetv2_train ... --c resumes a training).") from e
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX; best effort)
-        try:
-            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
 
 
 def strip_wrapper_prefixes(state_dict: dict) -> dict:

@@ -698,8 +698,8 @@ def test_a_width_known_only_from_committed_records_is_timed_through_its_plans_on
     test_images = join(workspace.raw, "imagesTs")
     case = sorted(os.listdir(test_images))[0].rsplit("_", 1)[0]
     ws = SimpleNamespace(p=SimpleNamespace(device="cpu", fold=0, configuration=CONFIGURATION, latency_repeats=2),
-                         split={"test": [case]}, test_images=test_images, preprocessed=workspace.preprocessed,
-                         env=workspace.env)
+                         split={"test": [case]}, test_images=test_images, env=workspace.env,
+                         dataset_json=lambda: load_json(join(workspace.preprocessed, "dataset.json")))
     from_checkpoint = latency(ws, workspace.teacher_folder)
     from_plans = latency(ws, None, load_json(join(workspace.teacher_folder, "plans.json")))
     assert from_checkpoint["weights"].startswith("trained")
@@ -895,7 +895,8 @@ def test_the_report_pools_seeds_pairs_each_kd_student_with_the_plain_one_and_cho
     protocol = Protocol(raw_dataset=raw, split_file="benchmarks/splits/Dataset991_KDTest.json", n_test=len(cases),
                         workdir=str(tmp_path), configuration=CONFIGURATION, runs=[], seeds=[0, 1], teacher_epochs=5,
                         student_epochs=5, iterations_per_epoch=10)
-    ws = SimpleNamespace(p=protocol, preprocessed=workspace.preprocessed, test_labels=labels_dir,
+    ws = SimpleNamespace(p=protocol, dataset_json=lambda: load_json(join(workspace.preprocessed, "dataset.json")),
+                         test_labels=labels_dir,
                          split={"test": cases, "train": cases + ["t1", "t2"],
                                 "crossval": [{"train": ["t1"], "val": ["t2"]}]})
     plain = {0: [0.70, 0.80, 0.60, 0.90], 1: [0.72, 0.78, 0.62, 0.88]}

@@ -318,7 +318,8 @@ def _deterministic_teacher(ws, folder: str) -> str:
     """A copy of the session's teacher folder whose weights are seeded (the briefly trained ones are not fixed)."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunet_kd.cost import build_network_from_plans
-    from nnunet_kd.teacher import atomic_torch_save, load_nnunet_checkpoint
+    from nnunet_kd.atomic_files import atomic_torch_save
+    from nnunet_kd.teacher import load_nnunet_checkpoint
     shutil.copytree(ws.teacher_folder, folder)
     checkpoint_file = join(folder, "fold_0", "checkpoint_final.pth")
     checkpoint = load_nnunet_checkpoint(checkpoint_file)

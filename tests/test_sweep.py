@@ -149,14 +149,12 @@ def test_the_sweep_report_leaves_out_a_model_trained_before_its_variant_was_rede
     (raw / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
     for case in cases:
         sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 2, 2), np.uint8)), str(raw / "labelsTr" / f"{case}.nii.gz"))
-    preprocessed = tmp_path / "pre"
-    preprocessed.mkdir()
-    (preprocessed / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}}))
     protocol = Protocol(raw_dataset=str(raw), split_file=str(sweep_file), n_test=0, workdir=str(tmp_path),
                         configuration="2d", runs=[], seeds=[0], teacher_epochs=1, student_epochs=2,
                         iterations_per_epoch=1)
     results = tmp_path / "results"
-    ws = SimpleNamespace(p=protocol, preprocessed=str(preprocessed), split={"crossval": [{"train": [], "val": cases}]},
+    ws = SimpleNamespace(p=protocol, dataset_json=lambda: {"labels": {"background": 0, "a": 1}},
+                         split={"crossval": [{"train": [], "val": cases}]},
                          folder=lambda trainer, plans: str(results / f"{trainer}__{plans}__2d"))
 
     def model(trainer: str, variant: str, overrides: list[str], dice: float) -> None:

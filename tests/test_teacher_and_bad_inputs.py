@@ -14,10 +14,10 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
 from conftest import CONFIGURATION, DATASET_ID, DATASET_NAME, STUDENT_PLANS
+from nnunet_kd.atomic_files import atomic_torch_save
 from nnunet_kd.planning import PlanningError, plan_student
 from nnunet_kd.recipe import RecipeError
-from nnunet_kd.teacher import (CorruptCheckpointError, TeacherError, UnsafeCheckpointError, atomic_torch_save,
-                               load_nnunet_checkpoint)
+from nnunet_kd.teacher import CorruptCheckpointError, TeacherError, UnsafeCheckpointError, load_nnunet_checkpoint
 
 
 def make_trainer(ws, monkeypatch, plans_name=STUDENT_PLANS, fold=0, trainer="nnUNetTrainerKD_Adaptive"):
@@ -271,6 +271,32 @@ def test_atomic_save_keeps_the_previous_file_when_the_disk_fills(tmp_path, monke
             atomic_torch_save({"network_weights": {"w": torch.zeros(10)}, "current_epoch": 2}, path)
     assert load_nnunet_checkpoint(path)["current_epoch"] == 1  # the previous checkpoint, intact
     assert os.listdir(tmp_path) == ["checkpoint_latest.pth"]  # no temporary file left behind
+
+
+def test_results_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import json
+    from nnunet_kd.atomic_files import write_json_atomically, write_text_atomically
+    path = str(tmp_path / "results.json")
+    write_json_atomically({"rows": [1, 2]}, path)
+    assert open(path).read() == json.dumps({"rows": [1, 2]}, indent=1)  # the bytes of a plain json.dump
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's owner-only mode
+
+    def half_written(content, f, **kwargs):
+        f.write('{"rows": [')
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as patched:
+        patched.setattr(json, "dump", half_written)
+        with pytest.raises(OSError, match=r"Could not write .*results\.json .*No space left.*unchanged.*Free"):
+            write_json_atomically({"rows": [3]}, path)
+    assert json.load(open(path)) == {"rows": [1, 2]}
+    write_text_atomically(str(tmp_path / "results.md"), "| a |\n")
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_teacher_with_a_nan_weight_is_refused(workspace, monkeypatch, tmp_path):
