@@ -37,9 +37,9 @@ def main(argv=None) -> None:
 
     from nnunet_kd.compare import device_label
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, Workspace, _model_record,
-                                    build_report, check_budget_check_records, check_variants, collect, parse_runs,
-                                    reproducing_commands, results_tag_error, run_protocol, save_workspace_records,
-                                    write_report)
+                                    build_report, check_budget_check_records, check_teacher_from_records,
+                                    check_variants, collect, parse_runs, reproducing_commands, results_tag_error,
+                                    run_protocol, save_workspace_records, write_report)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -84,6 +84,10 @@ def main(argv=None) -> None:
                         help="Records folder of this protocol at a longer student budget (e.g. twice --student-epochs, "
                              "its own --tag): the plain students' seeds there are paired with this protocol's on the "
                              "validation cases, and every comparison is labelled final quality or learning speed")
+    parser.add_argument("--teacher-from-records", default=None, metavar="FOLDER",
+                        help="Plain students only: the teacher of this records folder (its plans and record) instead "
+                             "of training or restoring one. A plain student learns nothing from the teacher's weights, "
+                             "so a longer budget of a series whose teacher archive is lost can still be checked")
     parser.add_argument("--report-only", action="store_true", help="Train nothing; rewrite the results files")
     parser.add_argument("--commit", action="store_true",
                         help="git commit the results files every time they are rewritten (long runs across sessions)")
@@ -139,10 +143,13 @@ def main(argv=None) -> None:
         teacher_archive=None if args.no_teacher_archive else join(expanduser(args.teacher_archive_root),
                                                                   f"{dataset}-{args.configuration}"),
         sweeps_dir=abspath(args.sweeps_dir),
-        budget_check_records=abspath(args.budget_check_records) if args.budget_check_records else None)
+        budget_check_records=abspath(args.budget_check_records) if args.budget_check_records else None,
+        teacher_from_records=abspath(args.teacher_from_records) if args.teacher_from_records else None)
     try:
         check_variants(protocol)
         check_budget_check_records(protocol)
+        if protocol.teacher_from_records:
+            check_teacher_from_records(protocol)
     except EvidenceError as e:
         parser.error(str(e))
     # This invocation (--report-only and --commit change nothing that is measured); the results file states the
@@ -168,6 +175,9 @@ def main(argv=None) -> None:
               + (f"; {len(records)} model records in {protocol.records_dir}" if records else ""), flush=True)
         if args.commit:
             paths = written + [protocol.split_file] + records
+            if protocol.teacher_from_records and protocol.records_dir:  # the teacher's record, copied in once
+                paths.append(join(protocol.records_dir,
+                                  f"{TEACHER_TRAINER}__{TEACHER_PLANS}__{args.configuration}.json"))
             repo = dirname(HERE)
             subprocess.run(["git", "-C", repo, "add", "--"] + paths, check=False)
             subprocess.run(["git", "-C", repo, "commit", "-q", "-m", f"Held-out results {basename(json_path)}: "

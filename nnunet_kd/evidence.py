@@ -548,6 +548,11 @@ class Protocol:
     # Records of this protocol's plain students at a longer student budget (another --tag's records folder): the
     # budget-doubling check (budget_doubling_check) that tells final quality from learning speed.
     budget_check_records: str | None = None
+    # Plain students only: the teacher of another records folder (its record: plans, weights' SHA-256, test Dice)
+    # instead of a teacher trained or restored here. A plain student learns nothing from the teacher's weights, only
+    # its architecture (the student's plans are derived from the teacher's), so a longer budget of a series whose
+    # teacher archive is lost can still be checked (check_teacher_from_records).
+    teacher_from_records: str | None = None
 
     @property
     def student_val_iterations(self) -> int:
@@ -639,6 +644,30 @@ class Workspace:
                                                       self.p.fold, plans_file, expected):
             print(f"  restored the archived teacher {self.p.teacher_archive}", flush=True)
         return self.train(TEACHER_TRAINER, TEACHER_PLANS)
+
+    def teacher_from_records(self) -> str:
+        """The teacher of Protocol.teacher_from_records for plain students: its record joins this protocol's records
+        (the report compares every student with it) and its model folder holds its plans and dataset.json only (what
+        the student planner reads), never a checkpoint, so nothing here can distil from or evaluate it."""
+        folder = self.folder(TEACHER_TRAINER, TEACHER_PLANS)
+        record = check_teacher_from_records(self.p, self.split)
+        if isfile(join(folder, f"fold_{self.p.fold}", "checkpoint_final.pth")):
+            raise EvidenceError(f"--teacher-from-records: {folder} holds a trained teacher already; use a new --workdir "
+                                f"for plain students of the teacher of {self.p.teacher_from_records}.")
+        if self.p.records_dir:
+            own = load_records(self.p.records_dir).get(record["model"])
+            if own is None:
+                os.makedirs(self.p.records_dir, exist_ok=True)
+                write_json_atomically({k: v for k, v in record.items() if k != "folder"},
+                                      join(self.p.records_dir, record["model"] + ".json"))
+            elif own["network_weights_sha256"] != record["network_weights_sha256"]:
+                raise EvidenceError(f"--teacher-from-records {self.p.teacher_from_records}: its teacher is not the one "
+                                    f"of the committed records in {self.p.records_dir} (other network weights). Use a "
+                                    f"new --tag for the plain students of that teacher.")
+        os.makedirs(folder, exist_ok=True)
+        write_json_atomically(record["plans"], join(folder, "plans.json"))
+        write_json_atomically(self.dataset_json(), join(folder, "dataset.json"))
+        return folder
 
     def archive_teacher(self, teacher_folder: str) -> list[str]:
         """The finished, evaluated teacher into Protocol.teacher_archive (once); returns the files written."""
@@ -750,11 +779,12 @@ def run_protocol(protocol: Protocol, report=None) -> None:
     # Multi-teacher students learn from the subset teachers only: the protocol's teacher is trained for them only
     # when no committed record holds it (the report compares every student with it).
     bases = [method_and_variant(m)[0] for m, _ in protocol.runs]
-    needs_teacher = any(m != "multi_teacher" for m in bases) or not _teacher_is_committed(ws)
+    needs_teacher = not protocol.teacher_from_records and (
+        any(m != "multi_teacher" for m in bases) or not _teacher_is_committed(ws))
     if needs_teacher:
         refuse_a_new_teacher_beside_committed_records(ws)  # before preprocessing too: minutes of it for nothing
     ws.preprocess()
-    teacher = None
+    teacher = ws.teacher_from_records() if protocol.teacher_from_records else None
     if needs_teacher:
         teacher = ws.teacher()
         ws.evaluate_on_test(teacher)
@@ -1522,6 +1552,28 @@ def _shown_path(path: str) -> str:
     return os.path.relpath(path) if os.path.isabs(path) else path
 
 
+def check_teacher_from_records(p: "Protocol", split: dict | None = None) -> dict:
+    """Before any training: Protocol.teacher_from_records is a records folder holding this protocol's teacher (same
+    dataset, configuration and held-out test cases) and every run is a plain student. Returns that teacher's record."""
+    option = f"--teacher-from-records {p.teacher_from_records}"
+    others = sorted({m for m, _ in p.runs if method_and_variant(m)[0] != "plain"})
+    if others:
+        raise EvidenceError(f"{option}: only plain students can do without the teacher's weights, but --runs names "
+                            f"{', '.join(others)}. Run those where the teacher is (its archive, or a retrained teacher "
+                            f"with its own --tag).")
+    name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__{p.configuration}"
+    path = join(p.teacher_from_records, name + ".json")
+    if not isfile(path):
+        raise EvidenceError(f"{option}: no teacher record {path}. It is a records folder written by this runner, "
+                            f"e.g. benchmarks/records/<dataset>-<configuration>-<tag>.")
+    record = load_records(p.teacher_from_records)[name]
+    split = split if split is not None else load_json(p.split_file)
+    if sorted(record["test"]) != sorted(split["test"]):
+        raise EvidenceError(f"{option}: the teacher of {path} was evaluated on other test cases than the split "
+                            f"{p.split_file} holds out: it belongs to another dataset or split.")
+    return record
+
+
 def check_budget_check_records(p: "Protocol") -> None:
     """Before any training (run_evidence.py) and when reporting: the budget check's records folder exists."""
     if p.budget_check_records and not isdir(p.budget_check_records):
@@ -1689,6 +1741,10 @@ def build_report(ws: "Workspace", command: str, latency_cache_file: str | None =
                     **({"budget_check_records": _shown_path(p.budget_check_records)}
                        if p.budget_check_records else {}),
                     "batch_size": teacher_cfg["batch_size"], "patch_size": teacher_cfg["patch_size"]},
+        **({"teacher_from_records": f"the teacher row and the students' plans come from the teacher record in "
+                                    f"{_shown_path(p.teacher_from_records)} (no teacher was trained or restored here: "
+                                    f"the plain students learn nothing from its weights)"}
+           if p.teacher_from_records else {}),
         "device": p.device, "device_name": device_label(p.device), "torch": torch.__version__,
         "host": platform.node(), "command": command,
         **({"all_labels_command": all_labels_command} if all_labels_command else {}),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_kd.evidence import (load_or_make_split, make_split, mean_foreground_dice, paired_bootstrap, parse_runs,
                                 per_case_metrics, plateau, prepare_workspace, student_plans_name,
@@ -988,6 +989,63 @@ def test_a_lost_teacher_archive_stops_the_protocol_before_a_new_teacher_trains_b
     refuse_a_new_teacher_beside_committed_records(
         _RecordWorkspace(join(str(tmp_path), "fresh"), join(str(tmp_path), "records-teacher2")))
 
+
+def test_plain_students_of_a_longer_budget_can_take_their_teacher_from_another_records_folder(tmp_path):
+    """The teacher archive of a committed series is lost with its machine; the plain student's budget-doubling check
+    still needs only the teacher's plans (its architecture) and its record (the report's teacher row and the series'
+    identity), never its weights. Anything that distils, another dataset's teacher, or a workspace or records folder
+    of another teacher is refused before training."""
+    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Workspace,
+                                    check_teacher_from_records, collect, load_records, save_workspace_records)
+
+    teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
+    old_records, new_records = join(str(tmp_path), "records-t"), join(str(tmp_path), "records-t-long")
+    old_machine = join(str(tmp_path), "old")
+    teacher_plans = {"plans_name": TEACHER_PLANS, "configurations": {"2d": {"patch_size": [8, 8]}}}
+    fake_model_folder(old_machine, teacher_name, teacher_plans)
+    first = _RecordWorkspace(old_machine, old_records)
+    save_workspace_records(first, collect(first))
+
+    fresh = _RecordWorkspace(join(str(tmp_path), "fresh"), new_records)
+    fresh.p.student_epochs = 8
+    fresh.p.teacher_from_records = old_records
+    fresh.p.runs = [("plain", 0.25)]
+    fresh.split = {"test": ["case_010"], "crossval": [{}, {}]}
+    fresh.dataset_json = lambda: {"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}
+    folder = Workspace.teacher_from_records(fresh)
+    # the student planner's inputs, and no checkpoint: nothing can distil from it or evaluate it
+    assert load_json(join(folder, "plans.json")) == teacher_plans
+    assert load_json(join(folder, "dataset.json"))["labels"] == {"background": 0, "a": 1}
+    assert not os.path.exists(join(folder, "fold_0"))
+    teacher = load_records(old_records)[teacher_name]
+    assert load_records(new_records)[teacher_name] == teacher  # the series' teacher row, copied once
+    fake_model_folder(fresh.results, f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d", _budget(8), weight=1.3)
+    found = collect(fresh)
+    assert found["teacher"]["folder"] is None and found["students"][("plain", 0.25)][0]["folder"]
+    save_workspace_records(fresh, found)
+    student = load_records(new_records)[f"nnUNetTrainerBudget__{student_plans_name(0.25, 0)}__2d"]
+    assert student["teacher_network_weights_sha256"] == teacher["network_weights_sha256"]
+    Workspace.teacher_from_records(fresh)  # again (a resumed session): the same record, nothing to refuse
+
+    fresh.p.runs = [("plain", 0.25), ("adaptive", 0.25)]
+    with pytest.raises(EvidenceError, match=r"only plain students .* --runs names adaptive"):
+        check_teacher_from_records(fresh.p, fresh.split)
+    fresh.p.runs = [("plain", 0.25)]
+    with pytest.raises(EvidenceError, match=r"evaluated on other test cases"):
+        check_teacher_from_records(fresh.p, {"test": ["case_011"]})
+    fresh.p.teacher_from_records = new_records + "-missing"
+    with pytest.raises(EvidenceError, match=r"no teacher record .*records-t-long-missing/" + teacher_name):
+        check_teacher_from_records(fresh.p, fresh.split)
+    fresh.p.teacher_from_records = old_records
+    other = dict(teacher, network_weights_sha256="0" * 64)
+    with open(join(new_records, teacher_name + ".json"), "w") as f:
+        json.dump(other, f)
+    with pytest.raises(EvidenceError, match=r"not the one of the committed records .*other network weights"):
+        Workspace.teacher_from_records(fresh)
+    os.makedirs(join(folder, "fold_0"))
+    open(join(folder, "fold_0", "checkpoint_final.pth"), "w").close()
+    with pytest.raises(EvidenceError, match=r"holds a trained teacher already; use a new --workdir"):
+        Workspace.teacher_from_records(fresh)
 
 def test_a_results_tag_is_refused_when_it_would_not_make_a_plain_file_name():
     from nnunet_kd.evidence import results_tag_error
