@@ -1567,7 +1567,12 @@ def check_teacher_from_records(p: "Protocol", split: dict | None = None) -> dict
         raise EvidenceError(f"{option}: no teacher record {path}. It is a records folder written by this runner, "
                             f"e.g. benchmarks/records/<dataset>-<configuration>-<tag>.")
     record = load_records(p.teacher_from_records)[name]
-    split = split if split is not None else load_json(p.split_file)
+    if split is None:
+        if not isfile(p.split_file):
+            raise EvidenceError(f"{option}: no split file {p.split_file}. The teacher of {path} was evaluated on the "
+                                f"held-out cases of its series' split file (benchmarks/splits/<dataset>.json): pass "
+                                f"that file with --split-file.")
+        split = load_json(p.split_file)
     if sorted(record["test"]) != sorted(split["test"]):
         raise EvidenceError(f"{option}: the teacher of {path} was evaluated on other test cases than the split "
                             f"{p.split_file} holds out: it belongs to another dataset or split.")

@@ -1033,6 +1033,9 @@ def test_plain_students_of_a_longer_budget_can_take_their_teacher_from_another_r
     fresh.p.runs = [("plain", 0.25)]
     with pytest.raises(EvidenceError, match=r"evaluated on other test cases"):
         check_teacher_from_records(fresh.p, {"test": ["case_011"]})
+    fresh.p.split_file = join(str(tmp_path), "no_split.json")
+    with pytest.raises(EvidenceError, match=r"no split file .*no_split\.json.*--split-file"):
+        check_teacher_from_records(fresh.p)
     fresh.p.teacher_from_records = new_records + "-missing"
     with pytest.raises(EvidenceError, match=r"no teacher record .*records-t-long-missing/" + teacher_name):
         check_teacher_from_records(fresh.p, fresh.split)
