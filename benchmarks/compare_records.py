@@ -17,8 +17,6 @@ difference, the record files, the command) to ``<name>.json``, so that a figure 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import sys
 from os.path import dirname, isdir, isfile

@@ -24,7 +24,6 @@ an interrupted one resumes with ``--c``, and the results file is rewritten after
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re

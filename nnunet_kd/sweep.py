@@ -10,7 +10,6 @@ and seed, with the sweep's baseline variant (the shipped preset) and with the pl
 """
 from __future__ import annotations
 
-import json
 import os
 from os.path import isfile, join
 
