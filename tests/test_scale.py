@@ -36,11 +36,15 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
             average_gradients(parameters)
             optimizer.step()
         torch.save({k: v.detach().clone() for k, v in adapter.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
-        # both ranks done before either tears gloo down: one full-suite run (2026-12-06) had rank 0 abort in teardown
-        # ("terminate called without an active exception") while its peer was still closing its pair
-        dist.barrier()
-    finally:
+        dist.barrier()  # both ranks have written their weights and need the connection no more
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without tearing gloo down: its teardown (destroy_process_group, then the C++ destructors at interpreter
+    # exit) aborted rank 0 with "terminate called without an active exception" in two full-suite runs (2026-12-06
+    # here, and CI of stop 37) even after this barrier, while everything this test checks was already on disk.
+    # The teardown is torch's, not this project's; nnU-Net's DDP training calls it itself.
+    os._exit(0)
 
 
 def test_adapters_stay_identical_across_two_gloo_ranks_and_follow_the_mean_gradient(tmp_path):
