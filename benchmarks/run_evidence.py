@@ -38,8 +38,8 @@ def main(argv=None) -> None:
     from nnunet_kd.compare import device_label
     from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, Workspace, _model_record,
                                     build_report, check_budget_check_records, check_teacher_from_records,
-                                    check_variants, collect, parse_runs, reproducing_commands, results_tag_error,
-                                    run_protocol, save_workspace_records, write_report)
+                                    check_variants, collect, model_folder_name, parse_runs, reproducing_commands,
+                                    results_tag_error, run_protocol, save_workspace_records, write_report)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -177,7 +177,7 @@ def main(argv=None) -> None:
             paths = written + [protocol.split_file] + records
             if protocol.teacher_from_records and protocol.records_dir:  # the teacher's record, copied in once
                 paths.append(join(protocol.records_dir,
-                                  f"{TEACHER_TRAINER}__{TEACHER_PLANS}__{args.configuration}.json"))
+                                  model_folder_name(TEACHER_TRAINER, TEACHER_PLANS, args.configuration) + ".json"))
             repo = dirname(HERE)
             subprocess.run(["git", "-C", repo, "add", "--"] + paths, check=False)
             subprocess.run(["git", "-C", repo, "commit", "-q", "-m", f"Held-out results {basename(json_path)}: "

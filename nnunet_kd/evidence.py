@@ -619,7 +619,7 @@ class Workspace:
 
         trainer = trainer_of_existing_run(self.env["nnUNet_results"], self.p.dataset_name, trainer, plans,
                                           self.p.configuration, self.p.fold)
-        return join(self.results, f"{trainer}__{plans}__{self.p.configuration}")
+        return join(self.results, model_folder_name(trainer, plans, self.p.configuration))
 
     def train(self, trainer: str, plans: str, fold: int | None = None) -> str:
         """``fold``: another cross-validation fold than the protocol's (a fold teacher)."""
@@ -1187,7 +1187,8 @@ def refuse_a_new_teacher_beside_committed_records(ws: "Workspace") -> None:
 
 
 def _subset_teacher_names(configuration: str, k: int) -> list[str]:
-    return [f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}{i}of{k}__{configuration}" for i in range(1, k + 1)]
+    return [model_folder_name(TEACHER_TRAINER, f"{SUBSET_TEACHER_PLANS}{i}of{k}", configuration)
+            for i in range(1, k + 1)]
 
 
 def collect(ws: "Workspace") -> dict:
@@ -1551,6 +1552,14 @@ def _shown_path(path: str) -> str:
     return os.path.relpath(path) if os.path.isabs(path) else path
 
 
+def model_folder_name(trainer: str, plans: str, configuration: str) -> str:
+    """nnU-Net's name of a model's results folder (and of its record here): <trainer>__<plans>__<configuration>."""
+    # imported here: nnunetv2.paths reads (and warns about) the nnUNet_* variables on import, and a report from
+    # committed records needs none of them
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+    return convert_trainer_plans_config_to_identifier(trainer, plans, configuration)
+
+
 def check_teacher_from_records(p: "Protocol", split: dict | None = None) -> dict:
     """Before any training: Protocol.teacher_from_records is a records folder holding this protocol's teacher (same
     dataset, configuration and held-out test cases) and every run is a plain student. Returns that teacher's record."""
@@ -1560,7 +1569,7 @@ def check_teacher_from_records(p: "Protocol", split: dict | None = None) -> dict
         raise EvidenceError(f"{option}: only plain students can do without the teacher's weights, but --runs names "
                             f"{', '.join(others)}. Run those where the teacher is (its archive, or a retrained teacher "
                             f"with its own --tag).")
-    name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__{p.configuration}"
+    name = model_folder_name(TEACHER_TRAINER, TEACHER_PLANS, p.configuration)
     path = join(p.teacher_from_records, name + ".json")
     if not isfile(path):
         raise EvidenceError(f"{option}: no teacher record {path}. It is a records folder written by this runner, "
