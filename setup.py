@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.10",
     # The repository's top-level trainers/ (the folder nnUNet_extTrainer points at) and plans/ (recipe presets)
     # are installed inside the package, so `pip install .` ships them; see nnunet_kd/resources.py.
-    packages=["nnunet_kd", "nnunet_kd.distill", "nnunet_kd.losses", "nnunet_kd.trainers", "nnunet_kd.plans"],
+    packages=["nnunet_kd", "nnunet_kd.distill", "nnunet_kd.evidence", "nnunet_kd.losses", "nnunet_kd.trainers",
+              "nnunet_kd.plans"],
     package_dir={"nnunet_kd.trainers": "trainers", "nnunet_kd.plans": "plans"},
     package_data={"nnunet_kd.plans": ["*.json"]},
     install_requires=[

@@ -10,7 +10,7 @@ two protocols of the same split.
 
 ``{seed}`` in a path is replaced by each seed (seed i of --a pairs with seed i of --b). Prints a markdown table: each
 side's test and validation mean Dice, budget and teacher, and the paired difference a - b with the bootstrap 95%
-interval of ``nnunet_kd.evidence.paired_bootstrap`` (cases and seeds resampled), then the command itself. With
+interval of ``nnunet_kd.evidence.statistics.paired_bootstrap`` (cases and seeds resampled), then the command itself. With
 ``--out <results folder>/<name>`` the same table is also written to ``<name>.md`` and the comparison (both sides, the
 difference, the record files, the command) to ``<name>.json``, so that a figure quoted from it has a results file.
 """
@@ -41,7 +41,8 @@ def main(argv=None) -> None:
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     from nnunet_kd.atomic_files import write_json_atomically, write_text_atomically
-    from nnunet_kd.evidence import EvidenceError, compare_record_sets
+    from nnunet_kd.evidence.budget_check import compare_record_sets
+    from nnunet_kd.evidence.protocol import EvidenceError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--configuration", required=True, help="nnU-Net configuration of the records, e.g. 2d")

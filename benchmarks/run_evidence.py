@@ -36,10 +36,13 @@ def main(argv=None) -> None:
     import torch
 
     from nnunet_kd.compare import device_label
-    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, Workspace, _model_record,
-                                    build_report, check_budget_check_records, check_teacher_from_records,
-                                    check_variants, collect, model_folder_name, parse_runs, reproducing_commands,
-                                    results_tag_error, run_protocol, save_workspace_records, write_report)
+    from nnunet_kd.evidence.budget_check import check_budget_check_records
+    from nnunet_kd.evidence.collect import collect, model_record, save_workspace_records
+    from nnunet_kd.evidence.protocol import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, check_variants,
+                                             model_folder_name, parse_runs, reproducing_commands, results_tag_error)
+    from nnunet_kd.evidence.records import check_teacher_from_records
+    from nnunet_kd.evidence.report import build_report, write_report
+    from nnunet_kd.evidence.workspace import Workspace, run_protocol
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -186,7 +189,7 @@ def main(argv=None) -> None:
     if args.report_only:
         ws = Workspace(protocol)
         teacher = ws.folder(TEACHER_TRAINER, TEACHER_PLANS)
-        if _model_record(ws, teacher) is not None:  # a finished, evaluated teacher is committed here too
+        if model_record(ws, teacher) is not None:  # a finished, evaluated teacher is committed here too
             ws.archive_teacher(teacher)
         report(ws)
     else:

@@ -26,7 +26,8 @@ def main(argv=None) -> None:
     import torch
 
     from nnunet_kd.compare import device_label
-    from nnunet_kd.evidence import Protocol, Workspace, results_tag_error
+    from nnunet_kd.evidence.protocol import Protocol, results_tag_error
+    from nnunet_kd.evidence.workspace import Workspace
     from nnunet_kd.methods import load_sweep
     from nnunet_kd.sweep import build_sweep_report, run_sweep, write_sweep_report
 

@@ -32,7 +32,7 @@ TRAINERS = {
 # (<Protocol.sweeps_dir>/<METHOD>.json), the same ones its validation sweep (nnunet_kd.sweep) ran. Its plans name
 # carries '_v<VARIANT>'; it is compared with everything its method is compared with, with the method's preset itself
 # (what the variant changes) and with the variants its sweep file's "compare_with" names
-# (nnunet_kd.evidence.compared_variants). Variant names are letters and digits only: they name plans files.
+# (nnunet_kd.evidence.report.compared_variants). Variant names are letters and digits only: they name plans files.
 VARIANT_SEPARATOR = ":"
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9]+$")
 # Methods without a recipe of their own to vary: the plain student; the peer at its defaults is defined by them.

@@ -17,8 +17,11 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_kd.atomic_files import write_json_atomically, write_text_atomically
-from nnunet_kd.evidence import (Workspace, _fmt_ci, _number_tag, _voxel_volume_ml, mean_foreground_dice,
-                                paired_bootstrap, per_case_metrics, plateau, variant_differences)
+from nnunet_kd.evidence.protocol import number_tag, variant_differences
+from nnunet_kd.evidence.records import voxel_volume_ml
+from nnunet_kd.evidence.report import format_ci
+from nnunet_kd.evidence.statistics import mean_foreground_dice, paired_bootstrap, per_case_metrics, plateau
+from nnunet_kd.evidence.workspace import Workspace
 from nnunet_kd.methods import TRAINERS, Sweep
 
 
@@ -26,9 +29,9 @@ def sweep_plans_name(method: str, variant: str, width: float, seed: int, epochs:
                      labelled_fraction: float | None = None, subset_teachers: int | None = None) -> str:
     """One plans file per model; a sweep of students on part of the labels (Protocol.labelled_fraction) has its own,
     and so has a multi-teacher sweep per number of subset teachers."""
-    fraction = "" if labelled_fraction is None else f"_f{_number_tag(labelled_fraction)}"
+    fraction = "" if labelled_fraction is None else f"_f{number_tag(labelled_fraction)}"
     teachers = f"_k{subset_teachers}" if method == "multi_teacher" and subset_teachers else ""
-    return f"nnUNetPlans_sweep_{method}_{variant}_w{_number_tag(width)}{fraction}{teachers}_s{seed}_e{epochs}"
+    return f"nnUNetPlans_sweep_{method}_{variant}_w{number_tag(width)}{fraction}{teachers}_s{seed}_e{epochs}"
 
 
 def run_sweep(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], variants: list[str], report=None) -> None:
@@ -50,12 +53,12 @@ def run_sweep(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], varia
 
 
 def _validation_record(folder: str, fold: int) -> dict | None:
-    from nnunet_kd.evidence import _curves
+    from nnunet_kd.evidence.records import validation_curves
 
     summary = join(folder, f"fold_{fold}", "validation", "summary.json")
     if not (isfile(summary) and isfile(join(folder, f"fold_{fold}", "checkpoint_final.pth"))):
         return None
-    return {"folder": folder, "validation": per_case_metrics(summary), "curves": _curves(folder, fold)}
+    return {"folder": folder, "validation": per_case_metrics(summary), "curves": validation_curves(folder, fold)}
 
 
 def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], variants: list[str],
@@ -90,7 +93,7 @@ def build_sweep_report(ws: Workspace, sweep: Sweep, width: float, seeds: list[in
         return {}
     cases = list(ws.split["crossval"][fold]["val"])
     ending = load_json(join(p.raw_dataset, "dataset.json"))["file_ending"]
-    voxel_ml = {c: _voxel_volume_ml(join(p.raw_dataset, "labelsTr", c + ending)) for c in cases}
+    voxel_ml = {c: voxel_volume_ml(join(p.raw_dataset, "labelsTr", c + ending)) for c in cases}
     first = next(iter(next(iter(models.values())).values()))
     labels = sorted(next(iter(first["validation"].values())), key=lambda k: (len(k), k))
     names = {str(v): k for k, v in ws.dataset_json()["labels"].items()
@@ -167,7 +170,7 @@ def format_sweep_table(result: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["models"]:
         lines.append("| " + " | ".join(
-            [r["variant"], r["why"], str(len(r["seeds"])), _fmt_ci(r["validation_mean_dice"],
+            [r["variant"], r["why"], str(len(r["seeds"])), format_ci(r["validation_mean_dice"],
                                                                    r["validation_mean_dice_ci95"])]
             + [f"{r['dice_per_class'][k]:.4f}" for k in labels] + [f"{r['fp_ml_per_case'][k]:.4f}" for k in labels]
             + [f"{r['fn_ml_per_case'][k]:.4f}" for k in labels]) + " |")

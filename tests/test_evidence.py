@@ -13,9 +13,10 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_kd.evidence import (load_or_make_split, make_split, mean_foreground_dice, paired_bootstrap, parse_runs,
-                                per_case_metrics, plateau, prepare_workspace, student_plans_name,
-                                write_crossval_split, _parse_student_folder)
+from nnunet_kd.evidence.collect import parse_student_folder
+from nnunet_kd.evidence.protocol import parse_runs, student_plans_name
+from nnunet_kd.evidence.split import load_or_make_split, make_split, prepare_workspace, write_crossval_split
+from nnunet_kd.evidence.statistics import mean_foreground_dice, paired_bootstrap, per_case_metrics, plateau
 from nnunet_kd.losses.kl import LogitKLLoss, label_teacher_logits
 
 
@@ -110,24 +111,24 @@ def test_runs_and_folder_names_round_trip():
         with pytest.raises(ValueError):
             parse_runs([bad])
     name = f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.125, 2)}__2d"
-    assert _parse_student_folder(name, "2d") == ("adaptive", 0.125, 2, None, None)
-    assert _parse_student_folder(name, "3d_fullres") is None
-    assert _parse_student_folder("nnUNetTrainer__nnUNetPlans__2d", "2d") is None
+    assert parse_student_folder(name, "2d") == ("adaptive", 0.125, 2, None, None)
+    assert parse_student_folder(name, "3d_fullres") is None
+    assert parse_student_folder("nnUNetTrainer__nnUNetPlans__2d", "2d") is None
     # The plain student: nnUNetTrainerBudget now, nnUNetTrainerKD_NoKD in workspaces made by older versions.
     for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerKD_NoKD"):
-        assert _parse_student_folder(f"{trainer}__{student_plans_name(0.25, 0)}__2d", "2d") == ("plain", 0.25, 0, None, None)
+        assert parse_student_folder(f"{trainer}__{student_plans_name(0.25, 0)}__2d", "2d") == ("plain", 0.25, 0, None, None)
     # Students on part of the labels (with or without extra unlabelled images) carry the fraction in the plans name.
     for extra in (False, True):
         name = f"nnUNetTrainerKD_MultiScaleContrastive__{student_plans_name(0.25, 1, 0.5, extra)}__2d"
-        assert _parse_student_folder(name, "2d") == ("multiscale_contrastive", 0.25, 1, 0.5, None)
+        assert parse_student_folder(name, "2d") == ("multiscale_contrastive", 0.25, 1, 0.5, None)
     assert student_plans_name(0.25, 1, 0.5) != student_plans_name(0.25, 1, 0.5, True) != student_plans_name(0.25, 1)
     assert parse_runs(["multiscale_contrastive@0.25"]) == [("multiscale_contrastive", 0.25)]
     # A student of k subset teachers has plans of its own (its recipe lists those teachers), and only it uses them.
     name = f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 1, subset_teachers=3)}__2d"
-    assert _parse_student_folder(name, "2d") == ("multi_teacher", 0.25, 1, None, 3)
-    assert _parse_student_folder(f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 1)}__2d", "2d") is None
-    assert _parse_student_folder(f"nnUNetTrainerBudget__{student_plans_name(0.25, 1, subset_teachers=3)}__2d", "2d") is None
-    assert _parse_student_folder(f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.5, 0, 0.5, True, 2)}__2d",
+    assert parse_student_folder(name, "2d") == ("multi_teacher", 0.25, 1, None, 3)
+    assert parse_student_folder(f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 1)}__2d", "2d") is None
+    assert parse_student_folder(f"nnUNetTrainerBudget__{student_plans_name(0.25, 1, subset_teachers=3)}__2d", "2d") is None
+    assert parse_student_folder(f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.5, 0, 0.5, True, 2)}__2d",
                                  "2d") == ("multi_teacher", 0.5, 0, 0.5, 2)
 
 
@@ -209,7 +210,8 @@ def fake_model_folder(root, name: str, plans: dict, fold: int = 0, weight: float
 
 
 def test_the_archived_teacher_restores_into_a_fresh_workspace_without_optimiser_state(tmp_path):
-    from nnunet_kd.evidence import EvidenceError, archive_teacher, restore_teacher
+    from nnunet_kd.evidence.protocol import EvidenceError
+    from nnunet_kd.evidence.records import archive_teacher, restore_teacher
     from nnunet_kd.teacher import load_nnunet_checkpoint
 
     plans = {"plans_name": "teacher", "kd": {"2d": {"training": {"num_epochs": 5}}}}
@@ -261,7 +263,7 @@ class _RecordWorkspace:
 
     def __init__(self, results: str, records_dir: str, labelled_fraction: float | None = None,
                  sweeps_dir: str | None = None):
-        from nnunet_kd.evidence import Protocol
+        from nnunet_kd.evidence.protocol import Protocol
 
         self.results = results
         self.split = {"crossval": [{}, {}]}  # two cross-validation folds (two fold teachers)
@@ -275,8 +277,9 @@ class _RecordWorkspace:
 
 
 def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_budget(tmp_path):
-    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, archive_teacher, collect,
-                                    load_records, restore_teacher, save_workspace_records)
+    from nnunet_kd.evidence.collect import collect, save_workspace_records
+    from nnunet_kd.evidence.protocol import TEACHER_PLANS, TEACHER_TRAINER, EvidenceError
+    from nnunet_kd.evidence.records import archive_teacher, load_records, restore_teacher
 
     budget = _budget(4)
     session1, session2 = join(str(tmp_path), "s1"), join(str(tmp_path), "s2")
@@ -324,7 +327,8 @@ def test_committed_records_pool_with_the_workspace_when_they_share_teacher_and_b
 
 
 def test_a_protocol_at_another_budget_may_not_replace_the_committed_records_of_the_first(tmp_path):
-    from nnunet_kd.evidence import TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, collect, save_workspace_records
+    from nnunet_kd.evidence.collect import collect, save_workspace_records
+    from nnunet_kd.evidence.protocol import TEACHER_PLANS, TEACHER_TRAINER, EvidenceError
 
     records = join(str(tmp_path), "records")
     short, long = join(str(tmp_path), "short"), join(str(tmp_path), "long")
@@ -361,7 +365,8 @@ def test_a_protocol_at_another_budget_may_not_replace_the_committed_records_of_t
 
 
 def test_students_may_validate_on_more_batches_than_the_teachers_they_learn_from():
-    from nnunet_kd.evidence import Protocol, Workspace
+    from nnunet_kd.evidence.protocol import Protocol
+    from nnunet_kd.evidence.workspace import Workspace
 
     ws = object.__new__(Workspace)  # no nnU-Net folders: only the planners' command lines are looked at
     ws.p = Protocol(raw_dataset="/nowhere/Dataset777_Fake", split_file="", n_test=1, workdir="", configuration="2d",
@@ -377,7 +382,8 @@ def test_students_may_validate_on_more_batches_than_the_teachers_they_learn_from
 
 
 def test_a_labelled_fraction_protocol_reports_its_students_and_the_plain_students_on_all_labels(tmp_path):
-    from nnunet_kd.evidence import ALL_LABELS_PLAIN, TEACHER_PLANS, TEACHER_TRAINER, collect
+    from nnunet_kd.evidence.collect import collect
+    from nnunet_kd.evidence.protocol import ALL_LABELS_PLAIN, TEACHER_PLANS, TEACHER_TRAINER
 
     def budget(fraction=None, seed=0):
         training = {"num_epochs": 4, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 10}
@@ -403,7 +409,7 @@ def test_a_labelled_fraction_protocol_reports_its_students_and_the_plain_student
     assert len(half["skipped"]) == 1 and "labelled fraction" in half["skipped"][0]
     # Each row is paired with its baselines on the seeds both have: the method with the plain student on the same
     # labels and with the plain student on all labels; the plain student with the one on all labels.
-    from nnunet_kd.evidence import paired_comparisons
+    from nnunet_kd.evidence.report import paired_comparisons
     comparisons = {(c["method"], c["baseline"]): c for c in
                    paired_comparisons(half["students"], half["teacher"], ["case_010"], labelled_fraction=True)}
     assert set(comparisons) == {("multiscale_contrastive", "plain"), ("multiscale_contrastive", ALL_LABELS_PLAIN),
@@ -418,7 +424,8 @@ def test_a_labelled_fraction_protocol_reports_its_students_and_the_plain_student
 
 
 def test_a_teacher_archive_of_another_split_or_fold_is_refused(tmp_path):
-    from nnunet_kd.evidence import EvidenceError, archive_teacher, restore_teacher
+    from nnunet_kd.evidence.protocol import EvidenceError
+    from nnunet_kd.evidence.records import archive_teacher, restore_teacher
 
     teacher = fake_model_folder(tmp_path / "ws", "t", {"plans_name": "p"})
     archive = join(str(tmp_path), "archive")
@@ -440,8 +447,10 @@ def test_a_teacher_archive_of_another_split_or_fold_is_refused(tmp_path):
 
 
 def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_ensemble_and_one_teacher(tmp_path):
-    from nnunet_kd.evidence import (SUBSET_ENSEMBLE, SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, collect,
-                                    load_records, paired_comparisons, save_workspace_records)
+    from nnunet_kd.evidence.collect import collect, save_workspace_records
+    from nnunet_kd.evidence.protocol import SUBSET_ENSEMBLE, SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER
+    from nnunet_kd.evidence.records import load_records
+    from nnunet_kd.evidence.report import paired_comparisons
 
     student_budget = _budget(4)
     teacher_budget = _budget(5)
@@ -482,7 +491,7 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
     assert ("adaptive", "mskd") not in comparisons and ("mskd", "subset_teachers_ensemble") not in comparisons
     # The subset teachers and their ensemble are rows of a file with a multi-teacher student, and of no other file
     # of the same workspace.
-    from nnunet_kd.evidence import subset_teacher_rows
+    from nnunet_kd.evidence.report import subset_teacher_rows
     assert subset_teacher_rows(found) == (found["subset_teachers"], found["subset_ensemble"])
     without = dict(found, students={k: v for k, v in found["students"].items() if k[0] != "multi_teacher"})
     assert subset_teacher_rows(without) == ([], None)
@@ -513,7 +522,7 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
 
     # Subset teachers retrained in a fresh workspace are never mixed with the committed ones: with one of two
     # retrained, the set is incomplete and the multi-teacher student is left out, saying why.
-    from nnunet_kd.evidence import EvidenceError
+    from nnunet_kd.evidence.protocol import EvidenceError
     again.p.subset_teachers = 2
     fake_model_folder(fresh, f"{TEACHER_TRAINER}__{SUBSET_TEACHER_PLANS}1of2__2d", teacher_budget, weight=3.3)
     partial = collect(again)
@@ -530,8 +539,10 @@ def test_a_multi_teacher_student_is_reported_beside_its_subset_teachers_their_en
 
 
 def test_the_peer_at_its_defaults_learns_from_every_fold_and_is_compared_with_the_peer_of_one_teacher(tmp_path):
-    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, VALIDATION_SEEN_BY_TEACHERS, collect,
-                                    load_records, paired_comparisons, save_workspace_records)
+    from nnunet_kd.evidence.collect import collect, save_workspace_records
+    from nnunet_kd.evidence.protocol import TEACHER_PLANS, TEACHER_TRAINER, VALIDATION_SEEN_BY_TEACHERS
+    from nnunet_kd.evidence.records import load_records
+    from nnunet_kd.evidence.report import paired_comparisons
 
     budget = _budget(4)
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
@@ -543,8 +554,8 @@ def test_the_peer_at_its_defaults_learns_from_every_fold_and_is_compared_with_th
     peer = f"nnUNetTrainerKD_Logit__{student_plans_name(0.5, 0, fold_teachers=2)}__2d"
     fake_model_folder(ws, peer, budget, weight=1.4)
     assert student_plans_name(0.5, 0, fold_teachers=2) == "nnUNetPlans_evidence_w0p5_folds2_s0"
-    assert _parse_student_folder(peer, "2d") == ("logit_all_folds", 0.5, 0, None, None)
-    assert _parse_student_folder(f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.5, 0, fold_teachers=2)}__2d",
+    assert parse_student_folder(peer, "2d") == ("logit_all_folds", 0.5, 0, None, None)
+    assert parse_student_folder(f"nnUNetTrainerKD_Adaptive__{student_plans_name(0.5, 0, fold_teachers=2)}__2d",
                                  "2d") is None  # only the peer trains from the folds' plans
     workspace = _RecordWorkspace(ws, records)
 
@@ -588,9 +599,10 @@ def test_the_peer_at_its_defaults_learns_from_every_fold_and_is_compared_with_th
 
 def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teacher_when_its_record_is_committed(
         tmp_path, monkeypatch):
-    from nnunet_kd import evidence
-    from nnunet_kd.evidence import (SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, collect,
-                                    run_protocol)
+    from nnunet_kd.evidence import workspace as workspace_module
+    from nnunet_kd.evidence.collect import collect
+    from nnunet_kd.evidence.protocol import SUBSET_TEACHER_PLANS, TEACHER_PLANS, TEACHER_TRAINER, EvidenceError
+    from nnunet_kd.evidence.workspace import run_protocol
 
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
     at_three = _budget(3)
@@ -623,7 +635,7 @@ def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teache
                 return [] if name == "subset_teachers" else join(ws, name)
             return record
 
-    monkeypatch.setattr(evidence, "Workspace", Recorder)
+    monkeypatch.setattr(workspace_module, "Workspace", Recorder)
     workspace.p.runs = [("multi_teacher", 0.25)]
     run_protocol(workspace.p)
     assert "teacher" in calls and "subset_teachers" in calls  # no record of the teacher yet
@@ -648,8 +660,9 @@ def test_subset_teachers_have_a_budget_of_their_own_and_skip_the_protocol_teache
 
 
 def test_records_name_the_machine_that_trained_each_model_and_a_restored_teacher_keeps_its_own(tmp_path):
-    from nnunet_kd.evidence import (TRAINED_ON_FILE, _trained_on_of, archive_teacher, collect, restore_teacher,
-                                    save_workspace_records, this_machine, load_records)
+    from nnunet_kd.evidence.collect import collect, save_workspace_records
+    from nnunet_kd.evidence.records import TRAINED_ON_FILE, archive_teacher, load_records, restore_teacher, this_machine
+    from nnunet_kd.evidence.report import trained_on_of
 
     budget = _budget(4)
     ws, records = join(str(tmp_path), "ws"), join(str(tmp_path), "records")
@@ -664,10 +677,10 @@ def test_records_name_the_machine_that_trained_each_model_and_a_restored_teacher
     # the stamp sticks: a record made later, elsewhere, names the machine of the first one
     with open(join(student, TRAINED_ON_FILE), "w") as f:
         json.dump({"device": "cpu-2cores", "name": "Another CPU", "torch": "2.14.1"}, f)
-    described = _trained_on_of(collect(workspace))
+    described = trained_on_of(collect(workspace))
     assert described[basename_of(student)] == "Another CPU (cpu-2cores, torch 2.14.1)"
     # a committed record from before records named their machine says so
-    assert "not recorded" in _trained_on_of({"teacher": {"folder": None, "model": "old"}, "students": {}})["old"]
+    assert "not recorded" in trained_on_of({"teacher": {"folder": None, "model": "old"}, "students": {}})["old"]
     # a teacher restored from its archive names the archive's machine, not the restoring one
     os.remove(join(teacher, TRAINED_ON_FILE))
     archive = join(str(tmp_path), "archive")
@@ -693,7 +706,7 @@ def test_a_width_known_only_from_committed_records_is_timed_through_its_plans_on
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     from conftest import CONFIGURATION
-    from nnunet_kd.evidence import latency
+    from nnunet_kd.evidence.collect import latency
 
     workspace.set_env(monkeypatch)
     test_images = join(workspace.raw, "imagesTs")
@@ -715,8 +728,10 @@ def test_a_width_known_only_from_committed_records_is_timed_through_its_plans_on
 
 
 def test_a_recipe_variant_runs_under_the_protocol_with_plans_of_its_own(tmp_path, monkeypatch):
-    from nnunet_kd import evidence
-    from nnunet_kd.evidence import ALL_LABELS_PLAIN, baselines_of, label_of, run_protocol
+    from nnunet_kd.evidence import workspace as workspace_module
+    from nnunet_kd.evidence.protocol import ALL_LABELS_PLAIN
+    from nnunet_kd.evidence.report import baselines_of, label_of
+    from nnunet_kd.evidence.workspace import run_protocol
 
     assert parse_runs(["multiscale_contrastive:noContrastive@0.25"]) == [("multiscale_contrastive:noContrastive", 0.25)]
     # the plain student and the peer at its defaults have no recipe to vary; a variant name becomes part of a file name
@@ -725,14 +740,14 @@ def test_a_recipe_variant_runs_under_the_protocol_with_plans_of_its_own(tmp_path
             parse_runs([bad])
     plans = student_plans_name(0.25, 1, 0.5, variant="noContrastive")
     assert plans == "nnUNetPlans_evidence_w0p25_f0p5_vnoContrastive_s1"
-    assert _parse_student_folder(f"nnUNetTrainerKD_MultiScaleContrastive__{plans}__2d", "2d") == \
+    assert parse_student_folder(f"nnUNetTrainerKD_MultiScaleContrastive__{plans}__2d", "2d") == \
         ("multiscale_contrastive:noContrastive", 0.25, 1, 0.5, None)
-    assert _parse_student_folder(f"nnUNetTrainerBudget__{plans}__2d", "2d") is None
+    assert parse_student_folder(f"nnUNetTrainerBudget__{plans}__2d", "2d") is None
     name = f"nnUNetTrainerKD_MultiTeacher__{student_plans_name(0.25, 0, subset_teachers=3, variant='uniform')}__2d"
-    assert _parse_student_folder(name, "2d") == ("multi_teacher:uniform", 0.25, 0, None, 3)
+    assert parse_student_folder(name, "2d") == ("multi_teacher:uniform", 0.25, 0, None, 3)
     # names no planner of ours writes are not read as the preset: an empty variant, a variant of the peer's folds
     for odd in ("nnUNetPlans_evidence_w0p25_v_s0", "nnUNetPlans_evidence_w0p5_folds5_vx_s0"):
-        assert _parse_student_folder(f"nnUNetTrainerKD_Logit__{odd}__2d", "2d") is None
+        assert parse_student_folder(f"nnUNetTrainerKD_Logit__{odd}__2d", "2d") is None
     # compared with everything its method is compared with, and with the method's preset (what the variant changes)
     assert baselines_of("multiscale_contrastive:noContrastive", True) == \
         baselines_of("multiscale_contrastive", True) + ["multiscale_contrastive"]
@@ -760,7 +775,7 @@ def test_a_recipe_variant_runs_under_the_protocol_with_plans_of_its_own(tmp_path
         def __getattr__(self, name):
             return lambda *args, **kwargs: "teacher folder"
 
-    monkeypatch.setattr(evidence, "Workspace", Recorder)
+    monkeypatch.setattr(workspace_module, "Workspace", Recorder)
     workspace = _RecordWorkspace(str(tmp_path), None, sweeps_dir=sweeps)
     workspace.p.runs = parse_runs(["multiscale_contrastive:noContrastive@0.25", "multiscale_contrastive@0.25"])
     run_protocol(workspace.p)
@@ -786,8 +801,10 @@ def _write_sweep(tmp_path, variants: dict, method: str = "multiscale_contrastive
 
 
 def test_a_variant_is_what_its_sweep_file_says_now_and_an_older_definition_is_left_out(tmp_path):
-    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, check_variants, collect,
-                                    compared_variants, paired_comparisons, variant_recipe)
+    from nnunet_kd.evidence.collect import collect
+    from nnunet_kd.evidence.protocol import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Protocol, check_variants,
+                                             variant_recipe)
+    from nnunet_kd.evidence.report import compared_variants, paired_comparisons
 
     seg05 = ["methods.multiscale_contrastive.weights.segmentation=0.5"]
     sweeps = _write_sweep(tmp_path, {"seg05": seg05})
@@ -878,7 +895,8 @@ def test_the_report_pools_seeds_pairs_each_kd_student_with_the_plain_one_and_cho
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     from conftest import CONFIGURATION, STUDENT_PLANS
-    from nnunet_kd.evidence import Protocol, build_report
+    from nnunet_kd.evidence.protocol import Protocol
+    from nnunet_kd.evidence.report import build_report
 
     cases = ["case_a", "case_b", "case_c", "case_d"]
     raw = join(str(tmp_path), "Dataset991_KDTest")
@@ -965,8 +983,9 @@ def test_a_lost_teacher_archive_stops_the_protocol_before_a_new_teacher_trains_b
     the archive gone with the old one): training another teacher would end, hours later, in a report that refuses its
     students' records. It stops before training and names the fixes; the workspace's own finished teacher, an archive
     to restore, a protocol without records, and a records folder without a teacher record all go ahead."""
-    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, collect,
-                                    refuse_a_new_teacher_beside_committed_records, save_workspace_records)
+    from nnunet_kd.evidence.collect import collect, save_workspace_records
+    from nnunet_kd.evidence.protocol import TEACHER_PLANS, TEACHER_TRAINER, EvidenceError
+    from nnunet_kd.evidence.workspace import refuse_a_new_teacher_beside_committed_records
 
     teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
     records = join(str(tmp_path), "records")
@@ -995,8 +1014,10 @@ def test_plain_students_of_a_longer_budget_can_take_their_teacher_from_another_r
     still needs only the teacher's plans (its architecture) and its record (the report's teacher row and the series'
     identity), never its weights. Anything that distils, another dataset's teacher, or a workspace or records folder
     of another teacher is refused before training."""
-    from nnunet_kd.evidence import (TEACHER_PLANS, TEACHER_TRAINER, EvidenceError, Workspace,
-                                    check_teacher_from_records, collect, load_records, save_workspace_records)
+    from nnunet_kd.evidence.collect import collect, save_workspace_records
+    from nnunet_kd.evidence.protocol import TEACHER_PLANS, TEACHER_TRAINER, EvidenceError
+    from nnunet_kd.evidence.records import check_teacher_from_records, load_records
+    from nnunet_kd.evidence.workspace import Workspace
 
     teacher_name = f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d"
     old_records, new_records = join(str(tmp_path), "records-t"), join(str(tmp_path), "records-t-long")
@@ -1051,7 +1072,7 @@ def test_plain_students_of_a_longer_budget_can_take_their_teacher_from_another_r
         Workspace.teacher_from_records(fresh)
 
 def test_a_results_tag_is_refused_when_it_would_not_make_a_plain_file_name():
-    from nnunet_kd.evidence import results_tag_error
+    from nnunet_kd.evidence.protocol import results_tag_error
 
     for fine in (None, "teacher2", "6000it", "40it_val50", "v1.2"):
         assert results_tag_error(fine) is None
@@ -1063,7 +1084,7 @@ def test_a_results_file_names_the_command_that_reproduces_every_row_not_only_the
     """A results file gathers the models of several invocations of one protocol (one seed per session, a variant
     added later): its command keeps the invocation's protocol and lists every METHOD@WIDTH and seed the file holds;
     the all-labels plain rows of a labelled-fraction file get the command without the fraction."""
-    from nnunet_kd.evidence import reproducing_commands
+    from nnunet_kd.evidence.protocol import reproducing_commands
 
     last = ("--raw-dataset ../shared/data/Dataset004_Hippocampus -c 2d --labelled-fraction=0.25 --runs "
             "multiscale_contrastive:encoderHintsOnly@0.25 --seeds 2 --commit --tag teacher2 --unlabelled-images "
@@ -1096,7 +1117,7 @@ def _record(model: str, dice_per_case: dict, epochs: int = 60, validation: float
 
 
 def test_two_record_sets_pair_seed_by_seed_over_the_same_test_cases():
-    from nnunet_kd.evidence import compare_record_sets
+    from nnunet_kd.evidence.budget_check import compare_record_sets
 
     cases = ["c0", "c1", "c2"]
     long = [_record(f"long_s{s}", dict(zip(cases, d)), epochs=120) for s, d in enumerate([[.9, .8, .7], [.8, .8, .8]])]
@@ -1116,7 +1137,8 @@ def test_two_record_sets_pair_seed_by_seed_over_the_same_test_cases():
 
 
 def test_records_of_different_test_cases_or_unequal_seed_counts_do_not_pair():
-    from nnunet_kd.evidence import EvidenceError, compare_record_sets
+    from nnunet_kd.evidence.budget_check import compare_record_sets
+    from nnunet_kd.evidence.protocol import EvidenceError
 
     a = [_record("a_s0", {"c0": .9, "c1": .8})]
     with pytest.raises(EvidenceError, match="b_s0.*other test cases"):
@@ -1173,7 +1195,7 @@ def test_a_budget_is_final_quality_only_when_doubling_it_rules_out_a_validation_
     """The budget check pairs each seed of the plain student with the same model trained for longer, over the
     fold's validation cases: a gain whose whole 95% interval lies below 0.01 means the student had stopped improving;
     a larger one means the comparisons at this budget measure learning speed."""
-    from nnunet_kd.evidence import budget_doubling_check
+    from nnunet_kd.evidence.budget_check import budget_doubling_check
 
     test = {"t0": .8, "t1": .7}
     shorter = {s: _validated_record(f"plain_s{s}", test, {"v0": .80, "v1": .70, "v2": .60}, 60) for s in (0, 1)}
@@ -1203,7 +1225,8 @@ def test_a_budget_is_final_quality_only_when_doubling_it_rules_out_a_validation_
 
 
 def test_the_budget_check_refuses_records_it_cannot_pair_and_leaves_older_records_undecided():
-    from nnunet_kd.evidence import EvidenceError, budget_doubling_check
+    from nnunet_kd.evidence.budget_check import budget_doubling_check
+    from nnunet_kd.evidence.protocol import EvidenceError
 
     test = {"t0": .8, "t1": .7}
     shorter = {0: _validated_record("plain_s0", test, {"v0": .8, "v1": .7}, 60)}
@@ -1223,7 +1246,9 @@ def test_the_budget_check_refuses_records_it_cannot_pair_and_leaves_older_record
 
 
 def test_every_comparison_says_whether_it_is_final_quality_or_learning_speed_by_its_widths_budget_check(tmp_path):
-    from nnunet_kd.evidence import EvidenceError, Protocol, budget_checks_of, budget_result, format_tables
+    from nnunet_kd.evidence.budget_check import budget_checks_of, budget_result
+    from nnunet_kd.evidence.protocol import EvidenceError, Protocol
+    from nnunet_kd.evidence.report import format_tables
 
     longer_dir = tmp_path / "records_6000it"
     longer_dir.mkdir()
@@ -1269,7 +1294,8 @@ def test_every_comparison_says_whether_it_is_final_quality_or_learning_speed_by_
 def test_a_model_of_an_earlier_preset_is_another_recipe_and_is_left_out_with_the_settings_that_differ(tmp_path):
     """A preset chosen anew on validation must not lend its name to models trained with the preset before it: those
     are left out of the report (with the reason), while the models of the shipped preset are reported."""
-    from nnunet_kd.evidence import TEACHER_PLANS, TEACHER_TRAINER, collect
+    from nnunet_kd.evidence.collect import collect
+    from nnunet_kd.evidence.protocol import TEACHER_PLANS, TEACHER_TRAINER
 
     ws = join(str(tmp_path), "ws")
     fake_model_folder(ws, f"{TEACHER_TRAINER}__{TEACHER_PLANS}__2d", {"plans_name": TEACHER_PLANS})

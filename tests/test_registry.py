@@ -61,7 +61,7 @@ def test_every_kd_trainer_names_a_preset_method():
 
 
 @pytest.mark.parametrize("module_name, table", [
-    ("nnunet_kd.compare", "STUDENT_TRAINERS"), ("nnunet_kd.evidence", "TRAINERS")])
+    ("nnunet_kd.compare", "STUDENT_TRAINERS"), ("nnunet_kd.evidence.protocol", "TRAINERS")])
 def test_every_comparison_and_evidence_alias_names_a_trainer_of_this_plugin(module_name, table):
     module = importlib.import_module(module_name)
     classes = trainer_classes()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_kd.evidence import _parse_student_folder, variant_recipe
+from nnunet_kd.evidence.collect import parse_student_folder
+from nnunet_kd.evidence.protocol import variant_recipe
 from nnunet_kd.planning import apply_override, _check_plans_name
 from nnunet_kd.recipe import default_recipe, parse_recipe
 from nnunet_kd.methods import SweepError, load_sweep
@@ -42,7 +43,7 @@ def test_sweep_models_have_their_own_plans_names_that_the_held_out_report_ignore
     assert len(names) == 16  # students on half the labels have their own plans
     for name in names:
         _check_plans_name(name)
-        assert _parse_student_folder(f"nnUNetTrainerKD_BalancedHints__{name}__2d", "2d") is None
+        assert parse_student_folder(f"nnUNetTrainerKD_BalancedHints__{name}__2d", "2d") is None
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -135,7 +136,8 @@ def test_the_sweep_report_leaves_out_a_model_trained_before_its_variant_was_rede
     import SimpleITK as sitk
     import torch
 
-    from nnunet_kd.evidence import Protocol, TRAINERS
+    from nnunet_kd.evidence.protocol import Protocol
+    from nnunet_kd.methods import TRAINERS
     from nnunet_kd.sweep import build_sweep_report
 
     method, cases = "multiscale_contrastive", ["v0", "v1"]
