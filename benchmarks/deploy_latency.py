@@ -100,7 +100,6 @@ def worker(args) -> None:
     """One model, one thread count: time it and print a JSON line."""
     import torch
     torch.set_num_threads(args.threads[0])
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 

@@ -23,7 +23,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from os.path import isdir, isfile, join
+from os.path import isfile, join
 
 import numpy as np
 import torch
@@ -156,7 +156,6 @@ def run_comparison(comparison: Comparison, env: dict, log: str, preprocess: bool
     started = time.time()
     c, b = comparison, comparison.budget
     preprocessed_base = join(env["nnUNet_preprocessed"], c.dataset_name)
-    results = env["nnUNet_results"]
 
     _step("nnU-Net planning and preprocessing", started)
     if preprocess and not isfile(join(preprocessed_base, "nnUNetPlans.json")):

@@ -132,6 +132,5 @@ def main(argv=None) -> None:
                      "to train or predict with the KD trainers yourself.")
 
 
-
 if __name__ == "__main__":
     main()

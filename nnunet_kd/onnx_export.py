@@ -7,7 +7,6 @@ student was trained with, and the parity measured at export.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from os.path import join

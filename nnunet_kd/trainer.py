@@ -26,7 +26,7 @@ from nnunet_kd.checkpoints import (load_intact_checkpoint, restore_nnunet_checkp
                                    unwrapped_network)
 from nnunet_kd.budget import apply_training_budget, restrict_to_training_cases, seed_everything
 from nnunet_kd.cost import count_parameters
-from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, registered_terms, term_class
+from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, term_class
 from nnunet_kd.distill.base import TermSettingsError
 from nnunet_kd.distill.sync import broadcast_parameters, average_gradients
 from nnunet_kd.distill.teachers import load_teachers

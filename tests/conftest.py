@@ -2,7 +2,6 @@
 trained teacher and student plans), built once per test session in a temporary folder."""
 from __future__ import annotations
 
-import os
 from os.path import join
 
 import pytest

@@ -220,7 +220,6 @@ def test_export_onnx_and_the_light_predictor_write_what_nnunet_predicts(workspac
 
 def test_onnx_predictor_names_the_missing_export_and_int8_needs_onnx(workspace, tmp_path):
     from nnunet_kd.export import ExportError, export_student
-    from nnunet_kd.onnx_predict import main
     with pytest.raises(ExportError, match="--int8 quantises the ONNX export: pass --onnx"):
         export_student(workspace.teacher_folder, str(tmp_path / "x"), int8=True)
     with pytest.raises(ExportError, match="calibrates activation ranges on the preprocessed training data"):

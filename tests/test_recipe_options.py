@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import CONFIGURATION, DATASET_ID
-from nnunet_kd.losses.kl import LogitKLLoss, class_balanced_mean, softmax_kl_map
+from nnunet_kd.losses.kl import LogitKLLoss, softmax_kl_map
 from nnunet_kd.planning import plan_student
 from test_multi_teacher import _batch
 from test_teacher_and_bad_inputs import make_trainer
