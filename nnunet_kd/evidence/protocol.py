@@ -288,7 +288,7 @@ class Protocol:
     fold: int = 0
     device: str = "cpu"
     latency_repeats: int = 5
-    # What outlives the session (committed; see "Across sessions" below). None: the workspace only.
+    # What outlives the session (committed; see nnunet_kd.evidence.records). None: the workspace only.
     records_dir: str | None = None       # one record per finished model
     teacher_archive: str | None = None   # the teacher, as a plain nnU-Net model folder
     # Where the variants of runs 'METHOD:VARIANT' are defined: <sweeps_dir>/<METHOD>.json (benchmarks/sweeps).
