@@ -18,7 +18,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_kd.atomic_files import write_json_atomically, write_text_atomically
 from nnunet_kd.evidence.protocol import number_tag, variant_differences
-from nnunet_kd.evidence.records import voxel_volume_ml
+from nnunet_kd.evidence.records import validation_curves, voxel_volume_ml
 from nnunet_kd.evidence.report import format_ci
 from nnunet_kd.evidence.statistics import mean_foreground_dice, paired_bootstrap, per_case_metrics, plateau
 from nnunet_kd.evidence.workspace import Workspace
@@ -53,8 +53,6 @@ def run_sweep(ws: Workspace, sweep: Sweep, width: float, seeds: list[int], varia
 
 
 def _validation_record(folder: str, fold: int) -> dict | None:
-    from nnunet_kd.evidence.records import validation_curves
-
     summary = join(folder, f"fold_{fold}", "validation", "summary.json")
     if not (isfile(summary) and isfile(join(folder, f"fold_{fold}", "checkpoint_final.pth"))):
         return None

@@ -25,6 +25,6 @@ an interrupted one resumes with ``--c``, and the results file is rewritten after
 The package, bottom to top: ``statistics`` (per-case Dice, paired bootstrap, plateau), ``protocol`` (settings, names,
 the --runs grammar, recipe variants, reproducing commands), ``split`` (the held-out split and the raw workspace),
 ``records`` (model records and the teacher archive), ``budget_check`` (budget doubling, record-set comparisons),
-``workspace`` (the nnU-Net commands, run_protocol), ``collect`` (what a workspace holds, latency, the records saved)
+``workspace`` (the nnU-Net commands, run_protocol, the new-teacher guard), ``collect`` (what a workspace holds, latency, the records saved)
 and ``report`` (the results document, tables and plots).
 """

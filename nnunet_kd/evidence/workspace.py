@@ -1,5 +1,6 @@
 """The protocol's nnU-Net workspace: planning, training, archiving and evaluating every model with nnU-Net's own
-commands, and run_protocol, which trains what is missing."""
+commands; run_protocol, which trains what is missing; and the guard against training a new teacher beside the
+records of another."""
 from __future__ import annotations
 
 import os
