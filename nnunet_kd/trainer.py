@@ -389,7 +389,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
         mixed, covered, weights = [], [], {n: [] for n in names}
         for level in range(levels):
             w, cov = teacher_weights([step.teachers[n].logits(level, 1.0) for n in names], step.labels[level],
-                                     recipe.teacher_aggregation, recipe.teacher_aggregation_tau, allowed, regions)
+                                     recipe.teacher_aggregation, recipe.teacher_aggregation_tau, allowed, regions,
+                                     step.valid[level])
             mixed.append(mix_teacher_logits([step.teachers[n].logits(level, temperature) for n in names], w,
                                             temperature, regions, recipe.teacher_aggregation == "logit_mean"))
             covered.append(cov)

@@ -215,3 +215,75 @@ def test_at_an_ignore_label_no_teacher_is_preferred_so_coarser_stages_average_on
     w, _ = teacher_weights([sure, unsure], labels, "adaptive", 1.0)
     assert w[0, 0, 0, 0] > 0.6  # where the label is known, the teacher that explains it dominates
     assert torch.allclose(w[0, :, 0, 1], torch.tensor([0.5, 0.5]))  # where it is not, neither does
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_confident_region_teachers_mix_to_finite_logits_floored_like_their_probabilities(temperature):
+    # 1 - 1e-8 rounds to 1 in float32: logit(clamp(q, 1e-8, 1 - 1e-8)) was +inf past t / T of about 17, and the
+    # KL on it NaN. q and 1 - q are floored at 1e-8 in log space instead: the logit lies within T * +-log(1e8 - 1).
+    from nnunet_kd.losses.kl import LogitKLLoss
+
+    cap = temperature * math.log((1 - 1e-8) / 1e-8)
+    t = torch.tensor([-200.0, -60.0, -12.0, 0.0, 3.0, 12.0, 60.0, 200.0]).view(1, 1, 1, 8) * temperature / 3
+    w, _ = teacher_weights([t, t.clone()], torch.ones(1, 1, 1, 8), "uniform", region_based=True)
+    mixed = mix_teacher_logits([t, t.clone()], w, temperature, region_based=True)
+    assert torch.isfinite(mixed).all()
+    # two equal teachers mix to themselves, up to the floor
+    assert torch.allclose(mixed, t.clamp(-cap, cap), atol=1e-4 * temperature)
+    student = torch.zeros(1, 1, 1, 8, requires_grad=True)
+    kl = LogitKLLoss(temperature, region_based=True)(student, mixed)
+    kl.backward()
+    assert torch.isfinite(kl) and torch.isfinite(student.grad).all()
+    # an item no teacher may teach (every weight 0) still gets a finite logit; the terms leave it out
+    w0, covered = teacher_weights([t, t.clone()], torch.ones(1, 1, 1, 8), "uniform",
+                                  allowed=torch.tensor([[False, False]]), region_based=True)
+    assert not covered.any() and torch.isfinite(mix_teacher_logits([t, t], w0, temperature, region_based=True)).all()
+
+
+def test_region_teachers_are_not_preferred_where_the_mask_says_there_is_no_ground_truth():
+    # regions have no ignore value: an ignored voxel is an all-zero region vector, which a teacher predicting
+    # "nothing" there would explain; only the valid mask can tell
+    nothing = torch.tensor([[[[-6.0, -6.0]]]])  # (1, 1 region, 1, 2): predicts no region at both voxels
+    unsure = torch.zeros(1, 1, 1, 2)
+    regions = torch.zeros(1, 1, 1, 2)            # voxel 0: really background; voxel 1: ignored
+    valid = torch.tensor([[[[True, False]]]])
+    w, _ = teacher_weights([nothing, unsure], regions, "adaptive", 1.0, region_based=True, valid=valid)
+    assert w[0, 0, 0, 0] > 0.6
+    assert torch.allclose(w[0, :, 0, 1], torch.tensor([0.5, 0.5]))
+    w_unmasked, _ = teacher_weights([nothing, unsure], regions, "adaptive", 1.0, region_based=True)
+    assert w_unmasked[0, 0, 0, 1] > 0.6  # what the mask prevents
+
+
+@pytest.mark.parametrize("term_name", ["ffd", "rgd"])
+def test_mskd_terms_never_compare_a_teacher_on_the_cases_it_trained_on(term_name):
+    from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, term_class
+
+    torch.manual_seed(4)
+    labels = torch.randint(0, 3, (2, 1, 8, 8))
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    allowed = torch.tensor([[True, True], [False, True]])  # item 1: teacher a trained on it
+    w, covered = teacher_weights([a, b], labels, "adaptive", 1.0, allowed)
+    student_features = {"decoder.2": torch.randn(2, 2, 8, 8)}
+    term_cls = term_class(term_name)
+    settings = term_cls.parse_settings({"mskd_stages": ["decoder.2"], "ffd_boundary_width": 1,
+                                        "ffd_include_background": False, "ffd_teacher_confidence": False,
+                                        "rgd_include_background": True, "rgd_node_weight": 1.0,
+                                        "rgd_edge_weight": 1.0, "rgd_voxel_weight": 1.0})
+    term = term_cls(settings, TermContext(3, False, 2, ("a", "b"), None, "plans.json"))
+    term.resolved_stages = ["decoder.2"]
+
+    def value(features_of_a):
+        teachers = {"a": TeacherOutputs("a", [a], {"decoder.2": features_of_a}),
+                    "b": TeacherOutputs("b", [b], {"decoder.2": torch.ones(2, 4, 8, 8)})}
+        step = DistillationStep([torch.randn(2, 3, 8, 8)], student_features, teachers, [labels], [None],
+                                mixture=TeacherOutputs("mixture", [mix_teacher_logits([a, b], w, 1.0)]),
+                                teacher_weights={"a": [w[:, :1]], "b": [w[:, 1:]]}, covered=[covered],
+                                routing={"a": allowed[:, 0], "b": allowed[:, 1]})
+        return term(step)[term_name].item()
+
+    features = torch.randn(2, 4, 8, 8)
+    changed_on_its_own_case, changed_elsewhere = features.clone(), features.clone()
+    changed_on_its_own_case[1] = torch.randn(4, 8, 8)
+    changed_elsewhere[0] = torch.randn(4, 8, 8)
+    assert value(changed_on_its_own_case) == pytest.approx(value(features), rel=1e-6)
+    assert abs(value(changed_elsewhere) - value(features)) > 1e-4

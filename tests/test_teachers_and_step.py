@@ -3,6 +3,7 @@ after softening, unmapped classes to background; regions: OR), several teachers 
 is logged, and the step hands every term nnU-Net's own labels at the resolution it needs."""
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -263,3 +264,23 @@ def test_teacher_features_are_copied_once_on_read_and_kept_as_inference_tensors_
     torch.nn.functional.mse_loss(student, copy).backward()
     with pytest.raises(RuntimeError, match="[Ii]nference"):
         torch.nn.functional.mse_loss(student, feature).backward()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_a_confident_region_teacher_merges_to_finite_logits_and_a_finite_kl(temperature):
+    # 1 - 1e-8 rounds to 1 in float32: logit(clamp(q, 1e-8, 1 - 1e-8)) was +inf past t / T of about 17
+    from nnunet_kd.losses.kl import LogitKLLoss
+
+    teacher = torch.tensor([18.0, 5.0, -3.0]).view(1, 3, 1, 1) * temperature
+    merged = merge_teacher_logits(teacher, [0, 1, 1], num_student=2, temperature=temperature, region_based=True)
+    assert torch.isfinite(merged).all()
+    assert merged[0, 0].item() == pytest.approx(18.0 * temperature, rel=1e-5)  # one region: its own logit
+    q = 1 - (1 - torch.sigmoid(torch.tensor(5.0))) * (1 - torch.sigmoid(torch.tensor(-3.0)))
+    assert torch.sigmoid(merged[0, 1] / temperature).item() == pytest.approx(q.item(), rel=1e-6)
+    student = torch.zeros(1, 2, 1, 1, requires_grad=True)
+    kl = LogitKLLoss(temperature, region_based=True)(student, merged)
+    kl.backward()
+    assert torch.isfinite(kl) and torch.isfinite(student.grad).all()
+    # far beyond the floor: capped at T * log((1 - 1e-8) / 1e-8), not infinite
+    far = merge_teacher_logits(teacher * 10, [0, 1, 1], 2, temperature, region_based=True)
+    assert far[0, 0].item() == pytest.approx(temperature * math.log((1 - 1e-8) / 1e-8), rel=1e-5)

@@ -17,11 +17,13 @@ class FFDSettings:
 
 def shared_region_statistics(step, teacher: str, stage: str, num_classes: int) -> RegionStatistics:
     """The region statistics of one teacher's stage in this step, computed by whichever of FFD and RGD runs first
-    and kept in the step for the other (both read the same prototypes and similarity maps)."""
+    and kept in the step for the other (both read the same prototypes and similarity maps). Out-of-sample routing
+    leaves out the cases the teacher trained on (their regions have no voxels, so no nodes, pairs or bands)."""
     key = ("mskd_region_statistics", teacher, stage)
     if key not in step.cache:
         student = step.student_features[stage]
-        labels, valid = step.labels_at(student.shape[2:])
+        labels = step.labels_at(student.shape[2:])[0]
+        valid = step.teacher_mask_at(teacher, student.shape[2:])
         # the teacher pass's own tensor: no teacher quantity needs a gradient, so none is saved for backward
         step.cache[key] = region_statistics(student, step.teachers[teacher].features.inference(stage),
                                             resize_labels(labels, student.shape[2:]),
@@ -66,7 +68,8 @@ class FeatureFiltering(DistillationTerm):
             value = 0
             for stage in self.resolved_stages:
                 student = step.student_features[stage]
-                labels, valid = step.labels_at(student.shape[2:])
+                labels = step.labels_at(student.shape[2:])[0]
+                valid = step.teacher_mask_at(name, student.shape[2:])
                 stats = shared_region_statistics(step, name, stage, self.context.num_classes)
                 value = value + self.ffd(student, teacher.features.inference(stage), labels, valid, confident, stats)
             per_teacher[name] = {self.name: value}

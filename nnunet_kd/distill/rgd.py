@@ -44,7 +44,8 @@ class RegionGraph(DistillationTerm):
             sums = {}
             for stage in self.resolved_stages:
                 student = step.student_features[stage]
-                labels, valid = step.labels_at(student.shape[2:])
+                labels = step.labels_at(student.shape[2:])[0]
+                valid = step.teacher_mask_at(name, student.shape[2:])
                 stats = shared_region_statistics(step, name, stage, self.context.num_classes)
                 parts = self.rgd(student, teacher.features.inference(stage), labels, valid, stats)
                 for part, key in (("total", self.name), *((p, f"{self.name}_{p}") for p in self.parts)):

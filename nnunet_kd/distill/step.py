@@ -98,6 +98,17 @@ class DistillationStep:
         allowed = self.routing[name].view(-1, *([1] * (len(shape) - 1))).expand(shape[0], 1, *shape[2:])
         return allowed if mask is None else mask & allowed
 
+    def teacher_mask_at(self, name: str, spatial_shape) -> Optional[torch.Tensor]:
+        """labels_at's valid mask without the cases that routing keeps teacher ``name`` from teaching (None: every
+        voxel), for a term that compares one teacher's features at a stage's own resolution (MSKD's FFD and RGD)."""
+        valid = self.labels_at(spatial_shape)[1]
+        if self.routing is None:
+            return valid
+        shape = tuple(int(s) for s in spatial_shape)
+        batch = self.routing[name].shape[0]
+        allowed = self.routing[name].view(batch, *([1] * (len(shape) + 1))).expand(batch, 1, *shape)
+        return allowed if valid is None else valid.bool() & allowed
+
     def labels_at(self, spatial_shape) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Labels and mask at ``spatial_shape``: nnU-Net's own deep-supervision target of that shape; resampled
         from the full resolution (nearest-exact, nnU-Net's rule) only when no level has it."""

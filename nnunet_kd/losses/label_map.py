@@ -8,15 +8,18 @@ nowhere are dropped (background is the absence of every region).
 
 The result is returned as logits at the same temperature (``T * log p`` for softmax, ``T * logit q`` for
 sigmoids), so every logit term uses it unchanged: softmax(T log p / T) = p. Probabilities are floored at 1e-8 so
-that a student class no teacher class maps to gets a finite logit. Pure torch, 2D and 3D, float32.
+that a student class no teacher class maps to gets a finite logit; a region's q and 1 - q both are (in log space), so
+its logit lies within T * [log 1e-8, -log 1e-8]. Pure torch, 2D and 3D, float32.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 FLOOR = 1e-8
+LOG_FLOOR = math.log(FLOOR)
 
 
 def mapping_matrix(mapping: Sequence[int], num_student: int, region_based: bool,
@@ -42,9 +45,12 @@ def merge_teacher_logits(teacher_logits: torch.Tensor, mapping: Sequence[int], n
     with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
         t = teacher_logits.detach().float() / temperature
         if region_based:
-            # log(1 - q_union) = sum over mapped regions of log(1 - q) = sum logsigmoid(-t)
+            # log(1 - q_union) = sum over mapped regions of log(1 - q) = sum logsigmoid(-t), and log q_union =
+            # log(-expm1(log(1 - q_union))): logit q = log q - log(1 - q) in log space, both floored at log FLOOR.
+            # Not logit(clamp(q, FLOOR, 1 - FLOOR)): 1 - 1e-8 rounds to 1 in float32, so a confident teacher
+            # (t / T above about 17) gave an infinite logit and a NaN KL.
             log_outside = torch.einsum("bj...,js->bs...", torch.nn.functional.logsigmoid(-t), matrix)
-            q = (1 - log_outside.exp()).clamp(FLOOR, 1 - FLOOR)
-            return temperature * torch.logit(q)
+            log_inside = torch.log(-torch.expm1(log_outside))
+            return temperature * (log_inside.clamp_min(LOG_FLOOR) - log_outside.clamp_min(LOG_FLOOR))
         p = torch.einsum("bj...,js->bs...", torch.softmax(t, 1), matrix)
         return temperature * torch.log(p.clamp_min(FLOOR))

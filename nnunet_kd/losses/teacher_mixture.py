@@ -23,12 +23,14 @@ gradient (teachers are frozen).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 FLOOR = 1e-8
+LOG_FLOOR = math.log(FLOOR)
 WEIGHTINGS = ("adaptive", "uniform", "logit_mean")
 
 
@@ -48,36 +50,42 @@ def _stack(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def teacher_cross_entropy(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor,
-                          region_based: bool = False) -> torch.Tensor:
+                          region_based: bool = False, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, K, *sp): each teacher's cross-entropy on the ground truth per voxel (label map (B, 1, *sp); for regions the
-    binary regions (B, R, *sp), summed over regions). At a label outside [0, C) (an ignore label) there is no ground
-    truth to explain: every teacher's cross-entropy is 0 there, so no teacher is preferred (adaptive weights are
-    uniform over the allowed teachers), also where a coarser stage averages the weights over an area."""
+    binary regions (B, R, *sp), summed over regions). Where there is no ground truth to explain (a label outside
+    [0, C), i.e. an ignore label, or ``valid`` (B, 1, *sp) False: regions have no ignore value, only the mask) every
+    teacher's cross-entropy is 0, so no teacher is preferred (adaptive weights are uniform over the allowed
+    teachers), also where a coarser stage averages the weights over an area."""
     logits = _stack(teacher_logits)
     if region_based:
         regions = target.float().unsqueeze(1).expand_as(logits)
-        return F.binary_cross_entropy_with_logits(logits, regions, reduction="none").sum(2)
-    num_classes = logits.shape[2]
-    labels = target.long()
-    known = (labels >= 0) & (labels < num_classes)  # (B, 1, *sp)
-    labels = torch.where(known, labels, torch.zeros_like(labels))
-    log_p = F.log_softmax(logits, 2)  # (B, K, C, *sp)
-    index = labels.unsqueeze(1).expand(-1, logits.shape[1], *labels.shape[1:])  # (B, K, 1, *sp)
-    ce = -torch.gather(log_p, 2, index).squeeze(2)
-    return torch.where(known, ce, torch.zeros_like(ce))
+        ce = F.binary_cross_entropy_with_logits(logits, regions, reduction="none").sum(2)
+        known = None
+    else:
+        num_classes = logits.shape[2]
+        labels = target.long()
+        known = (labels >= 0) & (labels < num_classes)  # (B, 1, *sp)
+        labels = torch.where(known, labels, torch.zeros_like(labels))
+        log_p = F.log_softmax(logits, 2)  # (B, K, C, *sp)
+        index = labels.unsqueeze(1).expand(-1, logits.shape[1], *labels.shape[1:])  # (B, K, 1, *sp)
+        ce = -torch.gather(log_p, 2, index).squeeze(2)
+    if valid is not None:
+        known = valid.bool() if known is None else known & valid.bool()
+    return ce if known is None else torch.where(known, ce, torch.zeros_like(ce))
 
 
 def teacher_weights(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor, weighting: str = "adaptive",
-                    tau: float = 1.0, allowed: Optional[torch.Tensor] = None,
-                    region_based: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights (B, K, *sp) summing to 1 over the allowed teachers, covered (B, 1, *sp) bool)."""
+                    tau: float = 1.0, allowed: Optional[torch.Tensor] = None, region_based: bool = False,
+                    valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (B, K, *sp) summing to 1 over the allowed teachers, covered (B, 1, *sp) bool); ``valid``: the
+    voxels with ground truth (teacher_cross_entropy)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     with torch.no_grad():
         if weighting == "adaptive":
-            scores = -teacher_cross_entropy(teacher_logits, target, region_based) / tau  # (B, K, *sp)
+            scores = -teacher_cross_entropy(teacher_logits, target, region_based, valid) / tau  # (B, K, *sp)
         else:  # uniform, logit_mean: equal scores, no cross-entropy (nor a copy of the logits) every step and level
             b, _, *spatial = _common_shape(teacher_logits)
             scores = torch.zeros((b, len(teacher_logits), *spatial), device=teacher_logits[0].device)
@@ -104,8 +112,13 @@ def mix_teacher_logits(teacher_logits: Sequence[torch.Tensor], weights: torch.Te
         return (w * _stack(teacher_logits)).sum(1)
     logits = _stack(teacher_logits) / temperature
     if region_based:
-        q = (w * torch.sigmoid(logits)).sum(1).clamp(FLOOR, 1 - FLOOR)
-        return temperature * torch.logit(q)
+        # q = sum_k w_k sigmoid(t_k) and 1 - q = sum_k w_k sigmoid(-t_k) (the weights sum to 1), each in log space
+        # and floored at log FLOOR: logit(clamp(q, FLOOR, 1 - FLOOR)) was infinite for a confident teacher, as
+        # 1 - 1e-8 rounds to 1 in float32 (and an item no teacher may teach, all weights 0, gets logit 0, finite)
+        log_w = torch.log(w)
+        log_q = torch.logsumexp(log_w + F.logsigmoid(logits), 1)
+        log_outside = torch.logsumexp(log_w + F.logsigmoid(-logits), 1)
+        return temperature * (log_q.clamp_min(LOG_FLOOR) - log_outside.clamp_min(LOG_FLOOR))
     p = (w * torch.softmax(logits, 2)).sum(1)
     return temperature * torch.log(p.clamp_min(FLOOR))
 
