@@ -31,9 +31,13 @@ class UnsafeCheckpointError(TeacherError):
 
 
 # nnU-Net checkpoints hold numpy scalars (logged losses, EMA Dice) next to the tensors. Allowing exactly
-# these lets torch.load run with weights_only=True, i.e. without executing arbitrary pickled code.
+# these lets torch.load run with weights_only=True, i.e. without executing arbitrary pickled code. A checkpoint
+# written under numpy 1.x names them numpy.core.multiarray.* (numpy 2 moved them to numpy._core), and the
+# weights-only unpickler matches names exactly: the old names are allowed as aliases of the same objects.
 _NUMPY_SAFE_GLOBALS = [np.dtype, np._core.multiarray.scalar, np._core.multiarray._reconstruct, np.ndarray] + [
-    type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool", "uint8")]
+    type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool", "uint8")] + [
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
 # What the weights-only unpickler says when a file asks for an object it does not allow. Anything else it refuses

@@ -249,6 +249,27 @@ def test_poisoned_checkpoint_is_refused_without_running_it(tmp_path):
     assert not os.path.exists(marker)
 
 
+def test_a_checkpoint_written_under_numpy_1_loads_with_its_numpy_scalars(tmp_path):
+    # numpy 1.x pickles its scalars as numpy.core.multiarray.scalar (numpy 2: numpy._core), and nnU-Net checkpoints
+    # hold such scalars; the weights-only loader matches global names exactly, so the old name must be allowed too
+    import zipfile
+
+    new = str(tmp_path / "numpy2.pth")
+    torch.save({"network_weights": {"w": torch.ones(2)}, "_best_ema": np.float64(0.75),
+                "logging": {"ema_fg_dice": [np.float64(0.5)]}}, new)
+    old = str(tmp_path / "checkpoint_final.pth")
+    with zipfile.ZipFile(new) as src, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(info.filename, data)
+    checkpoint = load_nnunet_checkpoint(old)
+    assert checkpoint["_best_ema"] == 0.75 and checkpoint["logging"]["ema_fg_dice"] == [0.5]
+    assert torch.equal(checkpoint["network_weights"]["w"], torch.ones(2))
+
+
 def _disk_full_after(n_bytes: int):
     """A torch.save that writes ``n_bytes`` of the real file, then fails as a full disk does."""
     real_save = torch.save
