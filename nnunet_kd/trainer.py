@@ -128,6 +128,14 @@ class nnUNetTrainerKD(nnUNetTrainer):
         recipe = self.kd_recipe
         if not recipe.train_on_unlabelled:
             return
+        if self.is_ddp and self.configuration_manager.batch_dice:
+            # nnU-Net's batch Dice gathers every rank's (batch, class) statistics in one collective; the segmentation
+            # loss here runs on each rank's labelled samples only, so a rank whose batch holds none (or fewer than
+            # another's) would leave that collective or feed it other shapes: a hang or a wrong Dice
+            raise TeacherError(f"{self.kd_plans_file}: train_on_unlabelled cannot run under DDP with nnU-Net's batch "
+                               f"Dice (configuration '{self.configuration_name}' has batch_dice true). Train on one "
+                               f"GPU, or set batch_dice to false for that configuration in {self.kd_plans_file}, or "
+                               f"set train_on_unlabelled to false there.")
         labelled, _ = self.do_split()
         rest = sorted(set(nnUNetTrainer.do_split(self)[0]) - set(labelled))
         extra = list(recipe.unlabelled_images["cases"]) if recipe.unlabelled_images else []

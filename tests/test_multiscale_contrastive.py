@@ -115,6 +115,33 @@ def test_the_segmentation_loss_ignores_unlabelled_samples_and_is_zero_without_la
     assert ds.item() == pytest.approx(value.item() + loss(logits[[0, 2]][..., ::2], target[[0, 2]][..., ::2]).item())
 
 
+def test_unlabelled_training_under_ddp_with_batch_dice_is_refused_before_training_naming_the_plans_file():
+    # nnU-Net's batch Dice gathers every rank's statistics in one collective; a rank whose batch holds no labelled
+    # sample would leave it (a hang), so the combination stops at set-up, with the ways out named
+    from types import SimpleNamespace
+
+    from nnunet_kd.teacher import TeacherError
+    from nnunet_kd.trainer import nnUNetTrainerKD
+
+    class PastTheGuard(Exception):
+        pass
+
+    def trainer(is_ddp, batch_dice):
+        def do_split():
+            raise PastTheGuard
+        return SimpleNamespace(kd_recipe=SimpleNamespace(train_on_unlabelled=True), is_ddp=is_ddp,
+                               configuration_manager=SimpleNamespace(batch_dice=batch_dice),
+                               configuration_name="2d", kd_plans_file="/pp/Dataset004_X/nnUNetPlans_kdhalf.json",
+                               do_split=do_split)
+
+    with pytest.raises(TeacherError, match=r"nnUNetPlans_kdhalf\.json: train_on_unlabelled cannot run under DDP") as e:
+        nnUNetTrainerKD._setup_unlabelled(trainer(True, True))
+    assert "one GPU" in str(e.value) and "batch_dice to false" in str(e.value)
+    for is_ddp, batch_dice in ((True, False), (False, True)):  # no gather across ranks: goes on to the split
+        with pytest.raises(PastTheGuard):
+            nnUNetTrainerKD._setup_unlabelled(trainer(is_ddp, batch_dice))
+
+
 @pytest.mark.parametrize("spatial", [(4, 6), (2, 4, 6)])
 def test_unlabelled_samples_take_the_teachers_prediction_as_their_classes(spatial):
     torch.manual_seed(0)
