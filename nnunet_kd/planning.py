@@ -336,9 +336,14 @@ def _check_teachers_against_student(teacher_folders: list[str], teacher_folds: l
                                     f"folder ($nnUNet_results/{dataset_name}/<Trainer>__<Plans>__{configuration}).")
         teacher_plans = load_json(join(folder, "plans.json"))
         teacher_dataset_json = load_json(join(folder, "dataset.json"))
+        # the configuration the teacher trained in, as its folder names it (as locate_teacher reads it without a
+        # checkpoint's init_args), not the student's: a ...__2d teacher for a 3d student must be refused here
+        trained_in = folder.rstrip("/").split("__")[-1]
+        if trained_in not in teacher_plans.get("configurations", {}):
+            trained_in = configuration
         for fold in teacher_folds:
             model = TeacherModel(model_folder=folder, fold=fold, checkpoint_file="", plans=teacher_plans,
-                                 dataset_json=teacher_dataset_json, configuration=configuration, trainer_name="")
+                                 dataset_json=teacher_dataset_json, configuration=trained_in, trainer_name="")
             check_teacher_for_student(model, manager, manager.get_configuration(configuration), student_dataset_json,
                                       label_map, region_based, output_file, student_dataset_json_file,
                                       f"--label-map for the teacher {folder} (labels in {join(folder, 'dataset.json')}) "

@@ -203,6 +203,12 @@ def check_teacher_compatible(teacher: TeacherModel, student_plans_manager: Plans
             f"Axis order mismatch: teacher plans {t_plan_file} transpose_forward {t_plans.transpose_forward}, student "
             f"plans {student_plans_file} {student_plans_manager.transpose_forward}. Plan the student from this teacher "
             f"with nnUNetv2_kd_plan_student so both see identically preprocessed data.")
+    if len(t_cfg.spacing) != len(student_configuration.spacing):
+        raise TeacherError(
+            f"Dimension mismatch: the teacher's configuration '{teacher.configuration}' ({t_plan_file}) is "
+            f"{len(t_cfg.spacing)}D, the student's ({student_plans_file}) {len(student_configuration.spacing)}D: its "
+            f"outputs and features cannot be compared voxel by voxel. Use a teacher trained in the student's "
+            f"configuration (e.g. a ...__2d teacher folder for a 2d student).")
     if not np.allclose(t_cfg.spacing, student_configuration.spacing):
         raise TeacherError(
             f"Spacing mismatch: the teacher's configuration '{teacher.configuration}' ({t_plan_file}) uses spacing "

@@ -129,6 +129,26 @@ def test_incompatible_teacher_is_refused_before_training(workspace, monkeypatch,
     assert not os.path.exists(join(workspace.preprocessed, f"nnUNetPlans_never_{what}.json"))
 
 
+def test_a_teacher_of_another_dimensionality_is_refused_by_the_planner_by_its_own_configuration(workspace, monkeypatch,
+                                                                                                tmp_path):
+    # the planner checked a teacher folder under the student's configuration name, so a ...__2d teacher passed for a
+    # 3d student and training later failed with a raw broadcast error comparing a 2- and a 3-entry spacing
+    source = teacher_copy(workspace, tmp_path)
+    folder = source.rsplit("__", 1)[0] + "__2d"
+    os.rename(source, folder)
+
+    def add_2d(plans):
+        config = copy.deepcopy(plans["configurations"][CONFIGURATION])
+        config.update(spacing=config["spacing"][1:], patch_size=config["patch_size"][1:])
+        plans["configurations"]["2d"] = config
+    edit_json(join(folder, "plans.json"), add_2d)
+    workspace.set_env(monkeypatch)
+    with pytest.raises(TeacherError, match=r"Dimension mismatch: the teacher's configuration '2d' .* is 2D, the "
+                                           r"student's .* 3D"):
+        plan_student(str(DATASET_ID), CONFIGURATION, folder, "nnUNetPlans_never_2dteacher", verbose=False)
+    assert not os.path.exists(join(workspace.preprocessed, "nnUNetPlans_never_2dteacher.json"))
+
+
 def test_teacher_trained_on_student_validation_cases_is_refused_unless_allowed(workspace, monkeypatch):
     splits = load_json(join(workspace.preprocessed, "splits_final.json"))
     leaked = sorted(set(splits[1]["val"]) & set(splits[0]["train"]))
