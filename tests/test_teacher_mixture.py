@@ -171,22 +171,18 @@ def test_the_logit_term_distils_the_mixture_and_the_hints_are_weighted_per_voxel
     assert hint.adapters["a"]["decoder_2"].proj.weight.grad is not None
 
 
-def test_a_term_computed_per_teacher_never_sees_a_teacher_on_the_cases_it_trained_on():
-    from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, term_class
+def _values_as_teacher_a_changes(seed: int, make_term, term_name: str) -> tuple[float, float, float]:
+    """A term's value on a two-teacher step whose routing keeps teacher a off item 1 (it trained on that case): with
+    a's features as drawn, changed on item 1 only, and changed on item 0 only."""
+    from nnunet_kd.distill import DistillationStep, TeacherOutputs
 
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     labels = torch.randint(0, 3, (2, 1, 8, 8))
     a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     allowed = torch.tensor([[True, True], [False, True]])  # item 1: teacher a trained on it
     w, covered = teacher_weights([a, b], labels, "adaptive", 1.0, allowed)
     student_features = {"decoder.2": torch.randn(2, 2, 8, 8)}
-    term_cls = term_class("contrastive")
-    settings = term_cls.parse_settings({"contrastive_stages": ["decoder.2"], "contrastive_temperature": 0.1,
-                                        "contrastive_queue_size": 0, "contrastive_max_voxels_per_class": 16,
-                                        "contrastive_embedding_dim": 4})
-    term = term_cls(settings, TermContext(3, False, 2, ("a", "b"), None, "plans.json"))
-    term.resolved_stages = ["decoder.2"]
-    term.build_modules({"decoder.2": (2, 2, 8, 8)}, {"a": {"decoder.2": (2, 4, 8, 8)}, "b": {"decoder.2": (2, 4, 8, 8)}})
+    term = make_term()
 
     def value(features_of_a):
         teachers = {"a": TeacherOutputs("a", [a], {"decoder.2": features_of_a}),
@@ -197,15 +193,33 @@ def test_a_term_computed_per_teacher_never_sees_a_teacher_on_the_cases_it_traine
                                 routing={"a": allowed[:, 0], "b": allowed[:, 1]})
         assert step.teacher_kd_mask("a", 0)[:, 0].flatten(1).all(1).tolist() == [True, False]
         assert step.teacher_kd_mask("b", 0).all()
-        torch.manual_seed(0)  # the same voxels sampled in both calls
-        return term(step)["contrastive"].item()
+        torch.manual_seed(0)  # the same voxels sampled in every call (the contrastive term samples them)
+        return term(step)[term_name].item()
 
     features = torch.randn(2, 4, 8, 8)
     changed_on_its_own_case, changed_elsewhere = features.clone(), features.clone()
     changed_on_its_own_case[1] = torch.randn(4, 8, 8)
     changed_elsewhere[0] = torch.randn(4, 8, 8)
-    assert value(changed_on_its_own_case) == pytest.approx(value(features), rel=1e-6)
-    assert abs(value(changed_elsewhere) - value(features)) > 1e-3
+    return value(features), value(changed_on_its_own_case), value(changed_elsewhere)
+
+
+def test_a_term_computed_per_teacher_never_sees_a_teacher_on_the_cases_it_trained_on():
+    from nnunet_kd.distill import TermContext, term_class
+
+    def make_term():
+        term_cls = term_class("contrastive")
+        settings = term_cls.parse_settings({"contrastive_stages": ["decoder.2"], "contrastive_temperature": 0.1,
+                                            "contrastive_queue_size": 0, "contrastive_max_voxels_per_class": 16,
+                                            "contrastive_embedding_dim": 4})
+        term = term_cls(settings, TermContext(3, False, 2, ("a", "b"), None, "plans.json"))
+        term.resolved_stages = ["decoder.2"]
+        term.build_modules({"decoder.2": (2, 2, 8, 8)},
+                           {"a": {"decoder.2": (2, 4, 8, 8)}, "b": {"decoder.2": (2, 4, 8, 8)}})
+        return term
+
+    drawn, changed_on_its_own_case, changed_elsewhere = _values_as_teacher_a_changes(3, make_term, "contrastive")
+    assert changed_on_its_own_case == pytest.approx(drawn, rel=1e-6)
+    assert abs(changed_elsewhere - drawn) > 1e-3
 
 
 def test_at_an_ignore_label_no_teacher_is_preferred_so_coarser_stages_average_only_real_evidence():
@@ -256,34 +270,18 @@ def test_region_teachers_are_not_preferred_where_the_mask_says_there_is_no_groun
 
 @pytest.mark.parametrize("term_name", ["ffd", "rgd"])
 def test_mskd_terms_never_compare_a_teacher_on_the_cases_it_trained_on(term_name):
-    from nnunet_kd.distill import DistillationStep, TeacherOutputs, TermContext, term_class
+    from nnunet_kd.distill import TermContext, term_class
 
-    torch.manual_seed(4)
-    labels = torch.randint(0, 3, (2, 1, 8, 8))
-    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    allowed = torch.tensor([[True, True], [False, True]])  # item 1: teacher a trained on it
-    w, covered = teacher_weights([a, b], labels, "adaptive", 1.0, allowed)
-    student_features = {"decoder.2": torch.randn(2, 2, 8, 8)}
-    term_cls = term_class(term_name)
-    settings = term_cls.parse_settings({"mskd_stages": ["decoder.2"], "ffd_boundary_width": 1,
-                                        "ffd_include_background": False, "ffd_teacher_confidence": False,
-                                        "rgd_include_background": True, "rgd_node_weight": 1.0,
-                                        "rgd_edge_weight": 1.0, "rgd_voxel_weight": 1.0})
-    term = term_cls(settings, TermContext(3, False, 2, ("a", "b"), None, "plans.json"))
-    term.resolved_stages = ["decoder.2"]
+    def make_term():
+        term_cls = term_class(term_name)
+        settings = term_cls.parse_settings({"mskd_stages": ["decoder.2"], "ffd_boundary_width": 1,
+                                            "ffd_include_background": False, "ffd_teacher_confidence": False,
+                                            "rgd_include_background": True, "rgd_node_weight": 1.0,
+                                            "rgd_edge_weight": 1.0, "rgd_voxel_weight": 1.0})
+        term = term_cls(settings, TermContext(3, False, 2, ("a", "b"), None, "plans.json"))
+        term.resolved_stages = ["decoder.2"]
+        return term
 
-    def value(features_of_a):
-        teachers = {"a": TeacherOutputs("a", [a], {"decoder.2": features_of_a}),
-                    "b": TeacherOutputs("b", [b], {"decoder.2": torch.ones(2, 4, 8, 8)})}
-        step = DistillationStep([torch.randn(2, 3, 8, 8)], student_features, teachers, [labels], [None],
-                                mixture=TeacherOutputs("mixture", [mix_teacher_logits([a, b], w, 1.0)]),
-                                teacher_weights={"a": [w[:, :1]], "b": [w[:, 1:]]}, covered=[covered],
-                                routing={"a": allowed[:, 0], "b": allowed[:, 1]})
-        return term(step)[term_name].item()
-
-    features = torch.randn(2, 4, 8, 8)
-    changed_on_its_own_case, changed_elsewhere = features.clone(), features.clone()
-    changed_on_its_own_case[1] = torch.randn(4, 8, 8)
-    changed_elsewhere[0] = torch.randn(4, 8, 8)
-    assert value(changed_on_its_own_case) == pytest.approx(value(features), rel=1e-6)
-    assert abs(value(changed_elsewhere) - value(features)) > 1e-4
+    drawn, changed_on_its_own_case, changed_elsewhere = _values_as_teacher_a_changes(4, make_term, term_name)
+    assert changed_on_its_own_case == pytest.approx(drawn, rel=1e-6)
+    assert abs(changed_elsewhere - drawn) > 1e-4
