@@ -91,23 +91,21 @@ class DistillationStep:
     def teacher_kd_mask(self, name: str, level: int) -> Optional[torch.Tensor]:
         """kd_mask(level) without the cases that routing keeps teacher ``name`` from teaching: for a term that
         computes something per teacher (the mixture's weights already exclude it)."""
-        mask = self.kd_mask(level)
-        if self.routing is None:
-            return mask
-        shape = self.labels[level].shape
-        allowed = self.routing[name].view(-1, *([1] * (len(shape) - 1))).expand(shape[0], 1, *shape[2:])
-        return allowed if mask is None else mask & allowed
+        return self._without_routed_cases(name, self.kd_mask(level), self.labels[level].shape[2:])
 
     def teacher_mask_at(self, name: str, spatial_shape) -> Optional[torch.Tensor]:
         """labels_at's valid mask without the cases that routing keeps teacher ``name`` from teaching (None: every
         voxel), for a term that compares one teacher's features at a stage's own resolution (MSKD's FFD and RGD)."""
-        valid = self.labels_at(spatial_shape)[1]
+        return self._without_routed_cases(name, self.labels_at(spatial_shape)[1], spatial_shape)
+
+    def _without_routed_cases(self, name: str, mask: Optional[torch.Tensor], spatial_shape) -> Optional[torch.Tensor]:
+        """``mask`` (B, 1, *spatial_shape) or None, less the batch items routing keeps teacher ``name`` from."""
         if self.routing is None:
-            return valid
+            return mask
         shape = tuple(int(s) for s in spatial_shape)
         batch = self.routing[name].shape[0]
         allowed = self.routing[name].view(batch, *([1] * (len(shape) + 1))).expand(batch, 1, *shape)
-        return allowed if valid is None else valid.bool() & allowed
+        return allowed if mask is None else mask.bool() & allowed
 
     def labels_at(self, spatial_shape) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Labels and mask at ``spatial_shape``: nnU-Net's own deep-supervision target of that shape; resampled
