@@ -23,7 +23,7 @@ from nnunet_kd.cost import format_count, network_cost
 from nnunet_kd.recipe import (PLANS_KEY, RecipeError, available_methods, default_recipe, parse_recipe,
                               recipe_fix)
 from nnunet_kd.resources import warn_ext_trainer
-from nnunet_kd.teacher import TeacherModel
+from nnunet_kd.teacher import TeacherModel, configuration_named_by
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
@@ -338,7 +338,7 @@ def _check_teachers_against_student(teacher_folders: list[str], teacher_folds: l
         teacher_dataset_json = load_json(join(folder, "dataset.json"))
         # the configuration the teacher trained in, as its folder names it (as locate_teacher reads it without a
         # checkpoint's init_args), not the student's: a ...__2d teacher for a 3d student must be refused here
-        trained_in = folder.rstrip("/").split("__")[-1]
+        trained_in = configuration_named_by(folder)
         if trained_in not in teacher_plans.get("configurations", {}):
             trained_in = configuration
         for fold in teacher_folds:

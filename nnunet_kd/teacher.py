@@ -131,6 +131,11 @@ class TeacherModel:
         return self.plans_manager.get_configuration(self.configuration)
 
 
+def configuration_named_by(model_folder: str) -> str:
+    """The configuration a model folder <Trainer>__<Plans>__<configuration> names (nnU-Net's folder layout)."""
+    return model_folder.rstrip("/").split("__")[-1]
+
+
 def locate_teacher(model_folder: str, fold: int | str, checkpoint_name: str) -> tuple[TeacherModel, dict]:
     """Find and read a teacher model folder. Returns the description and the loaded checkpoint."""
     if not isdir(model_folder):
@@ -164,7 +169,7 @@ def locate_teacher(model_folder: str, fold: int | str, checkpoint_name: str) -> 
     teacher = TeacherModel(model_folder=model_folder, fold=fold, checkpoint_file=checkpoint_file,
                            plans=load_json(join(model_folder, "plans.json")),
                            dataset_json=load_json(join(model_folder, "dataset.json")),
-                           configuration=init_args.get("configuration") or model_folder.rstrip("/").split("__")[-1],
+                           configuration=init_args.get("configuration") or configuration_named_by(model_folder),
                            trainer_name=checkpoint.get("trainer_name", "nnUNetTrainer"))
     if teacher.configuration not in teacher.plans.get("configurations", {}):
         raise TeacherError(f"{checkpoint_file} was trained with configuration '{teacher.configuration}', which "
