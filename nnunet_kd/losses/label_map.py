@@ -22,6 +22,11 @@ FLOOR = 1e-8
 LOG_FLOOR = math.log(FLOOR)
 
 
+def floored_region_logits(log_inside: torch.Tensor, log_outside: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T * logit q from log q and log(1 - q), each floored at log FLOOR: finite where q or 1 - q rounds to 0."""
+    return temperature * (log_inside.clamp_min(LOG_FLOOR) - log_outside.clamp_min(LOG_FLOOR))
+
+
 def mapping_matrix(mapping: Sequence[int], num_student: int, region_based: bool,
                    device=None) -> torch.Tensor:
     """(num_teacher, num_student) 0/1 matrix; unmapped softmax classes go to background (column 0)."""
@@ -50,7 +55,6 @@ def merge_teacher_logits(teacher_logits: torch.Tensor, mapping: Sequence[int], n
             # Not logit(clamp(q, FLOOR, 1 - FLOOR)): 1 - 1e-8 rounds to 1 in float32, so a confident teacher
             # (t / T above about 17) gave an infinite logit and a NaN KL.
             log_outside = torch.einsum("bj...,js->bs...", torch.nn.functional.logsigmoid(-t), matrix)
-            log_inside = torch.log(-torch.expm1(log_outside))
-            return temperature * (log_inside.clamp_min(LOG_FLOOR) - log_outside.clamp_min(LOG_FLOOR))
+            return floored_region_logits(torch.log(-torch.expm1(log_outside)), log_outside, temperature)
         p = torch.einsum("bj...,js->bs...", torch.softmax(t, 1), matrix)
         return temperature * torch.log(p.clamp_min(FLOOR))

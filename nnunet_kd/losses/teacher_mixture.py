@@ -23,14 +23,13 @@ gradient (teachers are frozen).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-FLOOR = 1e-8
-LOG_FLOOR = math.log(FLOOR)
+from nnunet_kd.losses.label_map import FLOOR, floored_region_logits
+
 WEIGHTINGS = ("adaptive", "uniform", "logit_mean")
 
 
@@ -118,7 +117,7 @@ def mix_teacher_logits(teacher_logits: Sequence[torch.Tensor], weights: torch.Te
         log_w = torch.log(w)
         log_q = torch.logsumexp(log_w + F.logsigmoid(logits), 1)
         log_outside = torch.logsumexp(log_w + F.logsigmoid(-logits), 1)
-        return temperature * (log_q.clamp_min(LOG_FLOOR) - log_outside.clamp_min(LOG_FLOOR))
+        return floored_region_logits(log_q, log_outside, temperature)
     p = (w * torch.softmax(logits, 2)).sum(1)
     return temperature * torch.log(p.clamp_min(FLOOR))
 
